@@ -1,0 +1,57 @@
+"""``vqldm check``: the config and the data, validated before any compute is spent."""
+
+from __future__ import annotations
+
+from vqldm.config import Config, latent_shape
+from vqldm.data.pipeline import scan_volumes
+
+
+def _param_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def check(cfg: Config, progress: bool = False) -> dict:
+    """Validate data and networks; return a JSON-serialisable report."""
+    from vqldm.stage1.model import build_vqvae, vqvae_net_config
+    from vqldm.stage2.model import build_unet, unet_net_config
+
+    data = {}
+    for key in ("train_data_dir", "val_data_dir"):
+        s = scan_volumes(getattr(cfg.data, key), key, cfg.data.skip_unreadable, progress)
+        shapes = sorted(set(s.shapes))
+        data[key] = {
+            "path": getattr(cfg.data, key), "files": len(s.files), "shapes": [list(x) for x in shapes],
+            "dtype_after_load": "float32", "spacing": list(s.spacing), "intensity_min": s.min,
+            "intensity_max": s.max, "skipped_unreadable": s.skipped, "constant_volumes": s.constant,
+            "smaller_than_patch": sum(1 for x in s.shapes if any(a < b for a, b in zip(x, cfg.data.patch_size))),
+        }
+    vq = build_vqvae(vqvae_net_config(cfg))
+    unet = build_unet(unet_net_config(cfg))
+    return {
+        "config": cfg.source,
+        "patch_size": list(cfg.data.patch_size),
+        "latent_shape": latent_shape(cfg),
+        "vqvae_parameters": _param_count(vq),
+        "diffusion_parameters": _param_count(unet),
+        "batch_size": {"vqvae": cfg.batch_size("vqvae"), "diffusion": cfg.batch_size("diffusion")},
+        "learning_rate": {"vqvae": cfg.learning_rate("vqvae"), "diffusion": cfg.learning_rate("diffusion")},
+        "data": data,
+    }
+
+
+def format_report(r: dict) -> str:
+    lines = [f"config OK: {r['config']}",
+             f"  patch size        {r['patch_size']}",
+             f"  latent shape      {r['latent_shape']}  (embedding_dim, x, y, z)",
+             f"  VQ-VAE            {r['vqvae_parameters']:,} parameters",
+             f"  diffusion UNet    {r['diffusion_parameters']:,} parameters"]
+    for key, d in r["data"].items():
+        lines.append(f"  data.{key:<15} {d['files']} volumes in {d['path']}; shapes {d['shapes']}; "
+                     f"spacing {d['spacing']}; intensities [{d['intensity_min']:.4g}, {d['intensity_max']:.4g}]")
+        if d["smaller_than_patch"]:
+            lines.append(f"    {d['smaller_than_patch']} volume(s) smaller than the patch: they are zero-padded")
+        if d["constant_volumes"]:
+            lines.append(f"    constant volumes (normalise to zeros): {', '.join(d['constant_volumes'][:5])}")
+        if d["skipped_unreadable"]:
+            lines.append(f"    skipped unreadable: {len(d['skipped_unreadable'])}")
+    return "\n".join(lines)

@@ -1,0 +1,607 @@
+"""The typed configuration: the original VQ-LDM README's YAML schema, parsed once and validated.
+
+A YAML file written for the original ``train_vqvae.py`` / ``train_diffusion.py`` scripts loads
+unchanged. vqldm adds keys of its own (codebook health, speed switches, sampling); every key has a
+default, so none is required. ``load_config`` is the single entry point: it merges ``--set``
+overrides, converts every section into a frozen-in-spirit dataclass, and runs the cross-field
+checks, raising :class:`~vqldm.errors.VqldmError` with the dotted key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vqldm.errors import VqldmError
+
+# --------------------------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DeviceConfig:
+    use_cuda: bool = True  # use the GPU when one is present
+    gpu_id: int = 0  # CUDA device index (ignored under torchrun: LOCAL_RANK decides)
+    mixed_precision: bool = True  # AMP on CUDA: bf16 where supported, else fp16 + GradScaler
+    channels_last: bool = True  # channels_last_3d memory format on CUDA (faster 3D convolutions)
+    compile: bool = False  # torch.compile the networks on CUDA (never on CPU); slow first steps
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels for fixed shapes
+    cuda_graphs: bool = True  # capture the sampling UNet call in a CUDA graph (CUDA only)
+
+
+@dataclass
+class DataConfig:
+    train_data_dir: str = "data/microtubules/nifti/train"
+    val_data_dir: str = "data/microtubules/nifti/val"
+    patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])  # voxels (X, Y, Z)
+    batch_size: int = 4  # default for both stages unless a stage's training.batch_size is set
+    voxel_resize: list[int] | None = None  # resize every volume to this grid first (voxels)
+    cache_rate: float = 1.0  # fraction of loaded, normalised volumes kept in memory
+    num_workers: int = 4  # DataLoader worker processes (0: load in the main process)
+    augmentation: bool = True  # random flips and in-plane rot90 of training patches
+    intensity_range: list[float] = field(default_factory=lambda: [0.0, 1.0])  # [0,1] or [-1,1]
+    clip_percentiles: list[float] | None = None  # e.g. [0.5, 99.9]: clip before scaling
+    foreground_threshold: float = 0.1  # in [0,1] intensity units: what counts as filament
+    foreground_crop_ratio: float = 0.75  # fraction of training patches centred on foreground
+    patches_per_volume: int = 4  # random patches drawn from each volume per epoch
+    max_val_patches: int = 64  # validation tiles kept (evenly chosen) across the val set
+    skip_unreadable: bool = False  # skip corrupt files with a warning instead of stopping
+
+
+@dataclass
+class WeightedLossConfig:
+    foreground_weight: float = 100.0  # weight of voxels above threshold (sparse filaments)
+    background_weight: float = 0.5
+    threshold: float = 0.1  # in [0,1] intensity units
+    base: str = "l1"  # l1 or mse
+
+
+@dataclass
+class DiceLossConfig:
+    smooth: float = 1e-5
+    sharpness: float = 20.0  # soft-threshold slope for the prediction's foreground mask
+    threshold: float = 0.1  # in [0,1] intensity units
+
+
+@dataclass
+class CombinedLossConfig:
+    dice_weight: float = 1.0
+    weighted_weight: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    reconstruction_loss_type: str = "combined"  # l1 | mse | weighted | dice | combined
+    weighted: WeightedLossConfig = field(default_factory=WeightedLossConfig)
+    dice: DiceLossConfig = field(default_factory=DiceLossConfig)
+    combined: CombinedLossConfig = field(default_factory=CombinedLossConfig)
+    quantization_weight: float = 1.0  # multiplies the VQ commitment loss
+
+
+@dataclass
+class AdversarialConfig:
+    enabled: bool = False  # VQ-GAN: add MONAI PatchDiscriminator + PatchAdversarialLoss
+    weight: float = 0.01
+    warmup_epochs: int = 5  # epochs of pure reconstruction before the adversarial term starts
+    num_channels: int = 32
+    num_layers: int = 3
+    learning_rate: float = 1e-4
+
+
+@dataclass
+class TrainingConfig:
+    n_epochs: int = 100
+    batch_size: int | None = None  # overrides data.batch_size for this stage
+    learning_rate: float | None = None  # overrides the stage-level learning_rate
+    val_interval: int = 1  # epochs between validations
+    save_interval: int = 1  # epochs between latest_checkpoint.pt writes
+    fast_dev_run: bool = False  # one epoch of fast_dev_run_batches batches: a smoke test
+    fast_dev_run_batches: int = 2
+    loss: LossConfig = field(default_factory=LossConfig)
+    grad_clip_norm: float | None = 1.0  # max global gradient norm (null: no clipping)
+    weight_decay: float = 0.0
+    ema: bool = False  # keep an EMA of the weights (used for validation, best_model.pt)
+    ema_decay: float = 0.999
+    skip_nonfinite: bool = False  # skip batches with a NaN/inf loss instead of stopping
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: str = ""
+    resume_from: str | None = None
+    vqvae_path: str | None = None  # stage 2 only: the stage-1 checkpoint
+
+
+@dataclass
+class LoggingConfig:
+    log_dir: str = ""
+    log_interval: int = 10  # optimizer steps between step-level scalars
+    visualize_interval: int = 5  # epochs between MIP images
+    num_visualize_samples: int = 2
+    num_inference_steps: int = 50  # stage 2: DDIM steps for the generated preview
+
+
+@dataclass
+class CodebookConfig:
+    init: str = "data"  # normal | kaiming_uniform | data (seeded from the first encoder outputs)
+    decay: float = 0.9  # EMA decay of the codebook (MONAI's default is 0.5)
+    commitment_cost: float = 0.25
+    dead_code_restart: bool = True  # re-seed codes unused over restart_window_steps
+    restart_window_steps: int = 50
+    restart_threshold: float = 1.0  # codes used fewer times than this in the window are dead
+
+
+@dataclass
+class VQVAEConfig:
+    spatial_dims: int = 3
+    in_channels: int = 1
+    out_channels: int = 1
+    num_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    num_res_channels: list[int] | int = 256
+    num_res_layers: int = 2
+    num_embeddings: int = 256
+    embedding_dim: int = 32
+    # one stride-2 level per num_channels entry unless given: [stride, kernel, dilation, padding]
+    downsample_parameters: list[list[int]] | None = None
+    # [stride, kernel, dilation, padding, output_padding]
+    upsample_parameters: list[list[int]] | None = None
+    dropout: float = 0.0
+    act: str = "RELU"
+    output_act: str | None = None
+    learning_rate: float = 1e-4
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoints: CheckpointConfig = field(
+        default_factory=lambda: CheckpointConfig(output_dir="outputs/vq_ldm/vqvae_checkpoints")
+    )
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_dir="outputs/vq_ldm/vqvae_logs"))
+
+
+@dataclass
+class SchedulerConfig:
+    type: str = "ddpm"  # ddpm (DDPM/DDIM sampling) | rflow (rectified flow)
+    num_train_timesteps: int = 1000
+    schedule: str = "linear_beta"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    prediction_type: str = "epsilon"  # epsilon | v_prediction (ddpm only)
+
+
+@dataclass
+class DiffusionConfig:
+    spatial_dims: int = 3
+    in_channels: int = 32
+    out_channels: int = 32
+    num_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    attention_levels: list[bool] = field(default_factory=lambda: [False, False, True, True])
+    num_head_channels: list[int] | int = field(default_factory=lambda: [0, 0, 32, 32])
+    num_res_blocks: int | list[int] = 2
+    norm_num_groups: int = 32
+    num_train_timesteps: int = 1000
+    learning_rate: float = 1e-4
+    scale_factor: float | None = None  # null: 1/std of the latents, measured
+    scale_factor_batches: int = 16  # training batches over which the latent std is measured
+    latent_cache: bool = True  # encode the training set once when augmentation is off
+    snap_to_codebook: bool = True  # sampling: quantise the denoised latent before decoding
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(ema=True, n_epochs=300))
+    checkpoints: CheckpointConfig = field(
+        default_factory=lambda: CheckpointConfig(
+            output_dir="outputs/vq_ldm/diffusion_checkpoints",
+            vqvae_path="outputs/vq_ldm/vqvae_checkpoints/best_model.pt",
+        )
+    )
+    logging: LoggingConfig = field(
+        default_factory=lambda: LoggingConfig(log_dir="outputs/vq_ldm/diffusion_logs")
+    )
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    source: str | None = None  # the YAML file this came from (not a YAML key)
+
+    # ---- resolved values (the stage's training section overrides the shared ones) ----
+    def batch_size(self, stage: str) -> int:
+        t = self._stage(stage).training
+        return t.batch_size if t.batch_size is not None else self.data.batch_size
+
+    def learning_rate(self, stage: str) -> float:
+        s = self._stage(stage)
+        return s.training.learning_rate if s.training.learning_rate is not None else s.learning_rate
+
+    def _stage(self, stage: str) -> VQVAEConfig | DiffusionConfig:
+        return {"vqvae": self.vqvae, "diffusion": self.diffusion}[stage]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# parsing: dict -> dataclasses, with the key named in every error
+# --------------------------------------------------------------------------------------------
+
+_NON_KEYS = {"source"}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key)
+            except VqldmError:
+                continue
+        raise VqldmError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise VqldmError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise VqldmError(f"{key}: expected a mapping of keys, got {value!r}")
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise VqldmError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise VqldmError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise VqldmError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise VqldmError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp} at {key}")  # a bug in the schema, not user input
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in _NON_KEYS]
+    kwargs = {}
+    for k, v in data.items():
+        dotted = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.6)
+            hint = f": did you mean '{close[0]}'?" if close else f" (valid keys: {', '.join(names)})"
+            raise VqldmError(f"unknown config key '{dotted}'{hint}")
+        kwargs[k] = _convert(v, hints[k], dotted)
+    obj = cls()
+    for k, v in kwargs.items():
+        if dataclasses.is_dataclass(v):
+            # merge a partial section over that field's own defaults (e.g. stage-specific output_dir)
+            v = _merge_dataclass(getattr(obj, k), data[k], v)
+        setattr(obj, k, v)
+    return obj
+
+
+def _merge_dataclass(default: Any, given: dict, parsed: Any) -> Any:
+    """Keys absent from ``given`` keep the field's own default, not the section class's."""
+    for f in dataclasses.fields(parsed):
+        if f.name in _NON_KEYS:
+            continue
+        if f.name in given:
+            sub = getattr(parsed, f.name)
+            if dataclasses.is_dataclass(sub) and isinstance(given[f.name], dict):
+                setattr(parsed, f.name, _merge_dataclass(getattr(default, f.name), given[f.name], sub))
+        else:
+            setattr(parsed, f.name, getattr(default, f.name))
+    return parsed
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], YAML-parsed value)."""
+    if "=" not in text:
+        raise VqldmError(f"--set {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise VqldmError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise VqldmError(f"--set {key}: cannot parse value {raw!r} ({e.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise VqldmError(f"--set {'.'.join(parts)}: '{p}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise VqldmError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise VqldmError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise VqldmError(f"{path}: the top level must be a mapping of keys")
+    return data
+
+
+def config_from_dict(data: dict, source: str | None = None, check_paths: bool = False) -> Config:
+    cfg = _from_dict(Config, data)
+    cfg.source = source
+    validate(cfg, check_paths=check_paths)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, check_paths: bool = True) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None), apply ``--set``, validate."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data, source=str(path) if path else None, check_paths=check_paths)
+
+
+# --------------------------------------------------------------------------------------------
+# derived shapes and cross-field validation
+# --------------------------------------------------------------------------------------------
+
+
+def downsample_parameters(v: VQVAEConfig) -> list[list[int]]:
+    if v.downsample_parameters is not None:
+        return v.downsample_parameters
+    return [[2, 4, 1, 1] for _ in v.num_channels]
+
+
+def upsample_parameters(v: VQVAEConfig) -> list[list[int]]:
+    if v.upsample_parameters is not None:
+        return v.upsample_parameters
+    return [[2, 4, 1, 1, 0] for _ in v.num_channels]
+
+
+def _conv_out(n: int, stride: int, kernel: int, dilation: int, padding: int) -> int:
+    return (n + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _convt_out(n: int, stride: int, kernel: int, dilation: int, padding: int, out_pad: int) -> int:
+    if stride == 1:  # MONAI builds stride-1 upsampling layers as plain convolutions
+        return _conv_out(n, 1, kernel, dilation, padding)
+    return (n - 1) * stride - 2 * padding + dilation * (kernel - 1) + out_pad + 1
+
+
+def latent_spatial(v: VQVAEConfig, patch: list[int]) -> list[int]:
+    out = list(patch)
+    for s, k, d, p in downsample_parameters(v):
+        out = [_conv_out(n, s, k, d, p) for n in out]
+    return out
+
+
+def decoded_spatial(v: VQVAEConfig, latent: list[int]) -> list[int]:
+    out = list(latent)
+    for s, k, d, p, op in upsample_parameters(v):
+        out = [_convt_out(n, s, k, d, p, op) for n in out]
+    return out
+
+
+def latent_shape(cfg: Config, patch: list[int] | None = None) -> list[int]:
+    """Channels first: [embedding_dim, x, y, z] for ``patch`` (default: data.patch_size)."""
+    return [cfg.vqvae.embedding_dim] + latent_spatial(cfg.vqvae, patch or cfg.data.patch_size)
+
+
+def check_latent_for_unet(num_levels: int, spatial: list[int], what: str) -> None:
+    factor = 2 ** (num_levels - 1)
+    bad = [n for n in spatial if n % factor != 0 or n < factor]
+    if bad:
+        raise VqldmError(
+            f"{what}: the latent spatial size {spatial} cannot be halved evenly by the UNet's "
+            f"{num_levels - 1} downsamplings (diffusion.num_channels has {num_levels} entries, "
+            f"so each latent size must be a multiple of {factor}); change data.patch_size, the VQ-VAE "
+            f"downsample_parameters or diffusion.num_channels"
+        )
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise VqldmError(msg)
+
+
+def validate(cfg: Config, check_paths: bool = True) -> None:
+    """Cross-field checks; each failure names the keys involved."""
+    d, v, u = cfg.data, cfg.vqvae, cfg.diffusion
+    _require(len(d.patch_size) == 3 and all(n > 0 for n in d.patch_size),
+             f"data.patch_size must be three positive sizes (X, Y, Z), got {d.patch_size}")
+    if d.voxel_resize is not None:
+        _require(len(d.voxel_resize) == 3 and all(n > 0 for n in d.voxel_resize),
+                 f"data.voxel_resize must be three positive sizes or null, got {d.voxel_resize}")
+    _require(d.batch_size >= 1, "data.batch_size must be >= 1")
+    _require(0.0 <= d.cache_rate <= 1.0, f"data.cache_rate must lie in [0, 1], got {d.cache_rate}")
+    _require(d.num_workers >= 0, "data.num_workers must be >= 0")
+    _require(d.intensity_range in ([0.0, 1.0], [-1.0, 1.0]),
+             f"data.intensity_range must be [0, 1] or [-1, 1], got {d.intensity_range}")
+    if d.clip_percentiles is not None:
+        lo_hi = d.clip_percentiles
+        _require(len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 100,
+                 f"data.clip_percentiles must be [low, high] within [0, 100], got {lo_hi}")
+    _require(0.0 <= d.foreground_crop_ratio <= 1.0, "data.foreground_crop_ratio must lie in [0, 1]")
+    _require(d.patches_per_volume >= 1, "data.patches_per_volume must be >= 1")
+    _require(d.max_val_patches >= 1, "data.max_val_patches must be >= 1")
+    _require(0.0 < d.foreground_threshold < 1.0, "data.foreground_threshold must lie in (0, 1)")
+
+    _require(v.spatial_dims == 3, f"vqvae.spatial_dims must be 3 (vqldm is volumetric), got {v.spatial_dims}")
+    _require(u.spatial_dims == 3, f"diffusion.spatial_dims must be 3, got {u.spatial_dims}")
+    _require(v.in_channels == 1 and v.out_channels == 1,
+             "vqvae.in_channels and vqvae.out_channels must be 1 (single-channel volumes)")
+    _require(len(v.num_channels) >= 1, "vqvae.num_channels must not be empty")
+    n = len(v.num_channels)
+    if isinstance(v.num_res_channels, list):
+        _require(len(v.num_res_channels) == n,
+                 f"vqvae.num_res_channels has {len(v.num_res_channels)} entries but vqvae.num_channels has {n}")
+    for key, params, width in (("downsample_parameters", downsample_parameters(v), 4),
+                               ("upsample_parameters", upsample_parameters(v), 5)):
+        _require(len(params) == n,
+                 f"vqvae.{key} has {len(params)} entries but vqvae.num_channels has {n}; give one per level")
+        for i, p in enumerate(params):
+            _require(len(p) == width, f"vqvae.{key}[{i}] must have {width} integers, got {p}")
+    _require(v.num_embeddings >= 2, "vqvae.num_embeddings must be >= 2")
+    _require(v.embedding_dim >= 1, "vqvae.embedding_dim must be >= 1")
+    cb = v.codebook
+    _require(cb.init in ("normal", "kaiming_uniform", "data"),
+             f"vqvae.codebook.init must be normal, kaiming_uniform or data, got {cb.init!r}")
+    _require(0.0 < cb.decay < 1.0, f"vqvae.codebook.decay must lie in (0, 1), got {cb.decay}")
+    _require(cb.restart_window_steps >= 1, "vqvae.codebook.restart_window_steps must be >= 1")
+
+    lat = latent_spatial(v, d.patch_size)
+    _require(all(x >= 1 for x in lat),
+             f"data.patch_size {d.patch_size} is too small for vqvae.downsample_parameters (latent {lat})")
+    dec = decoded_spatial(v, lat)
+    _require(dec == list(d.patch_size),
+             f"data.patch_size {d.patch_size} cannot be encoded and decoded back to the same shape by the "
+             f"VQ-VAE (vqvae.downsample_parameters / upsample_parameters give latent {lat} -> {dec}); use "
+             f"sizes divisible by the total stride")
+
+    for stage_key, stage in (("vqvae", v), ("diffusion", u)):
+        t = stage.training
+        _require(t.n_epochs >= 1, f"{stage_key}.training.n_epochs must be >= 1")
+        _require(t.val_interval >= 1, f"{stage_key}.training.val_interval must be >= 1")
+        _require(t.save_interval >= 1, f"{stage_key}.training.save_interval must be >= 1")
+        _require(t.fast_dev_run_batches >= 1, f"{stage_key}.training.fast_dev_run_batches must be >= 1")
+        if t.batch_size is not None:
+            _require(t.batch_size >= 1, f"{stage_key}.training.batch_size must be >= 1")
+        lr = cfg.learning_rate(stage_key)
+        _require(lr > 0 and math.isfinite(lr), f"{stage_key}.learning_rate must be a positive number")
+        _require(0.0 < t.ema_decay < 1.0, f"{stage_key}.training.ema_decay must lie in (0, 1)")
+        if t.grad_clip_norm is not None:
+            _require(t.grad_clip_norm > 0, f"{stage_key}.training.grad_clip_norm must be > 0 or null")
+        _require(t.loss.reconstruction_loss_type in ("l1", "mse", "weighted", "dice", "combined"),
+                 f"{stage_key}.training.loss.reconstruction_loss_type must be l1, mse, weighted, dice or "
+                 f"combined, got {t.loss.reconstruction_loss_type!r}")
+        _require(t.loss.weighted.base in ("l1", "mse"),
+                 f"{stage_key}.training.loss.weighted.base must be l1 or mse")
+        lg = stage.logging
+        _require(lg.log_interval >= 1, f"{stage_key}.logging.log_interval must be >= 1")
+        _require(lg.visualize_interval >= 1, f"{stage_key}.logging.visualize_interval must be >= 1")
+        _require(lg.num_visualize_samples >= 0, f"{stage_key}.logging.num_visualize_samples must be >= 0")
+        _require(lg.num_inference_steps >= 1, f"{stage_key}.logging.num_inference_steps must be >= 1")
+        _require(bool(stage.checkpoints.output_dir), f"{stage_key}.checkpoints.output_dir must not be empty")
+        _require(bool(lg.log_dir), f"{stage_key}.logging.log_dir must not be empty")
+
+    # ---- stage 2 against stage 1 ----
+    for key in ("in_channels", "out_channels"):
+        _require(getattr(u, key) == v.embedding_dim,
+                 f"diffusion.{key} ({getattr(u, key)}) must equal vqvae.embedding_dim ({v.embedding_dim}): "
+                 f"the diffusion UNet models the VQ-VAE latent")
+    m = len(u.num_channels)
+    _require(m >= 1, "diffusion.num_channels must not be empty")
+    _require(len(u.attention_levels) == m,
+             f"diffusion.attention_levels has {len(u.attention_levels)} entries but diffusion.num_channels has {m}")
+    if isinstance(u.num_head_channels, list):
+        _require(len(u.num_head_channels) == m,
+                 f"diffusion.num_head_channels has {len(u.num_head_channels)} entries but "
+                 f"diffusion.num_channels has {m}")
+    if isinstance(u.num_res_blocks, list):
+        _require(len(u.num_res_blocks) == m,
+                 f"diffusion.num_res_blocks has {len(u.num_res_blocks)} entries but diffusion.num_channels has {m}")
+    for i, c in enumerate(u.num_channels):
+        _require(c % u.norm_num_groups == 0,
+                 f"diffusion.num_channels[{i}] ({c}) must be a multiple of diffusion.norm_num_groups "
+                 f"({u.norm_num_groups})")
+    heads = u.num_head_channels if isinstance(u.num_head_channels, list) else [u.num_head_channels] * m
+    for i, (att, h) in enumerate(zip(u.attention_levels, heads)):
+        if att:
+            _require(h > 0 and u.num_channels[i] % h == 0,
+                     f"diffusion.num_head_channels[{i}] ({h}) must divide diffusion.num_channels[{i}] "
+                     f"({u.num_channels[i]}) where attention_levels[{i}] is true")
+    check_latent_for_unet(m, lat, "data.patch_size / diffusion.num_channels")
+    s = u.scheduler
+    _require(s.type in ("ddpm", "rflow"), f"diffusion.scheduler.type must be ddpm or rflow, got {s.type!r}")
+    _require(s.prediction_type in ("epsilon", "v_prediction"),
+             f"diffusion.scheduler.prediction_type must be epsilon or v_prediction, got {s.prediction_type!r}")
+    _require(s.schedule in ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"),
+             f"diffusion.scheduler.schedule must be linear_beta, scaled_linear_beta, sigmoid_beta or cosine, "
+             f"got {s.schedule!r}")
+    _require(0 < s.beta_start < s.beta_end < 1,
+             f"diffusion.scheduler.beta_start ({s.beta_start}) must be below beta_end ({s.beta_end}), both in (0, 1)")
+    _require(s.num_train_timesteps >= 2, "diffusion.scheduler.num_train_timesteps must be >= 2")
+    if u.scale_factor is not None:
+        _require(u.scale_factor > 0 and math.isfinite(u.scale_factor), "diffusion.scale_factor must be > 0 or null")
+    _require(u.scale_factor_batches >= 1, "diffusion.scale_factor_batches must be >= 1")
+
+    if check_paths:
+        check_data_dirs(cfg)
+
+
+def check_data_dirs(cfg: Config, which: tuple[str, ...] = ("train_data_dir", "val_data_dir")) -> None:
+    from vqldm.data.io import list_volumes  # local: config must not import torch-heavy modules
+
+    for key in which:
+        path = Path(getattr(cfg.data, key))
+        if not path.is_dir():
+            raise VqldmError(f"data.{key}: directory not found: {path}")
+        if not list_volumes(path):
+            raise VqldmError(
+                f"data.{key}: no volumes (.nii, .nii.gz, .tif, .tiff) in {path}"
+            )
+
+
+def save_resolved(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config next to a run's outputs (EDM habit: what ran is on disk)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def vqvae_from_network(net: dict) -> VQVAEConfig:
+    """A VQVAEConfig carrying a checkpoint's network geometry (for shape arithmetic)."""
+    return VQVAEConfig(num_channels=list(net["channels"]), embedding_dim=net["embedding_dim"],
+                       num_embeddings=net["num_embeddings"],
+                       downsample_parameters=[list(p) for p in net["downsample_parameters"]],
+                       upsample_parameters=[list(p) for p in net["upsample_parameters"]])

@@ -1,0 +1,249 @@
+"""The 3D data pipeline on MONAI transforms and datasets.
+
+Training: load -> (resize) -> normalise -> pad to the patch -> foreground-biased random patches ->
+(flips, in-plane rot90). Random crops of microtubule volumes are mostly empty, so a configurable
+share of patches is centred on foreground voxels (MONAI ``RandCropByPosNegLabeld``).
+
+Validation: deterministic tiles that cover every volume (a fixed, evenly chosen subset of at most
+``data.max_val_patches``), so validation losses are comparable across epochs and runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.data import CacheDataset, DataLoader, Dataset
+
+from vqldm.config import Config
+from vqldm.data.io import Volume, list_volumes, read_volume
+from vqldm.errors import VqldmError
+
+log = logging.getLogger("vqldm")
+
+FG_KEY = "fg"
+FG_IDX, BG_IDX = "fg_fg_indices", "fg_bg_indices"
+
+
+@dataclass
+class Normalization:
+    """How raw intensities become network inputs; stored in every checkpoint."""
+
+    intensity_range: list[float]  # [0, 1] or [-1, 1]
+    clip_percentiles: list[float] | None
+
+    def to_dict(self) -> dict:
+        return {"intensity_range": list(self.intensity_range), "clip_percentiles": self.clip_percentiles,
+                "method": "per-volume min-max"}
+
+    def to_unit(self, x):
+        """Network range -> [0, 1] (for metrics, pictures and written volumes)."""
+        lo, hi = self.intensity_range
+        return (x - lo) / (hi - lo)
+
+
+def normalization_of(cfg: Config) -> Normalization:
+    return Normalization(list(cfg.data.intensity_range), cfg.data.clip_percentiles)
+
+
+def normalize_unit(arr: np.ndarray, clip_percentiles: Sequence[float] | None = None) -> np.ndarray:
+    """Per-volume min-max to [0, 1]. A constant volume becomes all zeros, never NaN."""
+    arr = np.asarray(arr, dtype=np.float32)
+    if clip_percentiles is not None:
+        lo, hi = np.percentile(arr, clip_percentiles)
+        arr = np.clip(arr, lo, hi)
+    lo, hi = float(arr.min()), float(arr.max())
+    if not hi > lo:
+        return np.zeros_like(arr)
+    return (arr - lo) / (hi - lo)
+
+
+class LoadVolumed(mt.MapTransform):
+    """Read ``d[key]`` (a path) into a channel-first float32 array (1, X, Y, Z)."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = read_volume(d[key]).array[None]
+        return d
+
+
+class NormalizeVolumed(mt.MapTransform):
+    """Min-max to [0,1]; add a foreground mask (in [0,1] units); rescale to the configured range."""
+
+    def __init__(self, keys, norm: Normalization, fg_threshold: float | None):
+        super().__init__(keys)
+        self.norm, self.fg_threshold = norm, fg_threshold
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = normalize_unit(np.asarray(d[key]), self.norm.clip_percentiles)
+            if self.fg_threshold is not None:
+                d[FG_KEY] = (x > self.fg_threshold).astype(np.uint8)
+            lo, hi = self.norm.intensity_range
+            d[key] = (x * (hi - lo) + lo).astype(np.float32)
+        return d
+
+
+def _deterministic_transforms(cfg: Config, with_fg: bool) -> list:
+    ts: list = [LoadVolumed(keys="image")]
+    if cfg.data.voxel_resize is not None:
+        ts.append(mt.Resized(keys="image", spatial_size=cfg.data.voxel_resize, mode="trilinear"))
+        ts.append(mt.EnsureTyped(keys="image", data_type="numpy", track_meta=False))
+    ts.append(NormalizeVolumed(keys="image", norm=normalization_of(cfg),
+                               fg_threshold=cfg.data.foreground_threshold if with_fg else None))
+    pad_keys = ["image", FG_KEY] if with_fg else ["image"]
+    ts.append(mt.SpatialPadd(keys=pad_keys, spatial_size=cfg.data.patch_size))
+    if with_fg:
+        ts.append(mt.FgBgToIndicesd(keys=FG_KEY))
+    return ts
+
+
+def train_transforms(cfg: Config, augment: bool | None = None) -> mt.Compose:
+    """MONAI transforms for training patches; the deterministic prefix is what CacheDataset caches."""
+    augment = cfg.data.augmentation if augment is None else augment
+    ratio = cfg.data.foreground_crop_ratio
+    ts = _deterministic_transforms(cfg, with_fg=True)
+    ts.append(mt.RandCropByPosNegLabeld(
+        keys="image", label_key=FG_KEY, spatial_size=cfg.data.patch_size,
+        pos=ratio, neg=1.0 - ratio, num_samples=1,
+        fg_indices_key=FG_IDX, bg_indices_key=BG_IDX))
+    ts.append(mt.DeleteItemsd(keys=[FG_KEY, FG_IDX, BG_IDX]))
+    if augment:
+        for axis in range(3):
+            ts.append(mt.RandFlipd(keys="image", prob=0.5, spatial_axis=axis))
+        px, py, _ = cfg.data.patch_size
+        if px == py:  # rot90 in xy keeps the shape only for square patches (filaments lie in xy)
+            ts.append(mt.RandRotate90d(keys="image", prob=0.5, max_k=3, spatial_axes=(0, 1)))
+    ts.append(mt.EnsureTyped(keys="image", data_type="tensor", dtype=torch.float32, track_meta=False))
+    return mt.Compose(ts)
+
+
+def tile_starts(length: int, patch: int) -> list[int]:
+    """Evenly spaced window starts covering [0, length) with windows of ``patch``."""
+    if length <= patch:
+        return [0]
+    n = math.ceil(length / patch)
+    return sorted({round(i * (length - patch) / (n - 1)) for i in range(n)})
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Fixed validation tiles: (volume, start) pairs over cached, normalised volumes."""
+
+    def __init__(self, volumes: Dataset, patch: Sequence[int], max_tiles: int):
+        self.volumes, self.patch = volumes, list(patch)
+        tiles = []
+        for i in range(len(volumes)):
+            shape = volumes[i]["image"].shape[1:]
+            for sx in tile_starts(shape[0], patch[0]):
+                for sy in tile_starts(shape[1], patch[1]):
+                    for sz in tile_starts(shape[2], patch[2]):
+                        tiles.append((i, sx, sy, sz))
+        if len(tiles) > max_tiles:  # evenly chosen, so every volume stays represented
+            keep = np.linspace(0, len(tiles) - 1, max_tiles).round().astype(int)
+            tiles = [tiles[k] for k in sorted(set(keep.tolist()))]
+        self.tiles = tiles
+
+    def __len__(self):
+        return len(self.tiles)
+
+    def __getitem__(self, k):
+        i, sx, sy, sz = self.tiles[k]
+        px, py, pz = self.patch
+        img = torch.as_tensor(np.asarray(self.volumes[i]["image"]))[:, sx:sx + px, sy:sy + py, sz:sz + pz]
+        return {"image": img.float().contiguous()}
+
+
+@dataclass
+class DataSummary:
+    files: list[Path]
+    shapes: list[tuple[int, ...]]
+    spacing: tuple[float, float, float]  # of the first volume (written into generated files)
+    min: float
+    max: float
+    dtype_note: str
+    skipped: list[str]
+    constant: list[str]
+
+
+def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False, progress: bool = False) -> DataSummary:
+    """Read every volume once before training: a corrupt file is named now, not hours later."""
+    files = list_volumes(directory)
+    if not files:
+        raise VqldmError(f"data.{key}: no volumes (.nii, .nii.gz, .tif, .tiff) in {directory}")
+    good, shapes, skipped, constant = [], [], [], []
+    lo, hi, spacing = math.inf, -math.inf, None
+    it = files
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(files, desc=f"checking {key}", unit="vol", leave=False)
+    for f in it:
+        try:
+            v: Volume = read_volume(f)
+        except VqldmError as e:
+            if not skip_unreadable:
+                raise
+            log.warning("skipping unreadable volume (data.skip_unreadable): %s", e)
+            skipped.append(str(e))
+            continue
+        good.append(f)
+        shapes.append(tuple(v.array.shape))
+        vmin, vmax = float(v.array.min()), float(v.array.max())
+        if vmax <= vmin:
+            constant.append(f.name)
+        lo, hi = min(lo, vmin), max(hi, vmax)
+        spacing = spacing or v.spacing
+    if not good:
+        raise VqldmError(f"data.{key}: no readable volumes in {directory}")
+    if constant:
+        log.warning("%d constant volume(s) in %s (they normalise to all zeros): %s",
+                    len(constant), directory, ", ".join(constant[:5]))
+    return DataSummary(good, shapes, spacing or (1.0, 1.0, 1.0), lo, hi, "float32", skipped, constant)
+
+
+def _cache_workers(cfg: Config) -> int:
+    return max(1, min(cfg.data.num_workers, 4))
+
+
+class RepeatDataset(torch.utils.data.Dataset):
+    """Each volume ``times`` per epoch; every access draws a fresh random patch."""
+
+    def __init__(self, base: Dataset, times: int):
+        self.base, self.times = base, times
+
+    def __len__(self):
+        return len(self.base) * self.times
+
+    def __getitem__(self, i):
+        return self.base[i % len(self.base)]
+
+
+def train_dataset(cfg: Config, files: list[Path], augment: bool | None = None) -> Dataset:
+    """``data.patches_per_volume`` random patches of each volume per epoch (batch size stays the batch size)."""
+    data = [{"image": str(f)} for f in files]
+    base = CacheDataset(data, train_transforms(cfg, augment), cache_rate=cfg.data.cache_rate,
+                        num_workers=_cache_workers(cfg), progress=False)
+    return RepeatDataset(base, cfg.data.patches_per_volume)
+
+
+def val_dataset(cfg: Config, files: list[Path]) -> TileDataset:
+    data = [{"image": str(f)} for f in files]
+    vols = CacheDataset(data, mt.Compose(_deterministic_transforms(cfg, with_fg=False)),
+                        cache_rate=cfg.data.cache_rate, num_workers=_cache_workers(cfg), progress=False)
+    return TileDataset(vols, cfg.data.patch_size, cfg.data.max_val_patches)
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool,
+                sampler=None, drop_last: bool = False) -> DataLoader:
+    """MONAI DataLoader (it seeds worker RNGs and flattens multi-patch samples)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
+                      persistent_workers=False)

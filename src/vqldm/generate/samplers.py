@@ -1,0 +1,53 @@
+"""Samplers as pure functions: (denoiser, scheduler config, noise, steps) -> clean latents.
+
+Each call builds its own MONAI scheduler, so no state leaks between calls. The denoiser is any
+callable ``f(x, t) -> model output`` with ``t`` a (B,) tensor: a UNet, its EMA copy, a
+CUDA-graph replay or a DDP module.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from vqldm.stage2.model import build_sampling_scheduler
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def sample_latents(denoiser: Denoiser, scheduler_cfg: dict, noise: torch.Tensor, steps: int,
+                   kind: str = "ddim", progress: bool = False, autocast=None) -> torch.Tensor:
+    """Denoise ``noise`` (B, C, x, y, z) in ``steps`` steps of sampler ``kind`` (ddpm | ddim | rflow).
+
+    Model outputs are cast to float32 before the scheduler step, so the chain stays in fp32
+    under bf16/fp16 autocast. Returns the latent in the (scaled) space the UNet was trained on.
+    """
+    import contextlib
+
+    sch = build_sampling_scheduler(scheduler_cfg, kind)
+    if kind == "rflow":
+        sch.set_timesteps(num_inference_steps=steps, device=noise.device)
+    else:
+        sch.set_timesteps(num_inference_steps=steps, device=noise.device)
+    timesteps = list(sch.timesteps)
+    x = noise.float()
+    ctx = autocast or contextlib.nullcontext
+    it = timesteps
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(timesteps, desc=f"{kind} sampling", unit="step", leave=False, dynamic_ncols=True)
+    b = x.shape[0]
+    for i, t in enumerate(it):
+        tt = torch.full((b,), int(t), device=x.device, dtype=torch.long)
+        with ctx():
+            out = denoiser(x, tt)
+        out = out.float()
+        if kind == "rflow":
+            nxt = timesteps[i + 1] if i + 1 < len(timesteps) else torch.tensor(0)
+            x, _ = sch.step(out, int(t), x, int(nxt))
+        else:
+            x, _ = sch.step(out, int(t), x)
+    return x

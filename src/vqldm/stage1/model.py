@@ -1,0 +1,88 @@
+"""The stage-1 network: MONAI's ``VQVAE``, built exactly as the config says."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import VQVAE
+
+from vqldm.config import Config, downsample_parameters, upsample_parameters
+
+
+def vqvae_net_config(cfg: Config) -> dict:
+    """The plain-value constructor arguments of the VQ-VAE; saved in every checkpoint."""
+    v = cfg.vqvae
+    res = v.num_res_channels
+    return {
+        "spatial_dims": v.spatial_dims,
+        "in_channels": v.in_channels,
+        "out_channels": v.out_channels,
+        "channels": list(v.num_channels),
+        "num_res_channels": list(res) if isinstance(res, list) else int(res),
+        "num_res_layers": v.num_res_layers,
+        "downsample_parameters": [list(p) for p in downsample_parameters(v)],
+        "upsample_parameters": [list(p) for p in upsample_parameters(v)],
+        "num_embeddings": v.num_embeddings,
+        "embedding_dim": v.embedding_dim,
+        "commitment_cost": v.codebook.commitment_cost,
+        "decay": v.codebook.decay,
+        "dropout": v.dropout,
+        "act": v.act,
+        "output_act": v.output_act,
+    }
+
+
+def build_vqvae(net: dict) -> VQVAE:
+    kw = dict(net)
+    kw["downsample_parameters"] = tuple(tuple(p) for p in kw["downsample_parameters"])
+    kw["upsample_parameters"] = tuple(tuple(p) for p in kw["upsample_parameters"])
+    kw["channels"] = tuple(kw["channels"])
+    if isinstance(kw["num_res_channels"], list):
+        kw["num_res_channels"] = tuple(kw["num_res_channels"])
+    return VQVAE(**kw)
+
+
+def encode(model: VQVAE, x: torch.Tensor) -> torch.Tensor:
+    """Continuous encoder output (before quantisation)."""
+    return model.encode(x)
+
+
+def quantize(model: VQVAE, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(quantized, commitment loss, code indices (B, x, y, z)).
+
+    Calls MONAI's EMA quantiser directly because ``VQVAE.forward`` drops the indices, which
+    codebook-usage statistics need. In train mode this updates the codebook (EMA).
+    """
+    quantized, loss, indices = model.quantizer.quantizer(z)
+    return quantized, loss, indices
+
+
+def quantized_latent(model: VQVAE, x: torch.Tensor) -> torch.Tensor:
+    """The stage-2 latent: quantised embeddings (B, embedding_dim, x, y, z). Model must be in eval mode."""
+    if model.training:
+        raise RuntimeError("quantized_latent needs the VQ-VAE in eval mode (train mode updates the codebook)")
+    return quantize(model, encode(model, x))[0]
+
+
+def snap_to_codebook(model: VQVAE, z: torch.Tensor) -> torch.Tensor:
+    """Nearest codebook vectors of a continuous latent (the quantised decode of VQ-LDM)."""
+    q = model.quantizer.quantizer
+    _, _, idx = q.quantize(z)
+    return q.embed(idx).to(z.dtype)
+
+
+def load_vqvae(path, rt, what: str = "stage-1 checkpoint"):
+    """Rebuild a frozen VQ-VAE from a stage-1 checkpoint alone; returns (model, checkpoint dict)."""
+    from vqldm.checkpoint import load_checkpoint
+    from vqldm.errors import VqldmError
+
+    ckpt = load_checkpoint(path, kind="stage1", what=what)
+    try:
+        model = build_vqvae(ckpt["network"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise VqldmError(f"{what}: {path} does not hold a loadable VQ-VAE ({str(e).splitlines()[0][:200]})") from None
+    model = rt.prepare_module(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, ckpt

@@ -1,0 +1,127 @@
+"""``vqldm train-diffusion``: the frozen stage 1, latents (cached or on the fly), the stage-2 task."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from vqldm import distributed as dist
+from vqldm.checkpoint import file_sha256
+from vqldm.config import Config, check_latent_for_unet, latent_spatial, vqvae_from_network
+from vqldm.data import pipeline
+from vqldm.engine import setup
+from vqldm.engine.trainer import FitResult, Trainer
+from vqldm.errors import VqldmError
+from vqldm.runtime import make_runtime
+from vqldm.stage1.model import load_vqvae, vqvae_net_config
+from vqldm.stage2 import latents as L
+from vqldm.stage2.model import scheduler_config, unet_net_config
+from vqldm.stage2.task import Stage2Task
+
+log = logging.getLogger("vqldm")
+
+
+def _compare_stage1(cfg: Config, net: dict, path) -> None:
+    """The checkpoint wins over the config file's vqvae section, with a warning naming the keys."""
+    mine = vqvae_net_config(cfg)
+    diff = [k for k in mine if k in net and mine[k] != net[k] and k not in ("decay", "commitment_cost")]
+    if diff:
+        log.warning("the stage-1 checkpoint %s was trained with a different vqvae config (%s); using the "
+                    "checkpoint's values", path, ", ".join(f"vqvae.{k}: config {mine[k]} vs checkpoint {net[k]}"
+                                                         for k in diff))
+
+
+def _fixed_noise(n: int, shape: list[int], T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn([n] + shape, generator=g), torch.randint(0, T, (n,), generator=g)
+
+
+def train_diffusion(cfg: Config, overwrite: bool = False, progress: bool = True) -> FitResult:
+    setup.start(cfg)
+    rt = make_runtime(cfg)
+    u = cfg.diffusion
+    vq_path = u.checkpoints.vqvae_path
+    if not vq_path:
+        raise VqldmError("diffusion.checkpoints.vqvae_path: no stage-1 checkpoint given")
+    vqvae, vq_ckpt = load_vqvae(vq_path, rt, what="diffusion.checkpoints.vqvae_path")
+    net = vq_ckpt["network"]
+    _compare_stage1(cfg, net, vq_path)
+    if net["embedding_dim"] != u.in_channels or net["embedding_dim"] != u.out_channels:
+        raise VqldmError(f"diffusion.in_channels/out_channels ({u.in_channels}/{u.out_channels}) must equal the "
+                         f"stage-1 checkpoint's embedding_dim ({net['embedding_dim']}) from {vq_path}")
+    vq_cfg = vqvae_from_network(net)
+    lat_spatial = latent_spatial(vq_cfg, cfg.data.patch_size)
+    check_latent_for_unet(len(u.num_channels), lat_spatial, "diffusion.num_channels / data.patch_size")
+    lat_shape = [net["embedding_dim"]] + lat_spatial
+    stride = math.prod(p[0] for p in net["downsample_parameters"])
+
+    train_info, val_info = setup.scan_data(cfg, progress)
+    norm_d = vq_ckpt["normalization"]
+    if list(norm_d["intensity_range"]) != list(cfg.data.intensity_range):
+        log.warning("data.intensity_range %s differs from the stage-1 checkpoint's %s; using the checkpoint's",
+                    cfg.data.intensity_range, norm_d["intensity_range"])
+        cfg.data.intensity_range = list(norm_d["intensity_range"])
+    norm = pipeline.normalization_of(cfg)
+
+    # ---- validation latents: deterministic tiles, fixed noise and timesteps ----
+    val_tiles = pipeline.val_dataset(cfg, val_info.files)
+    vloader = pipeline.make_loader(val_tiles, cfg.batch_size("diffusion"), False, 0, rt.is_cuda)
+    val_z = torch.cat([L.encode(vqvae, b["image"], rt).cpu() for b in vloader])
+    sc = scheduler_config(cfg)
+    noise, t = _fixed_noise(len(val_z), lat_shape, sc["num_train_timesteps"], cfg.seed + 1)
+    val_ds = L.TensorDictDataset(latent=val_z, noise=noise, t=t)
+    n_vis = u.logging.num_visualize_samples
+    vis_real = torch.stack([val_tiles[i]["image"] for i in range(min(n_vis, len(val_tiles)))]) if n_vis else None
+    if vis_real is not None:
+        vis_real = norm.to_unit(vis_real).clamp(0, 1)
+
+    # ---- training latents: the cache when an item's encoding cannot change between epochs ----
+    use_cache = u.latent_cache and not cfg.data.augmentation
+    if use_cache:
+        vols = pipeline.val_dataset(cfg, train_info.files).volumes  # deterministic load/normalise/pad
+        if any(math.prod(vols[i]["image"].shape[1:]) > L.MAX_CACHE_VOXELS for i in range(len(vols))):
+            use_cache = False
+            log.info("latent cache: volumes above %d voxels; encoding on the fly instead", L.MAX_CACHE_VOXELS)
+    if use_cache:
+        cached = L.encode_volumes(vqvae, vols, rt, stride, progress and dist.is_main())
+        train_ds = L.LatentCropDataset(cached, lat_spatial, cfg.data.patches_per_volume)
+        log.info("latent cache: encoded %d training volumes once; training on cached latents", len(cached))
+    else:
+        train_ds = pipeline.train_dataset(cfg, train_info.files)
+        why = "data.augmentation is on" if cfg.data.augmentation else "diffusion.latent_cache is off"
+        log.info("latents encoded on the fly each batch (%s)", why)
+    train_loader, sampler = setup.train_loader(cfg, "diffusion", train_ds, rt)
+    val_loader = setup.val_loader(cfg, "diffusion", val_ds, rt)
+
+    # ---- scale factor: measured over many batches, or the config's ----
+    if u.scale_factor is not None:
+        scale = float(u.scale_factor)
+        log.info("scale_factor %.5g (from diffusion.scale_factor)", scale)
+    else:
+        getter = (lambda b: b["latent"].float()) if use_cache else (lambda b: L.encode(vqvae, b["image"], rt))
+        scale = L.measure_scale_factor(train_loader, getter, u.scale_factor_batches)
+        log.info("scale_factor %.5g = 1/std of latents over up to %d training batches", scale, u.scale_factor_batches)
+    if not (math.isfinite(scale) and scale > 0):
+        raise VqldmError(f"the latents of {vq_path} have zero or non-finite spread (scale_factor {scale}); "
+                         f"is the stage-1 model trained?")
+
+    vq_sha = file_sha256(vq_path) if dist.is_main() else ""
+    meta = {
+        "latent_shape": lat_shape,
+        "vqvae_sha256": dist.broadcast_object(vq_sha),
+        "vqvae_path": str(vq_path),
+        "vqvae_network": net,
+        "normalization": norm_d,
+        "data": {"patch_size": list(cfg.data.patch_size), "spacing": list(train_info.spacing)},
+        "latent_source": "cache" if use_cache else "on_the_fly",
+    }
+    task = Stage2Task(cfg, rt, vqvae, unet_net_config(cfg), sc, scale, meta, vis_real, norm.to_unit)
+    task.train_forward = setup.wrap_for_training(task.model, rt)
+    bs = cfg.batch_size("diffusion")
+    log.info("stage 2: latent %s, batch %d (effective %d), lr %g, %s scheduler", lat_shape, bs,
+             bs * dist.world_size(), cfg.learning_rate("diffusion"), sc["type"])
+    trainer = Trainer(cfg, task, train_loader, val_loader, rt, overwrite=overwrite, progress=progress,
+                      train_sampler=sampler)
+    return trainer.fit()

@@ -1,0 +1,192 @@
+"""Shared fixtures for the vqldm test suite: synthetic data, tiny configs, CLI runners, trained stages.
+
+Everything runs on the CPU with tiny networks (VQ-VAE [8, 16] channels, 16 codes x 4 dims; UNet
+[16, 32] channels) on 32^3 synthetic microtubule volumes, so each training run takes seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vqldm.synth import write_dataset
+
+SHAPE = (32, 32, 32)
+NUM_TRAIN, NUM_VAL = 4, 2
+
+
+# ----------------------------------------------------------------------------------- config
+def tiny_config_dict(tmp_path, data_dir, patch=(32, 32, 32)) -> dict:
+    """A complete config in the original README's YAML schema; every output lives under ``tmp_path``."""
+    tmp_path, data_dir = Path(tmp_path), Path(data_dir)
+    return {
+        "seed": 42,
+        "device": {"use_cuda": False, "gpu_id": 0, "mixed_precision": False},
+        "data": {
+            "train_data_dir": str(data_dir / "train"),
+            "val_data_dir": str(data_dir / "val"),
+            "patch_size": list(patch),
+            "batch_size": 2,
+            "voxel_resize": None,
+            "cache_rate": 1.0,
+            "num_workers": 0,
+            "augmentation": False,
+            "patches_per_volume": 1,
+            "max_val_patches": 2,
+        },
+        "vqvae": {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 1,
+            "num_channels": [8, 16],
+            "num_res_channels": 16,
+            "num_res_layers": 1,
+            "num_embeddings": 16,
+            "embedding_dim": 4,
+            "learning_rate": 1.0e-3,
+            "codebook": {"restart_window_steps": 3},
+            "training": {
+                "n_epochs": 1,
+                "val_interval": 1,
+                "save_interval": 1,
+                "loss": {"reconstruction_loss_type": "combined"},
+            },
+            "checkpoints": {"output_dir": str(tmp_path / "vqvae_checkpoints")},
+            "logging": {
+                "log_dir": str(tmp_path / "vqvae_logs"),
+                "log_interval": 1,
+                "visualize_interval": 1,
+                "num_visualize_samples": 1,
+            },
+        },
+        "diffusion": {
+            "spatial_dims": 3,
+            "in_channels": 4,
+            "out_channels": 4,
+            "num_channels": [16, 32],
+            "attention_levels": [False, True],
+            "num_head_channels": [0, 16],
+            "num_res_blocks": 1,
+            "norm_num_groups": 8,
+            "num_train_timesteps": 1000,
+            "learning_rate": 1.0e-3,
+            "scheduler": {
+                "num_train_timesteps": 1000,
+                "schedule": "linear_beta",
+                "beta_start": 0.0015,
+                "beta_end": 0.0195,
+            },
+            "training": {
+                "n_epochs": 1,
+                "val_interval": 1,
+                "save_interval": 1,
+                "ema_decay": 0.9,
+            },
+            "checkpoints": {
+                "output_dir": str(tmp_path / "diffusion_checkpoints"),
+                "vqvae_path": str(tmp_path / "vqvae_checkpoints" / "best_model.pt"),
+            },
+            "logging": {
+                "log_dir": str(tmp_path / "diffusion_logs"),
+                "log_interval": 1,
+                "visualize_interval": 1,
+                "num_visualize_samples": 1,
+                "num_inference_steps": 2,
+            },
+        },
+    }
+
+
+def write_config(path, cfg: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def with_updates(cfg: dict, **dotted) -> dict:
+    """A deep copy of ``cfg`` with ``dotted__keys=value`` set (``a__b__c`` -> cfg['a']['b']['c'])."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in dotted.items():
+        parts = key.split("__")
+        node = cfg
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return cfg
+
+
+# ----------------------------------------------------------------------------------- CLI
+def run_cli(*args) -> int:
+    """``vqldm ARGS`` in this process; returns the exit code (use capsys to read stdout/stderr)."""
+    from vqldm.cli.main import main
+
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as e:  # argparse errors and --help
+        return int(e.code or 0)
+
+
+def run_cli_subprocess(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """``python -m vqldm ARGS`` in a fresh interpreter (a true end-to-end run)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return subprocess.run([sys.executable, "-m", "vqldm", *[str(a) for a in args]], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """4 train + 2 val synthetic microtubule volumes of 32^3 (do not modify: shared by all tests)."""
+    out = tmp_path_factory.mktemp("synth") / "data"
+    write_dataset(out, NUM_TRAIN, NUM_VAL, SHAPE, seed=3, progress=False)
+    return out
+
+
+@pytest.fixture
+def cfg_dict(tmp_path, data_dir) -> dict:
+    return tiny_config_dict(tmp_path, data_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_stage1(tmp_path_factory, data_dir) -> dict:
+    """Stage 1 trained once (2 epochs); returns paths. Tests must not write into these folders."""
+    root = tmp_path_factory.mktemp("stage1_run")
+    cfg = tiny_config_dict(root, data_dir)
+    cfg["vqvae"]["training"]["n_epochs"] = 2
+    cfg_path = write_config(root / "config.yaml", cfg)
+    rc = run_cli("--quiet", "train-vqvae", "--config", cfg_path)
+    assert rc == 0, "stage-1 training of the shared fixture failed"
+    out = Path(cfg["vqvae"]["checkpoints"]["output_dir"])
+    return {"root": root, "config": cfg, "config_path": cfg_path, "out_dir": out,
+            "best": out / "best_model.pt", "latest": out / "latest_checkpoint.pt",
+            "log_dir": Path(cfg["vqvae"]["logging"]["log_dir"])}
+
+
+@pytest.fixture(scope="session")
+def trained_stage2(tmp_path_factory, data_dir, trained_stage1) -> dict:
+    """Stage 2 trained once (1 epoch, EMA on, latent cache) on the shared stage-1 model."""
+    root = tmp_path_factory.mktemp("stage2_run")
+    cfg = tiny_config_dict(root, data_dir)
+    cfg["diffusion"]["checkpoints"]["vqvae_path"] = str(trained_stage1["best"])
+    cfg["diffusion"]["scale_factor_batches"] = 64  # the whole (tiny) training set
+    cfg_path = write_config(root / "config.yaml", cfg)
+    rc = run_cli("--quiet", "train-diffusion", "--config", cfg_path)
+    assert rc == 0, "stage-2 training of the shared fixture failed"
+    out = Path(cfg["diffusion"]["checkpoints"]["output_dir"])
+    return {"root": root, "config": cfg, "config_path": cfg_path, "out_dir": out,
+            "best": out / "best_model.pt", "latest": out / "latest_checkpoint.pt",
+            "log_dir": Path(cfg["diffusion"]["logging"]["log_dir"])}
+
+
+def copy_tree(src, dst) -> Path:
+    shutil.copytree(src, dst)
+    return Path(dst)
