@@ -7,16 +7,25 @@ Everything runs on the CPU with tiny networks (VQ-VAE [8, 16] channels, 16 codes
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import yaml
+# The test machine has 2 cores shared with other work; OpenMP spin-waiting with several threads
+# under contention slows the tiny 3D convolutions here by up to 100x, so the suite runs torch on one
+# thread unless OMP_NUM_THREADS says otherwise (subprocesses inherit the same setting).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from vqldm.synth import write_dataset
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from vqldm.synth import write_dataset  # noqa: E402
+
+torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
 
 SHAPE = (32, 32, 32)
 NUM_TRAIN, NUM_VAL = 4, 2
@@ -137,7 +146,6 @@ def run_cli(*args) -> int:
 def run_cli_subprocess(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     """``python -m vqldm ARGS`` in a fresh interpreter (a true end-to-end run)."""
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "2")
     return subprocess.run([sys.executable, "-m", "vqldm", *[str(a) for a in args]], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=timeout)
 
@@ -179,12 +187,13 @@ def trained_stage2(tmp_path_factory, data_dir, trained_stage1) -> dict:
     cfg["diffusion"]["checkpoints"]["vqvae_path"] = str(trained_stage1["best"])
     cfg["diffusion"]["scale_factor_batches"] = 64  # the whole (tiny) training set
     cfg_path = write_config(root / "config.yaml", cfg)
+    stage1_sha = hashlib.sha256(Path(trained_stage1["best"]).read_bytes()).hexdigest()
     rc = run_cli("--quiet", "train-diffusion", "--config", cfg_path)
     assert rc == 0, "stage-2 training of the shared fixture failed"
     out = Path(cfg["diffusion"]["checkpoints"]["output_dir"])
     return {"root": root, "config": cfg, "config_path": cfg_path, "out_dir": out,
             "best": out / "best_model.pt", "latest": out / "latest_checkpoint.pt",
-            "log_dir": Path(cfg["diffusion"]["logging"]["log_dir"])}
+            "log_dir": Path(cfg["diffusion"]["logging"]["log_dir"]), "stage1_sha_before": stage1_sha}
 
 
 def copy_tree(src, dst) -> Path:

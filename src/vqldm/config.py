@@ -33,7 +33,7 @@ class DeviceConfig:
     gpu_id: int = 0  # CUDA device index (ignored under torchrun: LOCAL_RANK decides)
     mixed_precision: bool = True  # AMP on CUDA: bf16 where supported, else fp16 + GradScaler
     channels_last: bool = True  # channels_last_3d memory format on CUDA (faster 3D convolutions)
-    compile: bool = False  # torch.compile the networks on CUDA (never on CPU); slow first steps
+    compile: bool = False  # torch.compile stage 1 on CUDA (never on CPU): faster steps after a slow first minute
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels for fixed shapes
     cuda_graphs: bool = True  # capture the sampling UNet call in a CUDA graph (CUDA only)
 
@@ -68,8 +68,7 @@ class WeightedLossConfig:
 @dataclass
 class DiceLossConfig:
     smooth: float = 1e-5
-    sharpness: float = 20.0  # soft-threshold slope for the prediction's foreground mask
-    threshold: float = 0.1  # in [0,1] intensity units
+    threshold: float = 0.1  # in [0,1] intensity units; the soft mask reaches 1 here
 
 
 @dataclass

@@ -127,7 +127,8 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from vqldm.demo import run_demo
 
-    run_demo(Path(args.out), progress=not args.quiet, overwrite=args.overwrite, device=args.device)
+    run_demo(Path(args.out), progress=not args.quiet, overwrite=args.overwrite, device=args.device,
+             preset=args.preset)
     return 0
 
 
@@ -227,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: GPU when present")
     s.add_argument("--overwrite", action="store_true", help="reuse an existing demo folder (old results are moved)")
+    s.add_argument("--preset", choices=["demo", "microtubules"], default="demo",
+                   help="demo: CPU-sized, 48x48x24 (default); microtubules: the 96x96x48 config, for a GPU")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("benchmark", help="speed: the reference loops vs vqldm's, side by side",

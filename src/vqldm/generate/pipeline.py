@@ -59,6 +59,7 @@ class Generator:
     rt: Runtime
     diff_path: Path
     vq_path: Path
+    _denoise: object = None  # the (possibly CUDA-graph-compiled) UNet call, built once
 
     @property
     def scale_factor(self) -> float:
@@ -144,10 +145,12 @@ def load_generator(cfg: Config, diffusion_checkpoint: str | None = None, vqvae_c
 
 def _denoiser(gen: Generator):
     """The UNet call; captured in CUDA graphs (torch.compile reduce-overhead) where switched on."""
-    net = gen.unet
-    if gen.rt.cuda_graphs:
-        net = torch.compile(net, mode="reduce-overhead", dynamic=False)
-    return lambda x, t: net(x=x, timesteps=t)
+    if gen._denoise is None:
+        net = gen.unet
+        if gen.rt.cuda_graphs:
+            net = torch.compile(net, mode="reduce-overhead", dynamic=False)
+        gen._denoise = lambda x, t: net(x=x, timesteps=t)
+    return gen._denoise
 
 
 def generate(gen: Generator, indices: list[int], seed: int, steps: int, kind: str, batch_size: int,

@@ -27,11 +27,8 @@ def sample_latents(denoiser: Denoiser, scheduler_cfg: dict, noise: torch.Tensor,
     import contextlib
 
     sch = build_sampling_scheduler(scheduler_cfg, kind)
-    if kind == "rflow":
-        sch.set_timesteps(num_inference_steps=steps, device=noise.device)
-    else:
-        sch.set_timesteps(num_inference_steps=steps, device=noise.device)
-    timesteps = list(sch.timesteps)
+    sch.set_timesteps(num_inference_steps=steps)  # timesteps stay on the CPU: no device sync per step
+    timesteps = [int(t) for t in sch.timesteps]
     x = noise.float()
     ctx = autocast or contextlib.nullcontext
     it = timesteps
@@ -41,13 +38,12 @@ def sample_latents(denoiser: Denoiser, scheduler_cfg: dict, noise: torch.Tensor,
         it = tqdm(timesteps, desc=f"{kind} sampling", unit="step", leave=False, dynamic_ncols=True)
     b = x.shape[0]
     for i, t in enumerate(it):
-        tt = torch.full((b,), int(t), device=x.device, dtype=torch.long)
+        tt = torch.full((b,), t, device=x.device, dtype=torch.long)
         with ctx():
             out = denoiser(x, tt)
         out = out.float()
         if kind == "rflow":
-            nxt = timesteps[i + 1] if i + 1 < len(timesteps) else torch.tensor(0)
-            x, _ = sch.step(out, int(t), x, int(nxt))
+            x, _ = sch.step(out, t, x, timesteps[i + 1] if i + 1 < len(timesteps) else 0)
         else:
-            x, _ = sch.step(out, int(t), x)
+            x, _ = sch.step(out, t, x)
     return x

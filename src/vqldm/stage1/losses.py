@@ -31,9 +31,14 @@ def weighted_loss(rec, target, cfg: LossConfig, intensity_range) -> torch.Tensor
 
 
 def soft_dice_loss(rec, target, cfg: LossConfig, intensity_range) -> torch.Tensor:
-    """1 - Dice between a soft foreground mask of the reconstruction and the target's mask."""
+    """1 - Dice between a soft foreground mask of the reconstruction and the target's mask.
+
+    The soft mask rises linearly from 0 at black to 1 at the threshold, so an empty background
+    contributes exactly nothing (a sigmoid mask leaks ~0.1 per black voxel, which on sparse
+    volumes drowns the foreground and makes a perfect reconstruction score badly).
+    """
     d = cfg.dice
-    p = torch.sigmoid(d.sharpness * (_to_unit(rec, intensity_range) - d.threshold))
+    p = (_to_unit(rec, intensity_range) / d.threshold).clamp(0.0, 1.0)
     t = (_to_unit(target, intensity_range) > d.threshold).to(p.dtype)
     dims = tuple(range(1, p.ndim))
     inter = (p * t).sum(dims)

@@ -118,7 +118,7 @@ def train_diffusion(cfg: Config, overwrite: bool = False, progress: bool = True)
         "latent_source": "cache" if use_cache else "on_the_fly",
     }
     task = Stage2Task(cfg, rt, vqvae, unet_net_config(cfg), sc, scale, meta, vis_real, norm.to_unit)
-    task.train_forward = setup.wrap_for_training(task.model, rt)
+    task.train_forward = setup.wrap_for_training(task.model, rt, cuda_graphs=rt.cuda_graphs)
     bs = cfg.batch_size("diffusion")
     log.info("stage 2: latent %s, batch %d (effective %d), lr %g, %s scheduler", lat_shape, bs,
              bs * dist.world_size(), cfg.learning_rate("diffusion"), sc["type"])
