@@ -35,7 +35,7 @@ class DeviceConfig:
     channels_last: bool = True  # channels_last_3d memory format on CUDA (faster 3D convolutions)
     compile: bool = False  # torch.compile stage 1 on CUDA (never on CPU): faster steps after a slow first minute
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels for fixed shapes
-    cuda_graphs: bool = True  # capture the sampling UNet call in a CUDA graph (CUDA only)
+    cuda_graphs: bool = True  # CUDA graphs for the stage-2 UNet, training and sampling (CUDA only)
 
 
 @dataclass
@@ -554,6 +554,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                  f"diffusion.num_channels[{i}] ({c}) must be a multiple of diffusion.norm_num_groups "
                  f"({u.norm_num_groups})")
     heads = u.num_head_channels if isinstance(u.num_head_channels, list) else [u.num_head_channels] * m
+    # MONAI's middle block always has attention, with the deepest level's head size
+    _require(heads[-1] > 0 and u.num_channels[-1] % heads[-1] == 0,
+             f"diffusion.num_head_channels[-1] ({heads[-1]}) must be > 0 and divide diffusion.num_channels[-1] "
+             f"({u.num_channels[-1]}): the UNet's middle block always uses attention")
     for i, (att, h) in enumerate(zip(u.attention_levels, heads)):
         if att:
             _require(h > 0 and u.num_channels[i] % h == 0,

@@ -106,8 +106,13 @@ def evaluate(cfg: Config, out_dir: Path, samples: Path | None = None, vqvae_chec
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rt = make_runtime(cfg)
-    vq_path = Path(vqvae_checkpoint or Path(cfg.vqvae.checkpoints.output_dir) / "best_model.pt")
-    what = "--vqvae-checkpoint" if vqvae_checkpoint else "vqvae.checkpoints.output_dir"
+    if vqvae_checkpoint:
+        vq_path, what = Path(vqvae_checkpoint), "--vqvae-checkpoint"
+    elif cfg.diffusion.checkpoints.vqvae_path and Path(cfg.diffusion.checkpoints.vqvae_path).is_file():
+        # the stage-1 model the samples were decoded with
+        vq_path, what = Path(cfg.diffusion.checkpoints.vqvae_path), "diffusion.checkpoints.vqvae_path"
+    else:
+        vq_path, what = Path(cfg.vqvae.checkpoints.output_dir) / "best_model.pt", "vqvae.checkpoints.output_dir"
     vqvae, vq_ckpt = load_vqvae(vq_path, rt, what=what)
     cfg.data.intensity_range = list(vq_ckpt["normalization"]["intensity_range"])
     metrics: dict = {"stage1": stage1_metrics(cfg, vqvae, vq_ckpt, rt, out_dir), "vqvae_checkpoint": str(vq_path)}

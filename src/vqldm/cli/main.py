@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder for metrics.json, report.md and pictures")
     s.add_argument("--samples", default=None, help="folder of generated volumes to compare with the real ones")
     s.add_argument("--vqvae-checkpoint", default=None,
-                   help="stage-1 checkpoint (default: vqvae.checkpoints.output_dir/best_model.pt)")
+                   help="stage-1 checkpoint (default: diffusion.checkpoints.vqvae_path if it exists, "
+                        "else vqvae.checkpoints.output_dir/best_model.pt)")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("demo", help="the whole pipeline on built-in synthetic microtubules (CPU: under 10 min)",

@@ -103,6 +103,8 @@ def _deterministic_transforms(cfg: Config, with_fg: bool) -> list:
     ts.append(mt.SpatialPadd(keys=pad_keys, spatial_size=cfg.data.patch_size))
     if with_fg:
         ts.append(mt.FgBgToIndicesd(keys=FG_KEY))
+    # plain tensors from here on: MetaTensor bookkeeping slows every op and trips torch.compile
+    ts.append(mt.EnsureTyped(keys="image", data_type="tensor", track_meta=False))
     return ts
 
 

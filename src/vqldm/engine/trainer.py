@@ -9,25 +9,29 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from monai.data.utils import set_rnd
 
-from vqldm.config import Config, save_resolved
+from vqldm.config import Config
 from vqldm import distributed as dist
 from vqldm.checkpoint import header, load_checkpoint, rng_state, save_atomic, set_rng_state
+from vqldm.data.io import atomic_write_bytes
 from vqldm.engine.ema import EMA
 from vqldm.runtime import Runtime, epoch_seed, seed_everything
-from vqldm.engine.tensorboard import Board, archive_previous
+from vqldm.engine.tensorboard import EVENTS, Board, archive_previous, continue_after
 from vqldm.errors import VqldmError
 
 log = logging.getLogger("vqldm")
 
 BEST, LATEST = "best_model.pt", "latest_checkpoint.pt"
+STAGES = ("vqvae", "diffusion")  # the config sections (and event-file suffixes) of the two stages
 
 
 @dataclass
@@ -120,6 +124,10 @@ class Trainer:
         self.best = math.inf
         self.skipped = 0
         self.last_good: Path | None = None
+        self.last_good_at: tuple[int, int] | None = None  # (epoch, step) of last_good
+        self._volatile: list[torch.Tensor] | None = None  # see _volatile_tensors
+        self._first_bad: torch.Tensor | None = None  # device scalar: first non-finite step, or -1
+        self._step_dev: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def _eval_model(self) -> torch.nn.Module:
@@ -155,7 +163,7 @@ class Trainer:
         d = self._snapshot(val_loss)
         d["training_state"] = self._training_state()
         path = save_atomic(d, self.out_dir / LATEST)
-        self.last_good = path
+        self.last_good, self.last_good_at = path, (self.epoch, self.step)
         return path
 
     def save_best(self, val_loss: float) -> Path | None:
@@ -164,11 +172,18 @@ class Trainer:
         return save_atomic(self._snapshot(val_loss), self.out_dir / BEST)
 
     def resume(self, path: str | Path) -> None:
-        ckpt = load_checkpoint(path, kind=self.task.kind, what=f"{self.task.stage_key}.checkpoints.resume_from")
+        key = f"{self.task.stage_key}.checkpoints.resume_from"
+        ckpt = load_checkpoint(path, kind=self.task.kind, what=key)
         ts = ckpt.get("training_state")
         if ts is None:
-            raise VqldmError(f"{self.task.stage_key}.checkpoints.resume_from: {path} is an inference snapshot "
-                             f"without training state; resume from {LATEST}")
+            raise VqldmError(f"{key}: {path} is an inference snapshot without training state; resume from {LATEST}")
+        mine = self.task.checkpoint_meta()
+        if ckpt.get("vqvae_sha256") and mine.get("vqvae_sha256") and ckpt["vqvae_sha256"] != mine["vqvae_sha256"]:
+            # stage 2 learns one stage-1 model's latents: another stage-1 file is another problem
+            raise VqldmError(
+                f"{key}: {path} was trained on the stage-1 checkpoint {ckpt.get('vqvae_path')} (sha256 "
+                f"{ckpt['vqvae_sha256'][:12]}), but diffusion.checkpoints.vqvae_path is {mine.get('vqvae_path')} "
+                f"(sha256 {mine['vqvae_sha256'][:12]}); resume with the same stage-1 checkpoint, or start afresh")
         try:
             self.task.model.load_state_dict(ts["model"])
             for s in self.specs:
@@ -181,33 +196,80 @@ class Trainer:
                 else:  # EMA switched on at resume: start it from the current weights
                     self.ema.model.load_state_dict(ts["model"])
         except (RuntimeError, KeyError, ValueError) as e:
-            raise VqldmError(f"{self.task.stage_key}.checkpoints.resume_from: {path} does not match this "
-                             f"config's network ({str(e).splitlines()[0][:200]})") from None
+            theirs, ours = ckpt.get("network") or {}, mine.get("network") or {}
+            diff = [f"{k} {theirs.get(k)!r} in the checkpoint vs {ours.get(k)!r} here"
+                    for k in sorted(set(theirs) | set(ours), key=str) if theirs.get(k) != ours.get(k)]
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            detail = "; ".join(diff) if diff else next(
+                (ln for ln in lines if not ln.startswith("Error(s) in loading")), lines[0] if lines else repr(e))
+            raise VqldmError(f"{key}: {path} does not match this config's network ({detail[:300]})") from e
         self.task.load_extra_state(ts.get("task", {}))
         set_rng_state(ts["rng"])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.best = ckpt["best_val_loss"] if ckpt.get("best_val_loss") is not None else math.inf
         self.skipped = int(ts.get("skipped_batches", 0))
-        self.last_good = Path(path)
+        self.last_good, self.last_good_at = Path(path), (self.epoch, self.step)
         log.info("resumed %s from %s at epoch %d, step %d", self.task.stage_key, path, self.epoch, self.step)
 
-    def _prepare_output(self) -> None:
-        """Refuse to clobber an earlier run; with --overwrite, archive it (nothing is deleted)."""
+    def _other_stage_suffixes(self) -> tuple[str, ...]:
+        return tuple(f".{s}" for s in STAGES if s != self.task.stage_key)
+
+    def _continues_here(self, resume: str | Path) -> bool:
+        """Whether ``resume`` is this output_dir's own latest_checkpoint.pt (resuming in place)."""
+        here = self.out_dir / LATEST
+        try:
+            return here.exists() and os.path.samefile(resume, here)
+        except OSError:
+            return False
+
+    def _prepare_output(self, resume: str | Path | None = None) -> None:
+        """Refuse to clobber an earlier run; with --overwrite, archive it (nothing is deleted).
+
+        Resuming in place (``resume_from`` is this output_dir's latest_checkpoint.pt) continues that
+        run. Resuming another run's checkpoint into an output_dir that holds checkpoints would
+        replace them, so it needs --overwrite like a fresh start. A fresh start also moves aside the
+        TensorBoard events of an earlier run that wrote no checkpoint, so its curves start clean.
+        """
         if not dist.is_main():
+            return
+        key = f"{self.task.stage_key}.checkpoints"
+        if resume and self._continues_here(resume):
             return
         existing = [p for p in (self.out_dir / BEST, self.out_dir / LATEST) if p.exists()]
         if existing and not self.overwrite:
-            key = f"{self.task.stage_key}.checkpoints"
+            names = ", ".join(p.name for p in existing)
+            if resume:
+                raise VqldmError(
+                    f"{key}.output_dir: {self.out_dir} already holds {names} of another run; {key}.resume_from "
+                    f"({resume}) is not its {LATEST}, so resuming would replace them. Resume into an empty "
+                    f"output_dir, or pass --overwrite to move them to a previous_* folder first")
             raise VqldmError(
-                f"{key}.output_dir: {self.out_dir} already holds {', '.join(p.name for p in existing)}; "
-                f"set {key}.resume_from to continue that run, pass --overwrite to start afresh (the old "
-                f"files are moved to a previous_* folder), or choose another output_dir")
+                f"{key}.output_dir: {self.out_dir} already holds {names}; set {key}.resume_from to continue "
+                f"that run, pass --overwrite to start afresh (the old files are moved to a previous_* folder), "
+                f"or choose another output_dir")
         if existing:
             moved = archive_previous(self.out_dir, (BEST, LATEST, "config.yaml"))
             log.info("moved the earlier checkpoints to %s", moved)
-            moved = archive_previous(self.log_dir, ("events.out.tfevents.*",))
+        if existing or not resume:
+            moved = archive_previous(self.log_dir, (EVENTS,), exclude_suffixes=self._other_stage_suffixes())
             if moved:
                 log.info("moved the earlier TensorBoard events to %s", moved)
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of checkpoint writes that a kill interrupted: never checkpoints, only disk space."""
+        if not dist.is_main() or not self.out_dir.is_dir():
+            return
+        stale = [p for name in (BEST, LATEST) for p in self.out_dir.glob(f".{name}.*.tmp") if p.is_file()]
+        for p in stale:
+            p.unlink()
+        if stale:
+            log.info("removed %d unfinished checkpoint temp file(s) left in %s by an interrupted run",
+                     len(stale), self.out_dir)
+
+    def _write_config(self) -> None:
+        """The resolved config next to the checkpoints, written atomically like them."""
+        text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        atomic_write_bytes(self.out_dir / "config.yaml", text.encode("utf-8"))
 
     # ------------------------------------------------------------------ loop
     def _seed_epoch(self, epoch: int) -> None:
@@ -217,25 +279,83 @@ class Trainer:
         if self.train_sampler is not None and hasattr(self.train_sampler, "set_epoch"):
             self.train_sampler.set_epoch(epoch)
 
-    def _train_step(self, batch: dict) -> dict[str, float] | None:
+    def _raise_nonfinite(self, step: int) -> None:
+        """``step``: optimizer steps taken before the bad batch (0-based); the message numbers steps
+        from 1 like TensorBoard's train/ axis, so the step it names is the first one missing there."""
+        stage = self.task.stage_key
+        if self.last_good is not None:
+            e, s = self.last_good_at
+            last = (f"last good checkpoint: {self.last_good} (epoch {e}, step {s}); resume from it with "
+                    f"--set {stage}.checkpoints.resume_from={self.last_good}")
+        else:
+            last = "last good checkpoint: none written yet"
+        raise VqldmError(
+            f"non-finite loss at step {step + 1} (epoch {self.epoch + 1}) of {stage}; {last}. Lower the "
+            f"learning rate, check the data, or set {stage}.training.skip_nonfinite: true to skip such batches")
+
+    def _volatile_tensors(self) -> list[torch.Tensor]:
+        """Tensors of the trained networks that change outside the optimizer: buffers (the codebook's
+        EMA statistics, norm running stats) and frozen parameters (the EMA codebook). A forward pass
+        on a bad batch can write NaN into them before its loss is seen, so a skipped batch restores them."""
+        if self._volatile is None:
+            trained = {id(p) for s in self.specs for p in s.params}
+            mods = [m for m in vars(self.task).values() if isinstance(m, torch.nn.Module)]
+            mods = [m for m in mods if any(id(p) in trained for p in m.parameters())]
+            seen, vol = set(), []
+            for m in mods:
+                for t in [*m.buffers(), *(p for p in m.parameters() if id(p) not in trained)]:
+                    if id(t) not in seen:
+                        seen.add(id(t))
+                        vol.append(t)
+            self._volatile = vol
+        return self._volatile
+
+    def _watch_finite(self, finite: torch.Tensor) -> None:
+        """Remember the first non-finite step on the device, without a host sync per step.
+
+        ``check_finite`` reads it at log steps and before every checkpoint, so a bad step stops
+        the run before anything it touched is saved.
+        """
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=finite.device)
+            self._step_dev = torch.full((), self.step, dtype=torch.long, device=finite.device)
+        self._first_bad = torch.where((~finite) & (self._first_bad < 0), self._step_dev, self._first_bad)
+        self._step_dev += 1
+
+    def check_finite(self) -> None:
+        if self._first_bad is None:
+            return
+        bad = self._first_bad
+        if dist.is_dist():  # every rank stops together, or the others hang in their next collective
+            bad = dist.all_reduce_max(bad.clone().reshape(1))[0]
+        if int(bad) >= 0:
+            self._raise_nonfinite(int(bad))
+
+    def _train_step(self, batch: dict) -> dict[str, torch.Tensor] | None:
+        """One optimisation step; returns the step's scalars as device tensors (no host sync)."""
         ctx = StepContext(self.epoch, self.step)
+        saved = [t.detach().clone() for t in self._volatile_tensors()] if self.t.skip_nonfinite else None
         with self.rt.autocast():
             out = self.task.training_step(batch, ctx)
         active = [s for s in self.specs if self.epoch >= s.active_from_epoch and s.loss_key in out]
-        losses = torch.stack([out[s.loss_key].detach().float() for s in active])
-        if not bool(torch.isfinite(losses).all()):
-            if self.t.skip_nonfinite:
+        finite = torch.isfinite(torch.stack([out[s.loss_key].detach().float() for s in active])).all()
+        if self.t.skip_nonfinite:  # skipping needs the answer now: one host sync per step
+            bad = (~finite).float().reshape(1)
+            if dist.is_dist():  # every rank skips the same batch, or DDP's gradient all-reduce hangs
+                dist.all_reduce_max(bad)
+            if bool(bad.item()):
                 self.skipped += 1
                 for s in self.specs:
                     s.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():  # undo what the forward pass wrote into buffers
+                    for t, v in zip(self._volatile_tensors(), saved):
+                        t.copy_(v)
+                # numbered like TensorBoard's train/ axis: the step this batch would have been
                 log.warning("non-finite loss at step %d (epoch %d): batch skipped (%d so far)",
-                            self.step, self.epoch + 1, self.skipped)
+                            self.step + 1, self.epoch + 1, self.skipped)
                 return None
-            last = str(self.last_good) if self.last_good else "none written yet"
-            raise VqldmError(
-                f"non-finite loss at step {self.step} (epoch {self.epoch + 1}) of {self.task.stage_key}; "
-                f"last good checkpoint: {last}. Lower the learning rate, check the data, or set "
-                f"{self.task.stage_key}.training.skip_nonfinite: true to skip such batches")
+        else:
+            self._watch_finite(finite)
         for s in active:
             s.optimizer.zero_grad(set_to_none=True)
             scaler = self.scalers[s.name]
@@ -245,13 +365,11 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(s.params, self.t.grad_clip_norm)
             scaler.step(s.optimizer)
             scaler.update()
-        extra = self.task.after_optimizer_step(out, ctx)
+        self.task.after_optimizer_step(out, ctx)
         if self.ema is not None:
             self.ema.update(self.task.model)
         self.step += 1
-        vals = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0}
-        vals.update(extra)
-        return vals
+        return {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0}
 
     @torch.no_grad()
     def validate(self, max_batches: int | None = None) -> dict[str, float]:
@@ -280,13 +398,24 @@ class Trainer:
         resume = self.stage.checkpoints.resume_from
         if resume:
             self.resume(resume)
-        else:
-            self._prepare_output()
+        self._prepare_output(resume)
+        if dist.is_main():
+            self._remove_stale_temp_files()
+            if resume:  # events logged after the checkpoint (by a run that died) are archived, not repeated
+                moved = continue_after(self.log_dir, self.step, self.epoch,
+                                       exclude_suffixes=self._other_stage_suffixes())
+                if moved:
+                    log.info("TensorBoard: the events logged after the resume point (epoch %d, step %d) by the "
+                             "interrupted run were moved to %s; the curves continue from there", self.epoch,
+                             self.step, moved)
         dist.barrier()
         if dist.is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(self.cfg, self.out_dir / "config.yaml")
-        board = Board(self.log_dir, purge_step=self.step if resume else None)
+            self._write_config()
+        # train/ tags count steps, the others epochs; after continue_after nothing on disk lies past
+        # either, so purging from the larger + 1 drops nothing and only guards older logs
+        board = Board(self.log_dir, purge_step=max(self.step, self.epoch) + 1 if resume else None,
+                      stage=self.task.stage_key)
         n_epochs = 1 if t.fast_dev_run else t.n_epochs
         max_batches = t.fast_dev_run_batches if t.fast_dev_run else None
         history: list[dict] = []
@@ -299,7 +428,7 @@ class Trainer:
             while self.epoch < n_epochs:
                 self._seed_epoch(self.epoch)
                 self.task.train_mode()
-                sums: dict[str, float] = {}
+                sums: dict[str, torch.Tensor] = {}
                 n_steps = 0
                 t0 = time.perf_counter()
                 total = len(self.train_loader) if max_batches is None else min(max_batches, len(self.train_loader))
@@ -313,14 +442,17 @@ class Trainer:
                         continue
                     n_steps += 1
                     for k, v in vals.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    if self.step % lg.log_interval == 0:
+                        sums[k] = sums[k] + v if k in sums else v.clone()
+                    if self.step % lg.log_interval == 0:  # the only per-step host syncs
+                        self.check_finite()
+                        vals = {k: float(v) for k, v in vals.items()}
                         board.scalars(vals, self.step, prefix="train/")
                         board.scalar("train/learning_rate", self.specs[0].optimizer.param_groups[0]["lr"], self.step)
-                    if self.progress:
-                        bar.set_postfix({k: f"{v:.4g}" for k, v in list(vals.items())[:4]}, refresh=False)
+                        if self.progress:
+                            bar.set_postfix({k: f"{v:.4g}" for k, v in list(vals.items())[:4]}, refresh=False)
+                self.check_finite()
                 self.epoch += 1
-                epoch_vals = {k: v / max(n_steps, 1) for k, v in sums.items()}
+                epoch_vals = {k: float(v) / max(n_steps, 1) for k, v in sums.items()}
                 epoch_vals.update(self.task.on_train_epoch_end(self.epoch))
                 epoch_vals["seconds"] = time.perf_counter() - t0
                 board.scalars(epoch_vals, self.epoch, prefix="train_epoch/")
@@ -338,9 +470,9 @@ class Trainer:
                 if vis_batch is not None and (self.epoch % lg.visualize_interval == 0 or last) and dist.is_main():
                     self.task.eval_mode()
                     self.task.visualize(board, self._eval_model(), vis_batch, self.epoch, png_dir)
+                board.flush()  # this epoch's events reach the disk before the checkpoint that ends them
                 if self.epoch % t.save_interval == 0 or last:
                     self.save_latest(val_loss)
-                board.flush()
                 history.append(record)
                 if dist.is_main():
                     log.info("epoch %d/%d: %s", self.epoch, n_epochs,
@@ -357,6 +489,9 @@ class Trainer:
 def _progress(it, total: int, desc: str, enabled: bool):
     if not enabled:
         return it
-    from tqdm.auto import tqdm
+    # the plain console bar: tqdm.auto's asyncio variant calls iter() on the loader when it is built and
+    # again when iterated, and each DataLoader iterator draws a seed from the torch RNG, so the bar
+    # (on unless --quiet) would change which patches and noise the run trains on
+    from tqdm.std import tqdm
 
     return tqdm(it, total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False)

@@ -58,17 +58,18 @@ def restart_codes(quantizer, dead: torch.Tensor, z: torch.Tensor) -> int:
 class CodebookTracker:
     """Counts code use per epoch (usage, perplexity) and per restart window (dead codes)."""
 
-    def __init__(self, num_embeddings: int, window_steps: int, threshold: float):
+    def __init__(self, num_embeddings: int, window_steps: int, threshold: float, device="cpu"):
         self.k = num_embeddings
         self.window_steps, self.threshold = window_steps, threshold
-        self.epoch_counts = torch.zeros(num_embeddings, dtype=torch.float64)
-        self.window_counts = torch.zeros(num_embeddings, dtype=torch.float64)
+        # counts live on the training device: no host sync per step
+        self.epoch_counts = torch.zeros(num_embeddings, dtype=torch.float64, device=device)
+        self.window_counts = torch.zeros(num_embeddings, dtype=torch.float64, device=device)
         self.window_fill = 0
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor) -> None:
-        c = torch.bincount(indices.reshape(-1), minlength=self.k).to(torch.float64)
-        c = dist.all_reduce_sum(c).cpu() if dist.is_dist() else c.cpu()
+        c = torch.bincount(indices.reshape(-1), minlength=self.k).to(self.epoch_counts.device, torch.float64)
+        c = dist.all_reduce_sum(c)
         self.epoch_counts += c
         self.window_counts += c
         self.window_fill += 1
@@ -84,22 +85,22 @@ class CodebookTracker:
         return dead
 
     def epoch_stats(self, reset: bool = True) -> dict[str, float]:
-        total = float(self.epoch_counts.sum())
-        if total == 0:
-            return {"usage": 0.0, "perplexity": 0.0, "used_codes": 0}
-        p = self.epoch_counts / total
-        nz = p[p > 0]
-        stats = {
-            "usage": float((self.epoch_counts > 0).sum()) / self.k,
-            "perplexity": float(math.exp(-(nz * nz.log()).sum())),
-            "used_codes": int((self.epoch_counts > 0).sum()),
-        }
+        counts = self.epoch_counts.detach().cpu().clone()
         if reset:
             self.epoch_counts.zero_()
-        return stats
+        total = float(counts.sum())
+        if total == 0:
+            return {"usage": 0.0, "perplexity": 0.0, "used_codes": 0}
+        p = counts / total
+        nz = p[p > 0]
+        return {
+            "usage": float((counts > 0).sum()) / self.k,
+            "perplexity": float(math.exp(-(nz * nz.log()).sum())),
+            "used_codes": int((counts > 0).sum()),
+        }
 
     def state_dict(self) -> dict:
-        return {"epoch_counts": self.epoch_counts.clone(), "window_counts": self.window_counts.clone(),
+        return {"epoch_counts": self.epoch_counts.cpu().clone(), "window_counts": self.window_counts.cpu().clone(),
                 "window_fill": self.window_fill}
 
     def load_state_dict(self, s: dict) -> None:

@@ -51,7 +51,7 @@ class Stage1Task(Task):
         self.loss_fn = reconstruction_loss(t.loss, norm.intensity_range)
         self.q_weight = t.loss.quantization_weight
         cb = v.codebook
-        self.tracker = CodebookTracker(v.num_embeddings, cb.restart_window_steps, cb.restart_threshold)
+        self.tracker = CodebookTracker(v.num_embeddings, cb.restart_window_steps, cb.restart_threshold, rt.device)
         self.restarted_epoch = 0
         self.restarted_total = 0
         self.codebook_ready = cb.init != "data"
@@ -120,7 +120,7 @@ class Stage1Task(Task):
         self.tracker.update(indices)
         cb = self.cfg.vqvae.codebook
         if cb.dead_code_restart and self.tracker.window_full():
-            dead = self.tracker.dead_codes().to(self.quantizer.embedding.weight.device)
+            dead = self.tracker.dead_codes()
             n = restart_codes(self.quantizer, dead, z)
             self.restarted_epoch += n
             self.restarted_total += n

@@ -1,0 +1,199 @@
+"""Sampling, evaluation and the demo: ``vqldm sample``, ``vqldm evaluate``, ``vqldm demo``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli, tiny_config_dict, write_config
+from vqldm.data.io import list_volumes, read_volume
+from vqldm.generate.samplers import sample_latents
+from vqldm.stage2.model import build_unet
+
+SCHED = {"type": "ddpm", "num_train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 0.0015,
+         "beta_end": 0.0195, "prediction_type": "epsilon"}
+
+
+# ------------------------------------------------------------------------------ pure samplers
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_sampler_is_a_pure_function_of_its_inputs(kind):
+    torch.manual_seed(0)
+    unet = build_unet({"spatial_dims": 3, "in_channels": 4, "out_channels": 4, "channels": [16, 32],
+                       "attention_levels": [False, False], "num_head_channels": [0, 8], "num_res_blocks": 1,
+                       "norm_num_groups": 8}).eval()
+    noise = torch.randn(2, 4, 8, 8, 8)
+    den = lambda x, t: unet(x=x, timesteps=t)  # noqa: E731
+    torch.manual_seed(1)
+    a = sample_latents(den, SCHED, noise, 5, kind=kind)
+    torch.manual_seed(1)
+    b = sample_latents(den, SCHED, noise, 5, kind=kind)
+    assert a.shape == noise.shape and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, noise)
+    assert torch.equal(noise, noise.clone())  # the input is not modified in place
+
+
+def test_rflow_sampler_integrates_a_known_velocity():
+    """With the exact velocity of a point mass at x0 (v = x0 - noise), the flow lands on x0."""
+    sc = dict(SCHED, type="rflow")
+    noise = torch.randn(1, 2, 4, 4, 4)
+    x0 = torch.full_like(noise, 0.5)
+    out = sample_latents(lambda x, t: x0 - noise, sc, noise, 10, kind="rflow")
+    assert torch.allclose(out, x0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ vqldm sample
+@pytest.fixture(scope="module")
+def trained_stage2(tmp_path_factory, data_dir) -> dict:
+    """Both stages trained long enough (about 10 s each) that decoded samples are not all black."""
+    root = tmp_path_factory.mktemp("generate_run")
+    cfg = tiny_config_dict(root, data_dir)
+    cfg["data"]["patches_per_volume"] = 4
+    cfg["vqvae"].update({"num_channels": [16, 32], "num_res_channels": 32, "num_embeddings": 32,
+                         "embedding_dim": 8, "learning_rate": 2e-3})
+    cfg["vqvae"]["training"]["n_epochs"] = 12
+    cfg["diffusion"].update({"in_channels": 8, "out_channels": 8, "learning_rate": 2e-3})
+    cfg["diffusion"]["training"]["n_epochs"] = 6
+    path = write_config(root / "config.yaml", cfg)
+    assert run_cli("--quiet", "train-vqvae", "--config", str(path)) == 0
+    assert run_cli("--quiet", "train-diffusion", "--config", str(path)) == 0
+    return {"config": cfg, "config_path": path}
+
+
+def _sample(trained_stage2, out, *extra):
+    return run_cli("--quiet", "sample", "--config", str(trained_stage2["config_path"]), "--num-samples", "3",
+                   "--scheduler", "ddim", "--steps", "10", "--seed", "5", "--out", str(out), *extra)
+
+
+def test_sample_writes_distinct_finite_volumes_and_is_repeatable(trained_stage2, tmp_path):
+    assert _sample(trained_stage2, tmp_path / "A") == 0
+    assert _sample(trained_stage2, tmp_path / "B") == 0
+    files_a = list_volumes(tmp_path / "A")
+    assert [f.name for f in files_a] == ["sample_0000.nii.gz", "sample_0001.nii.gz", "sample_0002.nii.gz"]
+    vols = [read_volume(f) for f in files_a]
+    for v in vols:
+        assert v.array.shape == (32, 32, 32)
+        assert np.isfinite(v.array).all() and v.array.min() >= 0 and v.array.max() <= 1
+    assert not np.array_equal(vols[0].array, vols[1].array)
+    assert not np.array_equal(vols[1].array, vols[2].array)
+    for f in files_a:  # same seed: the same files, byte for byte
+        assert f.read_bytes() == (tmp_path / "B" / f.name).read_bytes()
+    with Image.open(tmp_path / "A" / "preview.png") as im:
+        assert im.size[0] > 0
+    rec = json.loads((tmp_path / "A" / "samples.json").read_text())
+    assert rec["seed"] == 5 and rec["scheduler"] == "ddim" and rec["steps"] == 10
+    assert len(rec["diffusion_sha256"]) == 64 and len(rec["vqvae_sha256"]) == 64
+    # the voxel spacing of the training data travels into the samples
+    train = read_volume(list_volumes(Path(trained_stage2["config"]["data"]["train_data_dir"]))[0])
+    assert np.allclose(vols[0].spacing, train.spacing)
+
+
+def test_sample_seed_changes_samples_and_tiff_output(trained_stage2, tmp_path):
+    assert _sample(trained_stage2, tmp_path / "A") == 0
+    assert run_cli("--quiet", "sample", "--config", str(trained_stage2["config_path"]), "--num-samples", "1",
+                   "--scheduler", "ddim", "--steps", "10", "--seed", "6", "--format", "tiff",
+                   "--out", str(tmp_path / "T")) == 0
+    t = read_volume(tmp_path / "T" / "sample_0000.tif").array
+    a = read_volume(tmp_path / "A" / "sample_0000.nii.gz").array
+    assert t.shape == a.shape == (32, 32, 32)
+    assert not np.array_equal(t, a)
+
+
+def test_sample_refuses_a_folder_with_samples(trained_stage2, tmp_path, capsys):
+    assert _sample(trained_stage2, tmp_path / "A") == 0
+    assert _sample(trained_stage2, tmp_path / "A") != 0
+    assert "--overwrite" in capsys.readouterr().err
+    assert _sample(trained_stage2, tmp_path / "A", "--overwrite") == 0
+
+
+def test_snap_off_decodes_the_continuous_latent(trained_stage2, tmp_path):
+    assert _sample(trained_stage2, tmp_path / "on", "--snap", "on") == 0
+    assert _sample(trained_stage2, tmp_path / "off", "--snap", "off") == 0
+    on = read_volume(tmp_path / "on" / "sample_0000.nii.gz").array
+    off = read_volume(tmp_path / "off" / "sample_0000.nii.gz").array
+    assert not np.array_equal(on, off)
+    assert json.loads((tmp_path / "off" / "samples.json").read_text())["snap_to_codebook"] is False
+
+
+def test_ddpm_and_shape_option(trained_stage2, tmp_path):
+    assert run_cli("--quiet", "sample", "--config", str(trained_stage2["config_path"]), "-n", "2",
+                   "--scheduler", "ddpm", "--steps", "5", "--shape", "64", "64", "32",
+                   "--out", str(tmp_path / "S")) == 0
+    assert read_volume(tmp_path / "S" / "sample_0001.nii.gz").array.shape == (64, 64, 32)
+    # a size the networks cannot produce is refused, naming the option
+    assert run_cli("--quiet", "sample", "--config", str(trained_stage2["config_path"]), "-n", "1",
+                   "--shape", "30", "30", "30", "--out", str(tmp_path / "X")) != 0
+
+
+def test_sample_refuses_a_sampler_the_model_was_not_trained_for(trained_stage2, capsys, tmp_path):
+    assert run_cli("--quiet", "sample", "--config", str(trained_stage2["config_path"]), "-n", "1",
+                   "--scheduler", "rflow", "--out", str(tmp_path / "R")) != 0
+    err = capsys.readouterr().err
+    assert "--scheduler rflow" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ vqldm evaluate
+def test_evaluate_writes_metrics_and_report(trained_stage2, tmp_path):
+    assert _sample(trained_stage2, tmp_path / "S") == 0
+    cfg = str(trained_stage2["config_path"])
+    assert run_cli("--quiet", "evaluate", "--config", cfg, "--out", str(tmp_path / "E"),
+                   "--samples", str(tmp_path / "S")) == 0
+    m = json.loads((tmp_path / "E" / "metrics.json").read_text())
+    s1 = m["stage1"]
+    assert {"psnr", "ssim", "dice", "codebook_usage", "codebook_perplexity"} <= set(s1)
+    assert 0 < s1["codebook_usage"] <= 1 and s1["codebook_perplexity"] >= 1
+    stats = m["generation"]["statistics"]
+    for key in ("foreground_fraction", "filament_length", "n_components", "orientation_azimuth", "intensity"):
+        assert key in stats and "real_vs_real" in stats[key] and "generated_vs_real" in stats[key]
+    assert "mmd" in m["generation"] and "diversity" in m["generation"]
+    report = (tmp_path / "E" / "report.md").read_text()
+    assert "Stage 1" in report and "real_vs_generated.png" in report
+    for png in ("reconstruction.png", "real_vs_generated.png", "histograms.png"):
+        with Image.open(tmp_path / "E" / png) as im:
+            assert im.size[0] > 10
+
+
+def test_evaluate_without_samples_reports_stage1_only(trained_stage2, tmp_path):
+    assert run_cli("--quiet", "evaluate", "--config", str(trained_stage2["config_path"]),
+                   "--out", str(tmp_path / "E")) == 0
+    m = json.loads((tmp_path / "E" / "metrics.json").read_text())
+    assert "stage1" in m and "generation" not in m
+
+
+# ------------------------------------------------------------------------------ vqldm demo
+def test_demo_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
+    """The demo's five steps with a test-sized preset (the real preset is timed by hand, see docs)."""
+    import vqldm.demo as demo
+
+    tiny = tiny_config_dict(tmp_path / "unused", tmp_path / "unused")
+    tiny["vqvae"]["training"]["n_epochs"] = 1
+    tiny["diffusion"]["training"]["n_epochs"] = 1
+    monkeypatch.setitem(demo.PRESETS, "test", {"config": None, "shape": (32, 32, 32), "num_train": 4,
+                                               "num_val": 4, "samples": 4})
+    monkeypatch.setattr(demo, "preset_config_dict", lambda name: tiny if name == "test" else None)
+    out = tmp_path / "demo"
+    res = demo.run_demo(out, progress=False, preset="test")
+    printed = capsys.readouterr().out
+    assert "vqldm demo finished" in printed and str(out / "evaluation" / "report.md") in printed
+    assert len(list_volumes(out / "samples")) == 4
+    assert (out / "samples" / "preview.png").exists()
+    assert (out / "evaluation" / "metrics.json").exists()
+    assert (out / "config.yaml").exists()
+    assert set(res["timings"]) >= {"stage1_s", "stage2_s", "sample_s", "evaluate_s", "total_s"}
+
+
+def test_demo_preset_configs_are_valid_and_point_into_out(tmp_path):
+    from vqldm.config import config_from_dict
+    from vqldm.demo import PRESETS, _under, preset_config_dict
+
+    for name in PRESETS:
+        d = _under(tmp_path, preset_config_dict(name))
+        cfg = config_from_dict(d, check_paths=False)
+        assert cfg.vqvae.checkpoints.output_dir.startswith(str(tmp_path))
+        assert cfg.diffusion.checkpoints.vqvae_path.startswith(str(tmp_path))
+        assert list(cfg.data.patch_size) == list(PRESETS[name]["shape"])
