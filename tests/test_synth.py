@@ -136,8 +136,8 @@ def test_write_dataset_files(tmp_path):
     shape = (48, 48, 24)
     p = MicrotubuleParams(n_filaments=(3, 6))
     s1 = write_dataset(tmp_path / "a", 3, 2, shape, seed=42, params=p, progress=False)
-    s2 = write_dataset(tmp_path / "b", 2, 1, shape, seed=42, params=p, progress=False)
-    s3 = write_dataset(tmp_path / "c", 1, 0, shape, seed=43, params=p, progress=False)
+    write_dataset(tmp_path / "b", 2, 1, shape, seed=42, params=p, progress=False)
+    write_dataset(tmp_path / "c", 1, 0, shape, seed=43, params=p, progress=False)
     assert s1["num_train"] == 3 and s1["num_val"] == 2
     assert len(s1["train_files"]) == 3 and len(s1["val_files"]) == 2
     assert 0.0005 <= s1["mean_foreground_fraction"] <= 0.25

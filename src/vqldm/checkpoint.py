@@ -16,12 +16,14 @@ import datetime as _dt
 import hashlib
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 
 import torch
 
 from vqldm import __version__
+from vqldm.data.io import new_file_mode
 from vqldm.errors import VqldmError
 
 FORMAT_VERSION = 1
@@ -50,11 +52,14 @@ def save_atomic(obj: dict, path: str | Path) -> Path:
     """torch.save to a temp file in the same folder, fsync, then rename over ``path``.
 
     A kill at any moment leaves either the previous good file or the new one, never a torn file.
+    The temp file (``.<name>.<random>.tmp``) is hidden and never ends in ``.pt``; a kill leaves it
+    behind, and the next training run into the folder removes it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -81,23 +86,44 @@ def load_checkpoint(path: str | Path, kind: str | None = None, what: str = "chec
     path = Path(path)
     if not path.is_file():
         raise VqldmError(f"{what}: file not found: {path}")
+    if path.stat().st_size == 0:
+        raise VqldmError(f"{what}: {path} is an empty file, not a checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            raise VqldmError(f"{what}: {path} holds pickled Python objects beyond tensors and plain "
-                             f"values; refused for safety (weights_only loading). Not a vqldm checkpoint") from None
-        raise VqldmError(f"{what}: {path} is not a readable checkpoint ({msg[:160]})") from None
-    except Exception as e:  # truncated zip, random bytes, wrong format
-        raise VqldmError(f"{what}: {path} is not a readable checkpoint "
-                         f"({e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    except Exception as e:  # the cause stays attached for --debug
+        raise VqldmError(f"{what}: {path} {_load_failure(e)}") from e
     if not isinstance(ckpt, dict) or "vqldm_checkpoint" not in ckpt:
-        raise VqldmError(f"{what}: {path} is not a vqldm checkpoint")
+        raise VqldmError(f"{what}: {path} is a PyTorch file but not a vqldm checkpoint (no vqldm header); "
+                         f"give a best_model.pt or latest_checkpoint.pt written by vqldm")
     if kind is not None and ckpt.get("kind") != kind:
         raise VqldmError(f"{what}: {path} is {KINDS.get(ckpt.get('kind'), repr(ckpt.get('kind')))} checkpoint, "
                          f"expected {KINDS[kind]} one")
     return ckpt
+
+
+# torch names the global a weights-only load refused in one of these forms, by version:
+#   "Unsupported global: GLOBAL os.system was not an allowed global by default"
+#   "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"
+_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
+
+
+def _load_failure(e: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one line: refused code, or a broken file."""
+    text = str(e)
+    found = _GLOBAL.search(text)
+    if isinstance(e, pickle.UnpicklingError) and found:
+        return (f"was refused for safety: it asks to import {found.group(1)}, which could run code when "
+                f"loaded; a vqldm checkpoint holds only tensors and plain values. Not loaded; do not load it "
+                f"with weights_only=False unless you trust its source")
+    detail = " ".join(text.split())
+    if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
+        # the generic weights_only preamble says nothing about this file: keep the specific part
+        m = re.search(r"(WeightsUnpickler error:.*?)(?: Check the documentation|$)", detail)
+        detail = m.group(1).strip() if m else "not a pickle"
+    detail = detail.split(". ")[0]  # the first sentence names the problem; the rest is advice
+    detail = f"{e.__class__.__name__}: {detail}" if detail else e.__class__.__name__
+    return (f"is not a readable checkpoint (truncated, corrupt or not a PyTorch file: "
+            f"{detail[:160].rstrip()})")
 
 
 # ---- RNG state as tensors and plain values (numpy's state holds an ndarray) ----

@@ -554,16 +554,16 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                  f"diffusion.num_channels[{i}] ({c}) must be a multiple of diffusion.norm_num_groups "
                  f"({u.norm_num_groups})")
     heads = u.num_head_channels if isinstance(u.num_head_channels, list) else [u.num_head_channels] * m
-    # MONAI's middle block always has attention, with the deepest level's head size
-    _require(heads[-1] > 0 and u.num_channels[-1] % heads[-1] == 0,
-             f"diffusion.num_head_channels[-1] ({heads[-1]}) must be > 0 and divide diffusion.num_channels[-1] "
-             f"({u.num_channels[-1]}): the UNet's middle block always uses attention")
     for i, (att, h) in enumerate(zip(u.attention_levels, heads)):
         if att:
             _require(h > 0 and u.num_channels[i] % h == 0,
                      f"diffusion.num_head_channels[{i}] ({h}) must divide diffusion.num_channels[{i}] "
                      f"({u.num_channels[i]}) where attention_levels[{i}] is true")
     check_latent_for_unet(m, lat, "data.patch_size / diffusion.num_channels")
+    # MONAI's middle block always has attention, with the deepest level's head size
+    _require(heads[-1] > 0 and u.num_channels[-1] % heads[-1] == 0,
+             f"diffusion.num_head_channels[-1] ({heads[-1]}) must be > 0 and divide diffusion.num_channels[-1] "
+             f"({u.num_channels[-1]}): the UNet's middle block always uses attention")
     s = u.scheduler
     _require(s.type in ("ddpm", "rflow"), f"diffusion.scheduler.type must be ddpm or rflow, got {s.type!r}")
     _require(s.prediction_type in ("epsilon", "v_prediction"),

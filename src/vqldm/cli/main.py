@@ -269,9 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into messages
         if args.debug:
             raise
+        from vqldm import distributed as dist
+
         user = _user_error(e)
         if user is not None:
-            print(f"vqldm: error: {user}", file=sys.stderr)
+            if dist.is_main():  # under torchrun every rank fails alike: say it once
+                print(f"vqldm: error: {user}", file=sys.stderr)
             return 2
         first = (str(e).strip().splitlines() or [""])[0][:300]
         print(f"\nvqldm: internal error: {e.__class__.__name__}: {first} (rerun with --debug for the traceback)",

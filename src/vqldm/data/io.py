@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +83,11 @@ def read_volume(path: str | Path) -> Volume:
     except FileNotFoundError:
         raise VqldmError(f"{path}: file not found") from None
     except Exception as e:  # nibabel/tifffile/gzip/zlib raise many types for a corrupt file
-        raise VqldmError(f"{path}: cannot read volume ({e.__class__.__name__}: {str(e)[:200]})") from None
+        # one line (readers put newlines in messages); the cause stays attached for --debug
+        detail = " ".join(str(e).split())[:200]
+        raise VqldmError(f"{path}: cannot read volume ({e.__class__.__name__}: {detail})") from e
+    if arr.size == 0:
+        raise VqldmError(f"{path}: cannot read volume (no voxels: a corrupt or empty file)")
     arr = _squeeze_to_3d(arr, path)
     if arr.dtype.kind not in "biuf":
         raise VqldmError(f"{path}: unsupported voxel type {arr.dtype}")
@@ -114,11 +120,28 @@ def _tiff_spacing(tf) -> tuple[float, float, float]:
     return (sx, sy, sz)
 
 
+def new_file_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` would give a new file: 0o666 less the umask.
+
+    ``tempfile.mkstemp`` creates 0o600 files; renamed into place they would keep that and lock
+    colleagues out of a shared project folder.
+    """
+    try:  # Linux: read the umask without changing it (os.umask would, briefly, for every thread)
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: a reader never sees a torn file."""
+    """Temp file in the same folder, fsync, rename, fsync the folder: a reader never sees a torn file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -128,6 +151,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
 
 
 def nifti_bytes(array: np.ndarray, spacing, gz: bool = True, units: str | None = None) -> bytes:
@@ -179,3 +210,30 @@ def write_volume(path: str | Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0)) -
     else:
         raise ValueError(f"{path}: output must end in .nii, .nii.gz, .tif or .tiff")
     return path
+
+
+def previous_dir(directory: Path) -> Path:
+    """A new, empty ``directory/previous_<time>[_n]/``."""
+    dest = directory / time.strftime("previous_%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = directory / (time.strftime("previous_%Y%m%d-%H%M%S") + f"_{n}")
+    dest.mkdir(parents=True)
+    return dest
+
+
+def archive_previous(directory: Path, patterns: tuple[str, ...], exclude_suffixes: tuple[str, ...] = ()
+                     ) -> Path | None:
+    """Move files matching ``patterns`` into ``directory/previous_<time>/``; nothing is deleted.
+
+    Files whose names end with one of ``exclude_suffixes`` stay where they are.
+    """
+    found = [p for pat in patterns for p in sorted(directory.glob(pat))
+             if p.is_file() and not (exclude_suffixes and p.name.endswith(exclude_suffixes))]
+    if not found:
+        return None
+    dest = previous_dir(directory)
+    for p in found:
+        shutil.move(str(p), dest / p.name)
+    return dest

@@ -184,7 +184,7 @@ def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False,
     lo, hi, spacing = math.inf, -math.inf, None
     it = files
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         it = tqdm(files, desc=f"checking {key}", unit="vol", leave=False)
     for f in it:

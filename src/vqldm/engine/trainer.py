@@ -187,7 +187,12 @@ class Trainer:
         try:
             self.task.model.load_state_dict(ts["model"])
             for s in self.specs:
+                asked = [g["lr"] for g in s.optimizer.param_groups]
                 s.optimizer.load_state_dict(ts["optimizers"][s.name])
+                kept = [g["lr"] for g in s.optimizer.param_groups]
+                if kept != asked:  # exact resume restores the optimizer whole, hyperparameters included
+                    log.warning("%s: the %s optimizer keeps the checkpoint's learning rate %s; the config's %s "
+                                "is not used when resuming", key, s.name, _fmt(kept), _fmt(asked))
             for k, sc in self.scalers.items():
                 sc.load_state_dict(ts["scalers"][k])
             if self.ema is not None:
@@ -398,7 +403,16 @@ class Trainer:
         resume = self.stage.checkpoints.resume_from
         if resume:
             self.resume(resume)
-        self._prepare_output(resume)
+        # rank 0 decides about the output folder; every rank stops on its verdict (none is left waiting)
+        problem = None
+        if dist.is_main():
+            try:
+                self._prepare_output(resume)
+            except VqldmError as e:
+                problem = str(e)
+        problem = dist.broadcast_object(problem)
+        if problem:
+            raise VqldmError(problem)
         if dist.is_main():
             self._remove_stale_temp_files()
             if resume:  # events logged after the checkpoint (by a run that died) are archived, not repeated
@@ -420,7 +434,9 @@ class Trainer:
         max_batches = t.fast_dev_run_batches if t.fast_dev_run else None
         history: list[dict] = []
         png_dir = self.log_dir / "images"
-        vis_batch = next(iter(self.val_loader)) if self.stage.logging.num_visualize_samples > 0 else None
+        # pictures are rank 0's alone, so only rank 0 draws a batch for them
+        vis_batch = (next(iter(self.val_loader))
+                     if self.stage.logging.num_visualize_samples > 0 and dist.is_main() else None)
         log.info("%s: %d epochs, %d train batches/epoch, %d val batches, on %s", self.task.stage_key, n_epochs,
                  len(self.train_loader), len(self.val_loader), self.rt.describe())
         val_loss = None
@@ -482,8 +498,14 @@ class Trainer:
             board.close()
         if self.skipped:
             log.warning("%d batch(es) with a non-finite loss were skipped", self.skipped)
+        if not dist.is_main():  # rank 0 writes the files; other ranks report none
+            return FitResult(None, None, self.best, self.epoch, self.step, history, self.skipped)
         best_path = self.out_dir / BEST if (self.out_dir / BEST).exists() else None
         return FitResult(best_path, self.out_dir / LATEST, self.best, self.epoch, self.step, history, self.skipped)
+
+
+def _fmt(values: list[float]) -> str:
+    return f"{values[0]:g}" if len(set(values)) == 1 else "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
 def _progress(it, total: int, desc: str, enabled: bool):

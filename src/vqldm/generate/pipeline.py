@@ -1,7 +1,9 @@
 """``vqldm sample``: checkpoints -> noise -> latents -> volumes -> files.
 
-Sample ``i``'s noise is drawn from its own generator seeded by ``(seed, i)``, so a sample does not
-depend on the batch size or on how samples are sharded across ranks under torchrun.
+Sample ``i``'s noise is drawn from its own generator seeded by ``(seed, i)``, so which samples a
+run makes does not depend on the batch size or on the number of ranks. Under torchrun whole batches
+are dealt out to the ranks (:func:`shard_indices`), so the files are the same as one process
+writes with the same ``--batch-size``; rank 0 alone writes ``preview.png`` and ``samples.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from vqldm import __version__
 from vqldm import distributed as dist
 from vqldm.checkpoint import file_sha256, load_checkpoint
 from vqldm.config import Config, check_latent_for_unet, decoded_spatial, latent_spatial, vqvae_from_network
-from vqldm.data.io import list_volumes, write_volume
+from vqldm.data.io import archive_previous, list_volumes, write_volume
 from vqldm.errors import VqldmError
 from vqldm.generate.samplers import sample_latents
 from vqldm.runtime import Runtime, make_runtime
@@ -153,6 +155,20 @@ def _denoiser(gen: Generator):
     return gen._denoise
 
 
+def shard_indices(num_samples: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """The sample indices one rank generates under torchrun.
+
+    Samples are cut into the batches one process would run (``[0, batch_size)``, ``[batch_size,
+    2 batch_size)``, ...) and whole batches are dealt out round-robin: batch ``b`` goes to rank
+    ``b % world``. Every batch therefore holds the same samples as in a single process with the
+    same ``batch_size``, so the files are bit-identical to that run on the same hardware, even for
+    DDPM (its step noise is seeded per batch) and although a convolution's rounding depends on the
+    batch it runs in.
+    """
+    starts = range(0, num_samples, batch_size)
+    return [i for b, s in enumerate(starts) if b % world == rank for i in range(s, min(s + batch_size, num_samples))]
+
+
 def generate(gen: Generator, indices: list[int], seed: int, steps: int, kind: str, batch_size: int,
              snap: bool, shape: list[int] | None = None, progress: bool = False) -> torch.Tensor:
     """Volumes (N, 1, X, Y, Z) in [0, 1] for sample ``indices``; batches the UNet."""
@@ -187,13 +203,31 @@ def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
     snap = cfg.diffusion.snap_to_codebook if opts.snap is None else opts.snap == "on"
     suffix = "nii.gz" if opts.fmt == "nifti" else "tif"
     out = Path(opts.out_dir)
+    problem = None
     if dist.is_main():
         existing = [p for p in list_volumes(out) if p.name.startswith("sample_")]
         if existing and not opts.overwrite:
-            raise VqldmError(f"--out {out}: already holds {len(existing)} sample file(s); choose another folder "
-                             f"or pass --overwrite")
-        out.mkdir(parents=True, exist_ok=True)
-    mine = [i for i in range(opts.num_samples) if i % dist.world_size() == dist.rank()]
+            problem = (f"--out {out}: already holds {len(existing)} sample file(s); choose another folder "
+                       f"or pass --overwrite")
+        else:
+            if existing:  # --overwrite: the earlier samples move aside whole, never mixed with new ones
+                moved = archive_previous(out, ("sample_*", "preview.png", "samples.json"))
+                log.info("moved the earlier samples to %s", moved)
+            out.mkdir(parents=True, exist_ok=True)
+    # every rank stops on rank 0's verdict (none waits for a rank that gave up), and no rank writes
+    # before rank 0 has made the folder
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise VqldmError(problem)
+    mine = shard_indices(opts.num_samples, opts.batch_size, dist.rank(), dist.world_size())
+    if dist.world_size() > 1:
+        log.info("%d samples in batches of %d over %d ranks (rank 0: %d)", opts.num_samples, opts.batch_size,
+                 dist.world_size(), len(mine))
+        n_batches = -(-opts.num_samples // opts.batch_size)
+        if n_batches < dist.world_size():
+            log.warning("%d batch(es) of %d for %d ranks: %d rank(s) have nothing to do; a smaller --batch-size "
+                        "spreads the work", n_batches, opts.batch_size, dist.world_size(),
+                        dist.world_size() - n_batches)
     t0 = time.perf_counter()
     vols = generate(gen, mine, opts.seed, steps, kind, opts.batch_size, snap, opts.shape, opts.progress)
     if gen.rt.is_cuda:
@@ -202,7 +236,8 @@ def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
     spacing = gen.diff_ckpt.get("data", {}).get("spacing") or gen.vq_ckpt["data"]["spacing"]
     for i, v in zip(mine, vols):
         write_volume(out / f"sample_{i:04d}.{suffix}", v[0].numpy(), spacing)
-    dist.barrier()
+    # the slowest rank's time; the barrier inside also means every file is written before rank 0 reads
+    elapsed = float(dist.all_reduce_max(torch.tensor([elapsed], dtype=torch.float64)).item())
     record = {
         "vqldm_version": __version__, "num_samples": opts.num_samples, "seed": opts.seed, "scheduler": kind,
         "steps": steps, "snap_to_codebook": snap, "ema": opts.use_ema and bool(gen.diff_ckpt.get("ema")),

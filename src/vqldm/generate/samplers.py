@@ -33,7 +33,7 @@ def sample_latents(denoiser: Denoiser, scheduler_cfg: dict, noise: torch.Tensor,
     ctx = autocast or contextlib.nullcontext
     it = timesteps
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         it = tqdm(timesteps, desc=f"{kind} sampling", unit="step", leave=False, dynamic_ncols=True)
     b = x.shape[0]

@@ -41,11 +41,11 @@ def encode_volumes(vqvae, volumes, rt: Runtime, stride: int, progress: bool = Fa
     out = []
     it = range(len(volumes))
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         it = tqdm(it, desc="encoding latents", unit="vol", leave=False)
     for i in it:
-        x = torch.as_tensor(volumes[i]["image"]).float()[None]
+        x = torch.as_tensor(volumes[i]["image"]).as_subclass(torch.Tensor).float()[None]
         out.append(encode(vqvae, _pad_to_multiple(x, stride), rt)[0].cpu())
     return out
 
@@ -86,7 +86,11 @@ class TensorDictDataset(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def measure_scale_factor(batches, get_latent, n_batches: int) -> float:
-    """1 / std of latents over ``n_batches`` batches, computed on rank 0 and broadcast."""
+    """1 / std of latents over ``n_batches`` batches, computed on rank 0 and broadcast.
+
+    Only rank 0 iterates ``batches`` (give it a loader over the whole training set, not a shard);
+    every rank must call this function.
+    """
     if dist.is_main():
         s = torch.zeros((), dtype=torch.float64)
         s2 = torch.zeros((), dtype=torch.float64)
@@ -105,6 +109,6 @@ def measure_scale_factor(batches, get_latent, n_batches: int) -> float:
             value = 1.0 / max(var, 1e-12) ** 0.5
     else:
         value = 0.0
-    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.is_dist() and torch.cuda.is_available()
-                     and torch.distributed.get_backend() == "nccl" else "cpu")
+    # the other ranks wait here while rank 0 measures; all of them then hold rank 0's value, bit for bit
+    t = torch.tensor([value], dtype=torch.float64)
     return float(dist.broadcast(t, src=0).item())

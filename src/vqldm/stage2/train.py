@@ -38,7 +38,8 @@ def _fixed_noise(n: int, shape: list[int], T: int, seed: int) -> tuple[torch.Ten
     return torch.randn([n] + shape, generator=g), torch.randint(0, T, (n,), generator=g)
 
 
-def train_diffusion(cfg: Config, overwrite: bool = False, progress: bool = True) -> FitResult:
+def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool = True) -> Trainer:
+    """Everything ``train_diffusion`` runs, ready to ``fit()`` (under torchrun: this rank's share)."""
     setup.start(cfg)
     rt = make_runtime(cfg)
     u = cfg.diffusion
@@ -95,13 +96,24 @@ def train_diffusion(cfg: Config, overwrite: bool = False, progress: bool = True)
     train_loader, sampler = setup.train_loader(cfg, "diffusion", train_ds, rt)
     val_loader = setup.val_loader(cfg, "diffusion", val_ds, rt)
 
-    # ---- scale factor: measured over many batches, or the config's ----
+    # ---- scale factor: the config's, the resumed run's, or measured (on rank 0, then broadcast) ----
+    resume = u.checkpoints.resume_from
     if u.scale_factor is not None:
         scale = float(u.scale_factor)
         log.info("scale_factor %.5g (from diffusion.scale_factor)", scale)
+    elif resume:
+        # the UNet being resumed learned latents at this scale: keep it, whatever the data or ranks now
+        from vqldm.checkpoint import load_checkpoint
+
+        scale = float(load_checkpoint(resume, kind="stage2", what="diffusion.checkpoints.resume_from")["scale_factor"])
+        log.info("scale_factor %.5g (from the resumed checkpoint %s)", scale, resume)
     else:
         getter = (lambda b: b["latent"].float()) if use_cache else (lambda b: L.encode(vqvae, b["image"], rt))
-        scale = L.measure_scale_factor(train_loader, getter, u.scale_factor_batches)
+        # rank 0 reads the whole training set, not its shard: the same batches, hence the same value, as
+        # one process with this seed, for any number of ranks
+        measure = train_loader if sampler is None else pipeline.make_loader(
+            train_ds, cfg.batch_size("diffusion"), True, cfg.data.num_workers, rt.is_cuda)
+        scale = L.measure_scale_factor(measure, getter, u.scale_factor_batches)
         log.info("scale_factor %.5g = 1/std of latents over up to %d training batches", scale, u.scale_factor_batches)
     if not (math.isfinite(scale) and scale > 0):
         raise VqldmError(f"the latents of {vq_path} have zero or non-finite spread (scale_factor {scale}); "
@@ -119,9 +131,13 @@ def train_diffusion(cfg: Config, overwrite: bool = False, progress: bool = True)
     }
     task = Stage2Task(cfg, rt, vqvae, unet_net_config(cfg), sc, scale, meta, vis_real, norm.to_unit)
     task.train_forward = setup.wrap_for_training(task.model, rt, cuda_graphs=rt.cuda_graphs)
-    bs = cfg.batch_size("diffusion")
-    log.info("stage 2: latent %s, batch %d (effective %d), lr %g, %s scheduler", lat_shape, bs,
-             bs * dist.world_size(), cfg.learning_rate("diffusion"), sc["type"])
-    trainer = Trainer(cfg, task, train_loader, val_loader, rt, overwrite=overwrite, progress=progress,
-                      train_sampler=sampler)
-    return trainer.fit()
+    bs, world = cfg.batch_size("diffusion"), dist.world_size()
+    log.info("stage 2: latent %s, batch %d per rank x %d rank(s) = effective batch %d, lr %g%s, %s scheduler",
+             lat_shape, bs, world, bs * world, cfg.learning_rate("diffusion"),
+             " (not scaled with the number of ranks)" if world > 1 else "", sc["type"])
+    return Trainer(cfg, task, train_loader, val_loader, rt, overwrite=overwrite, progress=progress,
+                   train_sampler=sampler)
+
+
+def train_diffusion(cfg: Config, overwrite: bool = False, progress: bool = True) -> FitResult:
+    return build_diffusion_trainer(cfg, overwrite, progress).fit()

@@ -18,12 +18,8 @@ Everything is vectorised over filaments and points; each volume depends only on 
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -358,7 +354,7 @@ def write_dataset(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc="synth", unit="vol")
     truth: dict[str, dict] = {s: {} for s in _SPLITS}
