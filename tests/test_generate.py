@@ -197,3 +197,28 @@ def test_demo_preset_configs_are_valid_and_point_into_out(tmp_path):
         assert cfg.vqvae.checkpoints.output_dir.startswith(str(tmp_path))
         assert cfg.diffusion.checkpoints.vqvae_path.startswith(str(tmp_path))
         assert list(cfg.data.patch_size) == list(PRESETS[name]["shape"])
+
+
+def test_clip_range_bounds_the_predicted_clean_latent():
+    """DDIM's last step returns the predicted clean latent: with clip_range it lies inside the range."""
+    noise = torch.randn(2, 3, 4, 4, 4)
+    wild = lambda x, t: 5.0 * torch.ones_like(x)  # noqa: E731  (a badly wrong epsilon)
+    free = sample_latents(wild, SCHED, noise, 5, kind="ddim")
+    bounded = sample_latents(wild, SCHED, noise, 5, kind="ddim", clip_range=(-0.5, 0.25))
+    assert free.abs().max() > 1.0
+    assert bounded.min() >= -0.5 - 1e-6 and bounded.max() <= 0.25 + 1e-6
+
+
+def test_codebook_range_covers_every_quantised_latent():
+    from vqldm.stage1.model import build_vqvae, codebook_range, quantized_latent
+
+    torch.manual_seed(0)
+    vq = build_vqvae({"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": [8, 8],
+                      "num_res_channels": 8, "num_res_layers": 1, "downsample_parameters": [[2, 4, 1, 1]] * 2,
+                      "upsample_parameters": [[2, 4, 1, 1, 0]] * 2, "num_embeddings": 16, "embedding_dim": 4,
+                      "commitment_cost": 0.25, "decay": 0.9, "dropout": 0.0, "act": "RELU",
+                      "output_act": None}).eval()
+    with torch.no_grad():
+        z = quantized_latent(vq, torch.rand(2, 1, 16, 16, 16)) * 2.0
+    lo, hi = codebook_range(vq, 2.0)
+    assert lo <= float(z.min()) and float(z.max()) <= hi

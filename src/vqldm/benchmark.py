@@ -251,30 +251,29 @@ def run_benchmark(smoke: bool = False, device: str | None = None, only: str = ""
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
+    def side_by_side(metric, ref_step, vq_step, batch, unit, vq_warm, **extra):
+        """Median step time of each side (and peak memory on CUDA), one row each."""
+        _peak_reset(dev)
+        t_ref = _median_time(ref_step, dev, n, warm)
+        m_ref = _peak(dev)
+        _peak_reset(dev)
+        t_vq = _median_time(vq_step, dev, n, warm + vq_warm)
+        m_vq = _peak(dev)
+        row(metric, batch / t_ref, batch / t_vq, unit, batch=batch, **extra)
+        if m_ref is not None:
+            row(metric.split("_")[0] + "_peak_memory_gib", m_ref, m_vq, "GiB")
+
     def stage1():
-        _peak_reset(dev)
-        t_ref = _median_time(ref_stage1(cfg, spec, dev), dev, n, warm)
-        m_ref = _peak(dev)
-        _peak_reset(dev)
-        t_vq = _median_time(vq_stage1(cfg, spec, rt), dev, n, warm + (3 if rt.compile else 0))
-        m_vq = _peak(dev)
-        b = spec["stage1_batch"]
-        row("stage1_train_volumes_per_s", b / t_ref, b / t_vq, "volumes/s", batch=b, patch=spec["patch"],
-            reference_style="eager fp16 autocast + GradScaler, Adam, L1")
-        if m_ref is not None:
-            row("stage1_peak_memory_gib", m_ref, m_vq, "GiB")
+        side_by_side("stage1_train_volumes_per_s", ref_stage1(cfg, spec, dev), vq_stage1(cfg, spec, rt),
+                     spec["stage1_batch"], "volumes/s", 3 if rt.compile else 0, patch=spec["patch"],
+                     reference_style="eager fp16 autocast + GradScaler, Adam, L1")
+
     def stage2():
-        _peak_reset(dev)
-        t_ref = _median_time(ref_stage2(cfg, spec, dev), dev, n, warm)
-        m_ref = _peak(dev)
-        _peak_reset(dev)
-        t_vq = _median_time(vq_stage2(cfg, spec, rt), dev, n, warm + (3 if rt.is_cuda else 0))
-        m_vq = _peak(dev)
-        b = spec["stage2_batch"]
-        row("stage2_train_latents_per_s", b / t_ref, b / t_vq, "latents/s", batch=b,
-            reference_style="eager fp16 autocast + GradScaler, Adam")
-        if m_ref is not None:
-            row("stage2_peak_memory_gib", m_ref, m_vq, "GiB")
+        # CUDA-graph capture needs a few extra warm-up steps
+        side_by_side("stage2_train_latents_per_s", ref_stage2(cfg, spec, dev), vq_stage2(cfg, spec, rt),
+                     spec["stage2_batch"], "latents/s", 3 if rt.is_cuda else 0,
+                     reference_style="eager fp16 autocast + GradScaler, Adam")
+
     def sample():
         run_ref, n_ref = ref_sample(cfg, spec, dev)
         _peak_reset(dev)

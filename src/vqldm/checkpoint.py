@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from vqldm import __version__
-from vqldm.data.io import new_file_mode
+from vqldm.data.io import atomic_write
 from vqldm.errors import VqldmError
 
 FORMAT_VERSION = 1
@@ -55,29 +53,7 @@ def save_atomic(obj: dict, path: str | Path) -> Path:
     The temp file (``.<name>.<random>.tmp``) is hidden and never ends in ``.pt``; a kill leaves it
     behind, and the next training run into the folder removes it.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, new_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None, what: str = "checkpoint",

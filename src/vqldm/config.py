@@ -192,6 +192,7 @@ class DiffusionConfig:
     scale_factor_batches: int = 16  # training batches over which the latent std is measured
     latent_cache: bool = True  # encode the training set once when augmentation is off
     snap_to_codebook: bool = True  # sampling: quantise the denoised latent before decoding
+    clip_to_codebook_range: bool = True  # sampling: bound each predicted clean latent by the codebook's range
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(ema=True, n_epochs=300))
     checkpoints: CheckpointConfig = field(

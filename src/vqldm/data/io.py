@@ -135,15 +135,19 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder: a reader never sees a torn file."""
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(file)`` on a temp file in the same folder, fsync, rename over ``path``, fsync the folder.
+
+    A kill at any moment leaves either the previous file or the new one, never a torn file. The
+    temp file (``.<name>.<random>.tmp``) is hidden and removed if ``write`` fails.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -159,6 +163,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.close(dfd)
     except OSError:
         pass
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def nifti_bytes(array: np.ndarray, spacing, gz: bool = True, units: str | None = None) -> bytes:

@@ -25,7 +25,7 @@ from vqldm.data.io import archive_previous, list_volumes, write_volume
 from vqldm.errors import VqldmError
 from vqldm.generate.samplers import sample_latents
 from vqldm.runtime import Runtime, make_runtime
-from vqldm.stage1.model import load_vqvae, snap_to_codebook
+from vqldm.stage1.model import codebook_range, load_vqvae, snap_to_codebook
 from vqldm.stage2.model import build_unet, default_sampler
 from vqldm.visuals import mip_grid, save_png
 
@@ -170,9 +170,10 @@ def shard_indices(num_samples: int, batch_size: int, rank: int, world: int) -> l
 
 
 def generate(gen: Generator, indices: list[int], seed: int, steps: int, kind: str, batch_size: int,
-             snap: bool, shape: list[int] | None = None, progress: bool = False) -> torch.Tensor:
+             snap: bool, shape: list[int] | None = None, progress: bool = False, clip: bool = True) -> torch.Tensor:
     """Volumes (N, 1, X, Y, Z) in [0, 1] for sample ``indices``; batches the UNet."""
     lat = gen.latent_shape(shape)
+    clip_range = codebook_range(gen.vqvae, gen.scale_factor) if clip else None
     denoise = _denoiser(gen)
     outs = []
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
@@ -181,7 +182,7 @@ def generate(gen: Generator, indices: list[int], seed: int, steps: int, kind: st
         # DDPM steps draw fresh noise from the global RNG: seed it per batch for repeatability
         torch.manual_seed(int(seed) * 7919 + idx[0])
         z = sample_latents(denoise, gen.scheduler_cfg, noise, steps, kind=kind,
-                           progress=progress and dist.is_main(), autocast=gen.rt.autocast)
+                           progress=progress and dist.is_main(), autocast=gen.rt.autocast, clip_range=clip_range)
         outs.append(gen.decode(z, snap))
     return torch.cat(outs) if outs else torch.zeros([0, 1] + (shape or []))
 
@@ -229,7 +230,8 @@ def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
                         "spreads the work", n_batches, opts.batch_size, dist.world_size(),
                         dist.world_size() - n_batches)
     t0 = time.perf_counter()
-    vols = generate(gen, mine, opts.seed, steps, kind, opts.batch_size, snap, opts.shape, opts.progress)
+    clip = cfg.diffusion.clip_to_codebook_range
+    vols = generate(gen, mine, opts.seed, steps, kind, opts.batch_size, snap, opts.shape, opts.progress, clip)
     if gen.rt.is_cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
@@ -240,7 +242,7 @@ def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
     elapsed = float(dist.all_reduce_max(torch.tensor([elapsed], dtype=torch.float64)).item())
     record = {
         "vqldm_version": __version__, "num_samples": opts.num_samples, "seed": opts.seed, "scheduler": kind,
-        "steps": steps, "snap_to_codebook": snap, "ema": opts.use_ema and bool(gen.diff_ckpt.get("ema")),
+        "steps": steps, "snap_to_codebook": snap, "clip_to_codebook_range": clip and kind != "rflow", "ema": opts.use_ema and bool(gen.diff_ckpt.get("ema")),
         "shape": list(vols.shape[2:]) if len(vols) else opts.shape, "spacing": list(spacing), "format": opts.fmt,
         "diffusion_checkpoint": str(gen.diff_path), "diffusion_sha256": file_sha256(gen.diff_path),
         "vqvae_checkpoint": str(gen.vq_path), "vqvae_sha256": gen.diff_ckpt.get("vqvae_sha256"),

@@ -18,15 +18,19 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def sample_latents(denoiser: Denoiser, scheduler_cfg: dict, noise: torch.Tensor, steps: int,
-                   kind: str = "ddim", progress: bool = False, autocast=None) -> torch.Tensor:
+                   kind: str = "ddim", progress: bool = False, autocast=None,
+                   clip_range: tuple[float, float] | None = None) -> torch.Tensor:
     """Denoise ``noise`` (B, C, x, y, z) in ``steps`` steps of sampler ``kind`` (ddpm | ddim | rflow).
+
+    ``clip_range`` bounds each step's predicted clean latent (ddpm/ddim), see
+    :func:`vqldm.stage2.model.build_sampling_scheduler`.
 
     Model outputs are cast to float32 before the scheduler step, so the chain stays in fp32
     under bf16/fp16 autocast. Returns the latent in the (scaled) space the UNet was trained on.
     """
     import contextlib
 
-    sch = build_sampling_scheduler(scheduler_cfg, kind)
+    sch = build_sampling_scheduler(scheduler_cfg, kind, clip_range if kind != "rflow" else None)
     sch.set_timesteps(num_inference_steps=steps)  # timesteps stay on the CPU: no device sync per step
     timesteps = [int(t) for t in sch.timesteps]
     x = noise.float()

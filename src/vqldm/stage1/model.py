@@ -63,6 +63,12 @@ def quantized_latent(model: VQVAE, x: torch.Tensor) -> torch.Tensor:
     return quantize(model, encode(model, x))[0]
 
 
+def codebook_range(model: VQVAE, scale: float = 1.0) -> tuple[float, float]:
+    """(min, max) over all codebook entries times ``scale``: every quantised latent lies within."""
+    w = model.quantizer.quantizer.embedding.weight.detach().float() * scale
+    return float(w.min()), float(w.max())
+
+
 def snap_to_codebook(model: VQVAE, z: torch.Tensor) -> torch.Tensor:
     """Nearest codebook vectors of a continuous latent (the quantised decode of VQ-LDM)."""
     q = model.quantizer.quantizer

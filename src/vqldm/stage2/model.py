@@ -58,22 +58,27 @@ def build_train_scheduler(sc: dict):
                          prediction_type=sc["prediction_type"], clip_sample=False, **_betas(sc))
 
 
-def build_sampling_scheduler(sc: dict, kind: str):
+def build_sampling_scheduler(sc: dict, kind: str, clip_range: tuple[float, float] | None = None):
     """A sampler for a model trained with ``sc``: ddpm or ddim (for DDPM training) or rflow.
 
-    Latents are not bounded, so sample clipping is off.
+    MONAI's default clip of the predicted clean sample to [-1, 1] is wrong for latents and stays
+    off. ``clip_range`` instead bounds it by the range every real latent lies in (the scaled
+    codebook's), which tames the wild x0 predictions of the first, almost pure-noise steps.
     """
     if sc["type"] == "rflow":
         if kind != "rflow":
             raise ValueError(f"a rectified-flow model samples with the rflow scheduler, not {kind}")
         return RFlowScheduler(num_train_timesteps=sc["num_train_timesteps"], use_discrete_timesteps=False,
                               use_timestep_transform=False)
+    clip = {"clip_sample": False}
+    if clip_range is not None:
+        clip = {"clip_sample": True, "clip_sample_min": float(clip_range[0]), "clip_sample_max": float(clip_range[1])}
     if kind == "ddpm":
         return DDPMScheduler(num_train_timesteps=sc["num_train_timesteps"], schedule=sc["schedule"],
-                             prediction_type=sc["prediction_type"], clip_sample=False, **_betas(sc))
+                             prediction_type=sc["prediction_type"], **clip, **_betas(sc))
     if kind == "ddim":
         return DDIMScheduler(num_train_timesteps=sc["num_train_timesteps"], schedule=sc["schedule"],
-                             prediction_type=sc["prediction_type"], clip_sample=False, **_betas(sc))
+                             prediction_type=sc["prediction_type"], **clip, **_betas(sc))
     raise ValueError(f"a DDPM-trained model samples with ddpm or ddim, not {kind}")
 
 

@@ -14,6 +14,7 @@ from vqldm.engine.tensorboard import Board
 from vqldm.engine.trainer import OptimizerSpec, StepContext, Task
 from vqldm.generate.samplers import sample_latents
 from vqldm.stage1.task import make_optimizer
+from vqldm.stage1.model import codebook_range, snap_to_codebook
 from vqldm.stage2.latents import encode
 from vqldm.stage2.model import build_train_scheduler, build_unet, training_target
 
@@ -77,10 +78,14 @@ class Stage2Task(Task):
         shape = [n] + self.meta["latent_shape"]
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn(shape, generator=g).to(self.rt.device)
+        clip = codebook_range(self.vqvae, self.scale_factor) if self.cfg.diffusion.clip_to_codebook_range else None
         z = sample_latents(lambda x, t: model(x=x, timesteps=t), self.sc, noise, steps, kind=kind,
-                           autocast=self.rt.autocast)
+                           autocast=self.rt.autocast, clip_range=clip)
+        z = z / self.scale_factor
+        if self.cfg.diffusion.snap_to_codebook:  # the same decode as vqldm sample
+            z = snap_to_codebook(self.vqvae, z)
         with self.rt.autocast():
-            img = self.vqvae.decode(z / self.scale_factor)
+            img = self.vqvae.decode(z)
         return self.to_unit(img.float()).clamp(0, 1).cpu()
 
     def visualize(self, board: Board, model: nn.Module, batch: dict, epoch: int, png_dir: Path) -> None:
