@@ -271,7 +271,10 @@ def test_stage1_task_data_init_on_first_step(tmp_path, data_dir):
     x = torch.rand(2, 1, 32, 32, 32)
     task.eval_mode()  # eval: the quantiser's EMA does not move the freshly seeded codes
     torch.manual_seed(0)
-    task.training_step({"image": x}, StepContext(0, 0))
+    out = task.training_step({"image": x}, StepContext(0, 0))
+    # ready only once the step completes: a skipped (non-finite) first batch restores the codebook
+    assert not task.codebook_ready
+    task.after_optimizer_step(out, StepContext(0, 0))
     assert task.codebook_ready
     with torch.no_grad():
         flat = flat_latents(task.model.encode(x))

@@ -33,9 +33,9 @@ class DeviceConfig:
     gpu_id: int = 0  # CUDA device index (ignored under torchrun: LOCAL_RANK decides)
     mixed_precision: bool = True  # AMP on CUDA: bf16 where supported, else fp16 + GradScaler
     channels_last: bool = True  # channels_last_3d memory format on CUDA (faster 3D convolutions)
-    compile: bool = False  # torch.compile stage 1 on CUDA (never on CPU): faster steps after a slow first minute
+    compile: bool = False  # torch.compile the training network on CUDA (never on CPU); slow first minute
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels for fixed shapes
-    cuda_graphs: bool = True  # CUDA graphs for the stage-2 UNet, training and sampling (CUDA only)
+    cuda_graphs: bool = True  # CUDA graphs for the stage-2 UNet, training and sampling (CUDA only; wins over compile)
 
 
 @dataclass
@@ -186,7 +186,7 @@ class DiffusionConfig:
     num_head_channels: list[int] | int = field(default_factory=lambda: [0, 0, 32, 32])
     num_res_blocks: int | list[int] = 2
     norm_num_groups: int = 32
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = 1000  # the original README's copy; must equal scheduler.num_train_timesteps
     learning_rate: float = 1e-4
     scale_factor: float | None = None  # null: 1/std of the latents, measured
     scale_factor_batches: int = 16  # training batches over which the latent std is measured
@@ -575,6 +575,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(0 < s.beta_start < s.beta_end < 1,
              f"diffusion.scheduler.beta_start ({s.beta_start}) must be below beta_end ({s.beta_end}), both in (0, 1)")
     _require(s.num_train_timesteps >= 2, "diffusion.scheduler.num_train_timesteps must be >= 2")
+    # the original README carries the value twice; the scheduler's is the one used
+    _require(u.num_train_timesteps == s.num_train_timesteps,
+             f"diffusion.num_train_timesteps ({u.num_train_timesteps}) and diffusion.scheduler.num_train_timesteps "
+             f"({s.num_train_timesteps}) disagree; set both to the same value")
     if u.scale_factor is not None:
         _require(u.scale_factor > 0 and math.isfinite(u.scale_factor), "diffusion.scale_factor must be > 0 or null")
     _require(u.scale_factor_batches >= 1, "diffusion.scale_factor_batches must be >= 1")
@@ -594,13 +598,6 @@ def check_data_dirs(cfg: Config, which: tuple[str, ...] = ("train_data_dir", "va
             raise VqldmError(
                 f"data.{key}: no volumes (.nii, .nii.gz, .tif, .tiff) in {path}"
             )
-
-
-def save_resolved(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config next to a run's outputs (EDM habit: what ran is on disk)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
 def vqvae_from_network(net: dict) -> VQVAEConfig:

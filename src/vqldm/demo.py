@@ -56,6 +56,13 @@ def run_demo(out: Path, progress: bool = True, overwrite: bool = False, device: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     d = _under(out, preset_config_dict(preset))
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            from vqldm.errors import VqldmError
+
+            raise VqldmError("--device cuda: no CUDA GPU is visible (use --device cpu or auto)")
     if device != "auto":
         d.setdefault("device", {})["use_cuda"] = device == "cuda"
     timings = {}

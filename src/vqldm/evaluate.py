@@ -123,6 +123,9 @@ def evaluate(cfg: Config, out_dir: Path, samples: Path | None = None, vqvae_chec
         if len(shapes) != 1:
             raise VqldmError(f"--samples {samples}: volumes of several shapes {sorted(shapes)}")
         real = real_reference(cfg, gen[0].shape, seed=cfg.seed)
+        if len(real) < 2:
+            raise VqldmError(f"data.val_data_dir: {cfg.data.val_data_dir} gives {len(real)} real volume(s) to "
+                             f"compare with; the real-vs-real floor needs at least 2 (4 or more for a stable one)")
         log.info("comparing %d generated with %d real volumes", len(gen), len(real))
         gen_metrics = compare(real, gen, threshold=cfg.data.foreground_threshold, seed=cfg.seed)
         metrics["generation"] = gen_metrics

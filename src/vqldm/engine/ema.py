@@ -1,6 +1,7 @@
 """Exponential moving average of a network's weights (Polyak averaging).
 
-Float parameters and buffers are averaged; integer buffers are copied. The EMA copy is what
+Trained (requires_grad) parameters are averaged. Frozen parameters and buffers, such as the
+VQ codebook and its EMA statistics, follow their own update rules and are copied. The EMA copy is what
 validation, ``best_model.pt`` and sampling use when ``training.ema`` is on.
 """
 
@@ -20,16 +21,17 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        ema_p = [p for p in self.model.parameters()]
-        src_p = [p.detach() for p in model.parameters()]
-        floats = [(e, s) for e, s in zip(ema_p, src_p) if e.dtype.is_floating_point]
-        if floats:
-            torch._foreach_lerp_([e for e, _ in floats], [s for _, s in floats], 1.0 - self.decay)
+        averaged, copied = [], []
+        for e, s in zip(self.model.parameters(), model.parameters()):
+            # only what gradients train is averaged; state that has its own update rule (the VQ
+            # codebook, moved by EMA statistics and dead-code restarts) is copied as it is
+            (averaged if s.requires_grad and e.dtype.is_floating_point else copied).append((e, s.detach()))
+        if averaged:
+            torch._foreach_lerp_([e for e, _ in averaged], [s for _, s in averaged], 1.0 - self.decay)
+        for e, s in copied:
+            e.copy_(s)
         for e, s in zip(self.model.buffers(), model.buffers()):
-            if e.dtype.is_floating_point:
-                e.lerp_(s, 1.0 - self.decay)
-            else:
-                e.copy_(s)
+            e.copy_(s)
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

@@ -61,6 +61,7 @@ class Generator:
     rt: Runtime
     diff_path: Path
     vq_path: Path
+    vq_sha256: str | None = None  # of the stage-1 file actually loaded
     _denoise: object = None  # the (possibly CUDA-graph-compiled) UNet call, built once
 
     @property
@@ -142,7 +143,7 @@ def load_generator(cfg: Config, diffusion_checkpoint: str | None = None, vqvae_c
     if vq_ckpt["network"]["embedding_dim"] != ckpt["network"]["in_channels"]:
         raise VqldmError(f"{vq_what}: {vq_path} has embedding_dim {vq_ckpt['network']['embedding_dim']} but the "
                          f"diffusion UNet expects {ckpt['network']['in_channels']} channels")
-    return Generator(unet, vqvae, ckpt, vq_ckpt, rt, diff_path, vq_path)
+    return Generator(unet, vqvae, ckpt, vq_ckpt, rt, diff_path, vq_path, vq_sha256=sha)
 
 
 def _denoiser(gen: Generator):
@@ -195,7 +196,7 @@ def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
     dist.init(cfg.device.use_cuda)
     gen = load_generator(cfg, opts.diffusion_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
     kind = opts.scheduler or default_sampler(gen.scheduler_cfg)
-    steps = opts.steps or cfg.diffusion.logging.num_inference_steps
+    steps = cfg.diffusion.logging.num_inference_steps if opts.steps is None else opts.steps
     if not 1 <= steps <= gen.scheduler_cfg["num_train_timesteps"]:
         raise VqldmError(f"--steps {steps}: must lie in [1, {gen.scheduler_cfg['num_train_timesteps']}]")
     if (kind == "rflow") != (gen.scheduler_cfg["type"] == "rflow"):
@@ -245,7 +246,7 @@ def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
         "steps": steps, "snap_to_codebook": snap, "clip_to_codebook_range": clip and kind != "rflow", "ema": opts.use_ema and bool(gen.diff_ckpt.get("ema")),
         "shape": list(vols.shape[2:]) if len(vols) else opts.shape, "spacing": list(spacing), "format": opts.fmt,
         "diffusion_checkpoint": str(gen.diff_path), "diffusion_sha256": file_sha256(gen.diff_path),
-        "vqvae_checkpoint": str(gen.vq_path), "vqvae_sha256": gen.diff_ckpt.get("vqvae_sha256"),
+        "vqvae_checkpoint": str(gen.vq_path), "vqvae_sha256": gen.vq_sha256,
         "scale_factor": gen.scale_factor, "device": gen.rt.describe(), "world_size": dist.world_size(),
         "seconds": elapsed,
     }

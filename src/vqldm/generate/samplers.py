@@ -30,7 +30,14 @@ def sample_latents(denoiser: Denoiser, scheduler_cfg: dict, noise: torch.Tensor,
     """
     import contextlib
 
-    sch = build_sampling_scheduler(scheduler_cfg, kind, clip_range if kind != "rflow" else None)
+    step_kw = {}
+    if kind == "ddpm" and steps < scheduler_cfg["num_train_timesteps"]:
+        # MONAI's DDPM step always goes from t to t-1; with fewer steps than training timesteps the
+        # strided ancestral sampler is DDIM with eta = 1 (Song et al., 2021, eq. 16)
+        sch = build_sampling_scheduler(scheduler_cfg, "ddim", clip_range)
+        step_kw = {"eta": 1.0}
+    else:
+        sch = build_sampling_scheduler(scheduler_cfg, kind, clip_range if kind != "rflow" else None)
     sch.set_timesteps(num_inference_steps=steps)  # timesteps stay on the CPU: no device sync per step
     timesteps = [int(t) for t in sch.timesteps]
     x = noise.float()
@@ -49,5 +56,5 @@ def sample_latents(denoiser: Denoiser, scheduler_cfg: dict, noise: torch.Tensor,
         if kind == "rflow":
             x, _ = sch.step(out, t, x, timesteps[i + 1] if i + 1 < len(timesteps) else 0)
         else:
-            x, _ = sch.step(out, t, x)
+            x, _ = sch.step(out, t, x, **step_kw)
     return x

@@ -68,7 +68,9 @@ class CodebookTracker:
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor) -> None:
-        c = torch.bincount(indices.reshape(-1), minlength=self.k).to(self.epoch_counts.device, torch.float64)
+        idx = indices.reshape(-1).to(self.epoch_counts.device)
+        # index_add_ rather than bincount: CUDA bincount reads max() on the host, a sync per step
+        c = torch.zeros_like(self.epoch_counts).index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
         c = dist.all_reduce_sum(c)
         self.epoch_counts += c
         self.window_counts += c

@@ -98,7 +98,6 @@ class Stage1Task(Task):
         if not self.codebook_ready:  # seed the codebook from real encoder outputs, once
             with torch.no_grad():
                 init_from_data(self.quantizer, self.model.encode(x).float())
-            self.codebook_ready = True
         rec, q_loss, indices, z = self.train_forward(x)
         recon = self.loss_fn(rec, x)
         total = recon + self.q_weight * q_loss.float()
@@ -117,6 +116,7 @@ class Stage1Task(Task):
     def after_optimizer_step(self, out, ctx: StepContext) -> dict[str, float]:
         indices, z = self._last
         self._last = None
+        self.codebook_ready = True  # only now: a skipped first batch restores the codebook, so init again
         self.tracker.update(indices)
         cb = self.cfg.vqvae.codebook
         if cb.dead_code_restart and self.tracker.window_full():
