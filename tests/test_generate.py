@@ -271,3 +271,11 @@ def test_weight_ema_copies_the_codebook_instead_of_averaging_it():
     assert torch.equal(eq.ema_w, q.ema_w)
     trained = [(e, p) for e, p in zip(ema.model.parameters(), model.parameters()) if p.requires_grad]
     assert all(not torch.equal(e, p) for e, p in trained)  # trained weights are averaged, not copied
+
+
+def test_an_output_path_that_is_a_file_gets_one_clear_line(trained_stage2, tmp_path, capsys):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    assert _sample(trained_stage2, blocker) == 2
+    err = capsys.readouterr().err
+    assert "vqldm: error:" in err and "not_a_folder" in err and "Traceback" not in err

@@ -272,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         from vqldm import distributed as dist
 
         user = _user_error(e)
+        if user is None and isinstance(e, OSError) and e.filename:
+            # the file system refused (an existing file where a folder goes, no permission, disk full)
+            user = VqldmError(f"{e.filename}: {e.strerror or e.__class__.__name__}")
         if user is not None:
             if dist.is_main():  # under torchrun every rank fails alike: say it once
                 print(f"vqldm: error: {user}", file=sys.stderr)

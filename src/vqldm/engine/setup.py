@@ -57,7 +57,7 @@ def val_loader(cfg: Config, stage: str, dataset, rt: Runtime):
         if n >= world:
             sampler = ShardSampler(n, dist.rank(), world)
         else:
-            # every rank needs one batch (the engine draws its picture batch from this loader), so pad
+            # every rank needs one batch: ranks reduce the same metric keys, which a rank without data lacks
             sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False, drop_last=False)
             log.warning("validation: %d tiles for %d ranks; tiles are repeated to give every rank one, so "
                         "validation metrics weigh some tiles twice", n, world)
