@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,9 @@ from vqldm.data import pipeline
 from vqldm.errors import VqldmError
 from vqldm.metrics.reconstruction import reconstruction_metrics
 from vqldm.runtime import make_runtime, seed_everything
-from vqldm.stage1.model import load_vqvae
+from vqldm.data.pipeline import to_unit
+from vqldm.stage1.codebook import code_counts, usage_and_perplexity
+from vqldm.stage1.model import load_vqvae, reconstruct
 from vqldm.visuals import mip_grid, save_png
 
 log = logging.getLogger("vqldm")
@@ -36,25 +37,21 @@ def stage1_metrics(cfg: Config, vqvae, vq_ckpt: dict, rt, out_dir: Path | None =
     for batch in loader:
         x = rt.to_device(batch["image"])
         with rt.autocast():
-            z = vqvae.encode(x)
-            q, _, idx = vqvae.quantizer.quantizer(z)
-            rec = vqvae.decode(q)
-        xu, ru = ((x.float() - lo) / (hi - lo)), ((rec.float() - lo) / (hi - lo)).clamp(0, 1)
+            rec, _, idx, _ = reconstruct(vqvae, x)
+        xu, ru = to_unit(x.float(), (lo, hi)), to_unit(rec.float(), (lo, hi)).clamp(0, 1)
         m = reconstruction_metrics(ru, xu, cfg.data.foreground_threshold)
         b = x.shape[0]
         for key, v in m.items():
             sums[key] = sums.get(key, 0.0) + float(v) * b
         n += b
-        counts += torch.bincount(idx.reshape(-1).cpu(), minlength=k).double()
+        counts += code_counts(idx, k, "cpu")
         if len(shown) < 4:
             for i in range(min(b, 4 - len(shown))):
                 xi, ri = xu[i].cpu().numpy(), ru[i].cpu().numpy()
                 shown.append([xi, ri, np.abs(ri - xi)])
-    p = counts / counts.sum()
-    nz = p[p > 0]
+    usage, perplexity = usage_and_perplexity(counts)
     res = {key: v / n for key, v in sums.items()}
-    res.update({"codebook_usage": float((counts > 0).sum()) / k, "codebook_perplexity": float(math.exp(-(nz * nz.log()).sum())),
-                "num_embeddings": k, "val_tiles": n})
+    res.update({"codebook_usage": usage, "codebook_perplexity": perplexity, "num_embeddings": k, "val_tiles": n})
     if out_dir is not None and shown:
         save_png(mip_grid(shown), out_dir / "reconstruction.png")
     return res

@@ -31,6 +31,12 @@ FG_KEY = "fg"
 FG_IDX, BG_IDX = "fg_fg_indices", "fg_bg_indices"
 
 
+def to_unit(x, intensity_range):
+    """Network range (``intensity_range``) -> [0, 1] units, for tensors or arrays."""
+    lo, hi = intensity_range
+    return (x - lo) / (hi - lo)
+
+
 @dataclass
 class Normalization:
     """How raw intensities become network inputs; stored in every checkpoint."""
@@ -44,8 +50,7 @@ class Normalization:
 
     def to_unit(self, x):
         """Network range -> [0, 1] (for metrics, pictures and written volumes)."""
-        lo, hi = self.intensity_range
-        return (x - lo) / (hi - lo)
+        return to_unit(x, self.intensity_range)
 
 
 def normalization_of(cfg: Config) -> Normalization:

@@ -22,6 +22,7 @@ from vqldm import distributed as dist
 from vqldm.checkpoint import file_sha256, load_checkpoint
 from vqldm.config import Config, check_latent_for_unet, decoded_spatial, latent_spatial, vqvae_from_network
 from vqldm.data.io import archive_previous, list_volumes, write_volume
+from vqldm.data.pipeline import to_unit
 from vqldm.errors import VqldmError
 from vqldm.generate.samplers import sample_latents
 from vqldm.runtime import Runtime, make_runtime
@@ -99,8 +100,7 @@ class Generator:
             z = snap_to_codebook(self.vqvae, z)
         with self.rt.autocast():
             img = self.vqvae.decode(z)
-        lo, hi = self.vq_ckpt["normalization"]["intensity_range"]
-        return ((img.float() - lo) / (hi - lo)).clamp(0, 1).cpu()
+        return to_unit(img.float(), self.vq_ckpt["normalization"]["intensity_range"]).clamp(0, 1).cpu()
 
 
 def load_generator(cfg: Config, diffusion_checkpoint: str | None = None, vqvae_checkpoint: str | None = None,

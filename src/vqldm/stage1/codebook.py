@@ -55,6 +55,26 @@ def restart_codes(quantizer, dead: torch.Tensor, z: torch.Tensor) -> int:
     return n
 
 
+def code_counts(indices: torch.Tensor, k: int, device=None) -> torch.Tensor:
+    """How often each of ``k`` codes occurs in ``indices`` (float64, on ``device``).
+
+    ``index_add_`` rather than ``bincount``: CUDA bincount reads max() on the host, a sync per step.
+    """
+    idx = indices.reshape(-1).to(device or indices.device)
+    counts = torch.zeros(k, dtype=torch.float64, device=idx.device)
+    return counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+
+
+def usage_and_perplexity(counts: torch.Tensor) -> tuple[float, float]:
+    """Fraction of codes used at least once, and exp(entropy) of the code distribution (0 if none)."""
+    counts = counts.detach().double().cpu()
+    total = float(counts.sum())
+    if total == 0:
+        return 0.0, 0.0
+    p = counts[counts > 0] / total
+    return float((counts > 0).sum()) / counts.numel(), float(math.exp(-(p * p.log()).sum()))
+
+
 class CodebookTracker:
     """Counts code use per epoch (usage, perplexity) and per restart window (dead codes)."""
 
@@ -68,9 +88,7 @@ class CodebookTracker:
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor) -> None:
-        idx = indices.reshape(-1).to(self.epoch_counts.device)
-        # index_add_ rather than bincount: CUDA bincount reads max() on the host, a sync per step
-        c = torch.zeros_like(self.epoch_counts).index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+        c = code_counts(indices, self.k, self.epoch_counts.device)
         c = dist.all_reduce_sum(c)
         self.epoch_counts += c
         self.window_counts += c
@@ -90,16 +108,8 @@ class CodebookTracker:
         counts = self.epoch_counts.detach().cpu().clone()
         if reset:
             self.epoch_counts.zero_()
-        total = float(counts.sum())
-        if total == 0:
-            return {"usage": 0.0, "perplexity": 0.0, "used_codes": 0}
-        p = counts / total
-        nz = p[p > 0]
-        return {
-            "usage": float((counts > 0).sum()) / self.k,
-            "perplexity": float(math.exp(-(nz * nz.log()).sum())),
-            "used_codes": int((counts > 0).sum()),
-        }
+        usage, perplexity = usage_and_perplexity(counts)
+        return {"usage": usage, "perplexity": perplexity, "used_codes": int((counts > 0).sum())}
 
     def state_dict(self) -> dict:
         return {"epoch_counts": self.epoch_counts.cpu().clone(), "window_counts": self.window_counts.cpu().clone(),

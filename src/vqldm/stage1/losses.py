@@ -13,18 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from vqldm.config import LossConfig
+from vqldm.data.pipeline import to_unit
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _to_unit(x: torch.Tensor, intensity_range: list[float]) -> torch.Tensor:
-    lo, hi = intensity_range
-    return (x - lo) / (hi - lo)
-
-
 def weighted_loss(rec, target, cfg: LossConfig, intensity_range) -> torch.Tensor:
     w = cfg.weighted
-    fg = _to_unit(target, intensity_range) > w.threshold
+    fg = to_unit(target, intensity_range) > w.threshold
     weights = torch.where(fg, w.foreground_weight, w.background_weight)
     err = (rec - target).abs() if w.base == "l1" else (rec - target) ** 2
     return (weights * err).sum() / weights.sum()
@@ -38,8 +34,8 @@ def soft_dice_loss(rec, target, cfg: LossConfig, intensity_range) -> torch.Tenso
     volumes drowns the foreground and makes a perfect reconstruction score badly).
     """
     d = cfg.dice
-    p = (_to_unit(rec, intensity_range) / d.threshold).clamp(0.0, 1.0)
-    t = (_to_unit(target, intensity_range) > d.threshold).to(p.dtype)
+    p = (to_unit(rec, intensity_range) / d.threshold).clamp(0.0, 1.0)
+    t = (to_unit(target, intensity_range) > d.threshold).to(p.dtype)
     dims = tuple(range(1, p.ndim))
     inter = (p * t).sum(dims)
     denom = p.sum(dims) + t.sum(dims)

@@ -41,26 +41,22 @@ def build_vqvae(net: dict) -> VQVAE:
     return VQVAE(**kw)
 
 
-def encode(model: VQVAE, x: torch.Tensor) -> torch.Tensor:
-    """Continuous encoder output (before quantisation)."""
-    return model.encode(x)
+def reconstruct(model: VQVAE, x: torch.Tensor):
+    """encode -> quantise -> decode: (reconstruction, commitment loss, code indices (B,x,y,z), encoding).
 
-
-def quantize(model: VQVAE, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(quantized, commitment loss, code indices (B, x, y, z)).
-
-    Calls MONAI's EMA quantiser directly because ``VQVAE.forward`` drops the indices, which
-    codebook-usage statistics need. In train mode this updates the codebook (EMA).
+    Calls MONAI's EMA quantiser directly because ``VQVAE.forward`` drops the indices that codebook
+    statistics need. In train mode this updates the codebook (EMA).
     """
-    quantized, loss, indices = model.quantizer.quantizer(z)
-    return quantized, loss, indices
+    z = model.encode(x)
+    quantized, q_loss, indices = model.quantizer.quantizer(z)
+    return model.decode(quantized), q_loss, indices, z
 
 
 def quantized_latent(model: VQVAE, x: torch.Tensor) -> torch.Tensor:
     """The stage-2 latent: quantised embeddings (B, embedding_dim, x, y, z). Model must be in eval mode."""
     if model.training:
         raise RuntimeError("quantized_latent needs the VQ-VAE in eval mode (train mode updates the codebook)")
-    return quantize(model, encode(model, x))[0]
+    return model.quantizer.quantizer(model.encode(x))[0]
 
 
 def codebook_range(model: VQVAE, scale: float = 1.0) -> tuple[float, float]:

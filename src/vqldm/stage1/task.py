@@ -13,9 +13,9 @@ from vqldm.runtime import Runtime
 from vqldm.engine.tensorboard import Board
 from vqldm.engine.trainer import OptimizerSpec, StepContext, Task
 from vqldm.metrics.reconstruction import reconstruction_metrics
-from vqldm.stage1.codebook import CodebookTracker, init_from_data, restart_codes
+from vqldm.stage1.codebook import CodebookTracker, code_counts, init_from_data, restart_codes, usage_and_perplexity
 from vqldm.stage1.losses import reconstruction_loss
-from vqldm.stage1.model import build_vqvae, vqvae_net_config
+from vqldm.stage1.model import build_vqvae, reconstruct, vqvae_net_config
 
 
 class VQVAEForward(nn.Module):
@@ -26,9 +26,7 @@ class VQVAEForward(nn.Module):
         self.vqvae = vqvae
 
     def forward(self, x: torch.Tensor):
-        z = self.vqvae.encode(x)
-        quantized, q_loss, indices = self.vqvae.quantizer.quantizer(z)
-        return self.vqvae.decode(quantized), q_loss, indices, z
+        return reconstruct(self.vqvae, x)
 
 
 def make_optimizer(params, lr: float, weight_decay: float, rt: Runtime) -> torch.optim.Optimizer:
@@ -133,30 +131,22 @@ class Stage1Task(Task):
         self.restarted_epoch = 0
         return out
 
-    def _reconstruct(self, model: nn.Module, x: torch.Tensor):
-        z = model.encode(x)
-        q, q_loss, indices = model.quantizer.quantizer(z)
-        return model.decode(q), q_loss, indices
-
     def validation_step(self, batch: dict, model: nn.Module) -> dict[str, torch.Tensor]:
         x = self.rt.to_device(batch["image"])
-        rec, q_loss, indices = self._reconstruct(model, x)
+        rec, q_loss, indices, _ = reconstruct(model, x)
         recon = self.loss_fn(rec, x)
         m = reconstruction_metrics(self.norm.to_unit(rec.float()), self.norm.to_unit(x.float()),
                                    self.cfg.data.foreground_threshold)
-        k = self.cfg.vqvae.num_embeddings
-        counts = torch.bincount(indices.reshape(-1), minlength=k).float()
-        p = counts / counts.sum()
-        perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
+        _, perplexity = usage_and_perplexity(code_counts(indices, self.cfg.vqvae.num_embeddings))
         return {"loss": recon + self.q_weight * q_loss.float(), "recon_loss": recon, "quant_loss": q_loss.float(),
-                **m, "perplexity": perplexity}
+                **m, "perplexity": torch.tensor(perplexity)}
 
     @torch.no_grad()
     def visualize(self, board: Board, model: nn.Module, batch: dict, epoch: int, png_dir: Path) -> None:
         n = self.cfg.vqvae.logging.num_visualize_samples
         x = self.rt.to_device(batch["image"][:n])
         with self.rt.autocast():
-            rec = self._reconstruct(model, x)[0]
+            rec = reconstruct(model, x)[0]
         x_u = self.norm.to_unit(x.float()).clamp(0, 1).cpu().numpy()
         r_u = self.norm.to_unit(rec.float()).clamp(0, 1).cpu().numpy()
         rows = [[x_u[i], r_u[i], abs(r_u[i] - x_u[i])] for i in range(x_u.shape[0])]
