@@ -320,3 +320,52 @@ def test_cached_latent_crops_of_larger_volumes(tmp_path, data_dir, trained_stage
     assert ckpt["latent_shape"] == [4, 4, 4, 4]
     assert math.isfinite(ckpt["scale_factor"]) and ckpt["scale_factor"] > 0
     assert_stage1_untouched(captured_vqvae["model"], trained_stage1["best"])
+
+
+def test_latent_cache_crops_are_foreground_biased_like_stage1():
+    """A sparse volume larger than the patch: with ratio 1 every latent crop holds foreground."""
+    from vqldm.stage2.latents import LatentCropDataset, foreground_masks
+
+    img = torch.zeros(1, 64, 64, 16)
+    img[0, 50:54, 50:54, 4:8] = 1.0  # one bright blob in a corner
+    vols = [{"image": img}]
+    lat = [torch.randn(4, 16, 16, 4)]  # stride 4
+    masks = foreground_masks(vols, lat, [0.0, 1.0], 0.1, 4)
+    assert masks[0].shape == (16, 16, 4) and masks[0].sum() > 0
+    assert masks[0][12:14, 12:14, 1:2].all() and not masks[0][:8].any()
+    torch.manual_seed(0)
+    biased = LatentCropDataset(lat, [4, 4, 2], 1, masks, fg_ratio=1.0)
+    uniform = LatentCropDataset(lat, [4, 4, 2], 1)
+
+    def hits(ds):
+        n = 0
+        for _ in range(50):
+            crop = ds[0]["latent"]
+            # a crop holds foreground when it equals the latent at a masked position
+            zz = lat[0]
+            for sx in range(13):
+                for sy in range(13):
+                    for sz in range(3):
+                        if torch.equal(zz[:, sx:sx + 4, sy:sy + 4, sz:sz + 2], crop):
+                            n += bool(masks[0][sx:sx + 4, sy:sy + 4, sz:sz + 2].any())
+        return n
+
+    assert hits(biased) == 50
+    assert hits(uniform) < 25
+
+
+def test_latent_crop_of_a_patch_sized_volume_draws_as_without_masks():
+    from vqldm.stage2.latents import LatentCropDataset
+
+    lat = [torch.randn(4, 4, 4, 2)]
+    ds = LatentCropDataset(lat, [4, 4, 2], 1, [torch.ones(4, 4, 2, dtype=torch.bool)], fg_ratio=0.75)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    _ = ds[0]
+    uniform = LatentCropDataset(lat, [4, 4, 2], 1)
+    torch.set_rng_state(before)
+    _ = uniform[0]
+    after_uniform = torch.get_rng_state()
+    torch.set_rng_state(before)
+    _ = ds[0]
+    assert torch.equal(torch.get_rng_state(), after_uniform)  # same draws as without the masks

@@ -50,23 +50,55 @@ def encode_volumes(vqvae, volumes, rt: Runtime, stride: int, progress: bool = Fa
     return out
 
 
+def foreground_masks(volumes, latents: list[torch.Tensor], intensity_range, threshold: float,
+                     stride: int) -> list[torch.Tensor]:
+    """Per volume, the latent voxels whose image block holds foreground (image > threshold in [0,1])."""
+    from vqldm.data.pipeline import to_unit
+
+    masks = []
+    for i, z in enumerate(latents):
+        x = torch.as_tensor(volumes[i]["image"]).as_subclass(torch.Tensor).float()[None]
+        fg = (to_unit(_pad_to_multiple(x, stride), intensity_range) > threshold).float()
+        m = torch.nn.functional.max_pool3d(fg, kernel_size=stride, stride=stride) if stride > 1 else fg
+        if list(m.shape[2:]) != list(z.shape[1:]):  # unusual downsampling layouts: match the latent grid
+            m = torch.nn.functional.interpolate(m, size=list(z.shape[1:]), mode="nearest")
+        masks.append(m[0, 0] > 0)
+    return masks
+
+
 class LatentCropDataset(torch.utils.data.Dataset):
     """Random latent-space crops of cached whole-volume latents, ``times`` per volume and epoch.
 
     A crop of the latent at a latent-grid offset is the encoding of the matching image patch up
     to the encoder's receptive field at the border; where the volume equals the patch size it is
-    exact.
+    exact. With ``fg_masks``, a share ``fg_ratio`` of the crops is centred on a foreground latent
+    voxel, as stage 1's image crops are (``data.foreground_crop_ratio``).
     """
 
-    def __init__(self, latents: list[torch.Tensor], latent_size: list[int], times: int):
+    def __init__(self, latents: list[torch.Tensor], latent_size: list[int], times: int,
+                 fg_masks: list[torch.Tensor] | None = None, fg_ratio: float = 0.0):
         self.latents, self.size, self.times = latents, list(latent_size), times
+        self.fg = [m.nonzero() for m in fg_masks] if fg_masks is not None else None
+        self.fg_ratio = fg_ratio
 
     def __len__(self):
         return len(self.latents) * self.times
 
+    def _fg_starts(self, k: int, z: torch.Tensor) -> list[int] | None:
+        """Start of a crop centred on a random foreground voxel, or None (then a uniform crop)."""
+        if self.fg is None or self.fg_ratio <= 0 or list(z.shape[1:]) == self.size:
+            return None  # the latent is the crop: no extra random draw, so such runs stay as they were
+        if float(torch.rand(())) >= self.fg_ratio or len(self.fg[k]) == 0:
+            return None
+        c = self.fg[k][int(torch.randint(0, len(self.fg[k]), ()))]
+        return [min(max(int(ci) - s // 2, 0), n - s) for ci, n, s in zip(c, z.shape[1:], self.size)]
+
     def __getitem__(self, i):
-        z = self.latents[i % len(self.latents)]
-        starts = [int(torch.randint(0, n - s + 1, ()).item()) for n, s in zip(z.shape[1:], self.size)]
+        k = i % len(self.latents)
+        z = self.latents[k]
+        starts = self._fg_starts(k, z)
+        if starts is None:
+            starts = [int(torch.randint(0, n - s + 1, ()).item()) for n, s in zip(z.shape[1:], self.size)]
         sx, sy, sz = starts
         x, y, w = self.size
         return {"latent": z[:, sx:sx + x, sy:sy + y, sz:sz + w].contiguous()}

@@ -87,7 +87,9 @@ def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool
             log.info("latent cache: volumes above %d voxels; encoding on the fly instead", L.MAX_CACHE_VOXELS)
     if use_cache:
         cached = L.encode_volumes(vqvae, vols, rt, stride, progress and dist.is_main())
-        train_ds = L.LatentCropDataset(cached, lat_spatial, cfg.data.patches_per_volume)
+        masks = L.foreground_masks(vols, cached, norm.intensity_range, cfg.data.foreground_threshold, stride)
+        train_ds = L.LatentCropDataset(cached, lat_spatial, cfg.data.patches_per_volume, masks,
+                                       cfg.data.foreground_crop_ratio)
         log.info("latent cache: encoded %d training volumes once; training on cached latents", len(cached))
     else:
         train_ds = pipeline.train_dataset(cfg, train_info.files)
