@@ -281,21 +281,14 @@ def test_stage1_network_disagreement_checkpoint_wins_with_warning(tmp_path, data
 
 
 # ----------------------------------------------------------------------------------- schedulers
-def test_rflow_scheduler_trains(tmp_path, data_dir, trained_stage1):
+@pytest.mark.parametrize("key,value", [("type", "rflow"), ("prediction_type", "v_prediction")])
+def test_other_training_objectives_train(tmp_path, data_dir, trained_stage1, key, value):
+    """Rectified flow and v-prediction train too, and the checkpoint records which was used."""
     cfg = stage2_config(tmp_path, data_dir, trained_stage1)
-    cfg["diffusion"]["scheduler"]["type"] = "rflow"
+    cfg["diffusion"]["scheduler"][key] = value
     assert run_cli("--quiet", "train-diffusion", "--config", write_config(tmp_path / "c.yaml", cfg)) == 0
     ckpt = load(tmp_path / "diffusion_checkpoints" / "best_model.pt")
-    assert ckpt["scheduler"]["type"] == "rflow"
-    assert math.isfinite(ckpt["val_loss"])
-
-
-def test_v_prediction_trains(tmp_path, data_dir, trained_stage1):
-    cfg = stage2_config(tmp_path, data_dir, trained_stage1)
-    cfg["diffusion"]["scheduler"]["prediction_type"] = "v_prediction"
-    assert run_cli("--quiet", "train-diffusion", "--config", write_config(tmp_path / "c.yaml", cfg)) == 0
-    ckpt = load(tmp_path / "diffusion_checkpoints" / "best_model.pt")
-    assert ckpt["scheduler"]["prediction_type"] == "v_prediction"
+    assert ckpt["scheduler"][key] == value
     assert math.isfinite(ckpt["val_loss"])
 
 

@@ -12,14 +12,13 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from vqldm import distributed as dist
-from vqldm.data.io import archive_previous  # noqa: F401 (the trainer's import of it)
+from vqldm.data.io import archive_previous, atomic_write  # noqa: F401 (archive_previous: the trainer's import)
 from vqldm.data.io import previous_dir as _previous_dir
 from vqldm.visuals import mip_grid, save_png
 
@@ -152,19 +151,7 @@ def continue_after(log_dir: str | Path, step: int, epoch: int, exclude_suffixes:
         _fsync_file(dest / f.name)
     _fsync_dir(dest)
     for f, kept in plans:  # ... then each file is replaced by its kept records
-        fd, tmp = tempfile.mkstemp(prefix=".trim-", suffix=".tmp", dir=log_dir)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(kept)
-                out.flush()
-                os.fsync(out.fileno())
-            shutil.copymode(dest / f.name, tmp)
-            os.replace(tmp, f)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-    _fsync_dir(log_dir)
+        atomic_write(f, lambda out, kept=kept: out.write(kept))
     return dest
 
 

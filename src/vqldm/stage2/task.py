@@ -16,7 +16,7 @@ from vqldm.generate.samplers import sample_latents
 from vqldm.stage1.task import make_optimizer
 from vqldm.stage1.model import codebook_range, snap_to_codebook
 from vqldm.stage2.latents import encode
-from vqldm.stage2.model import build_train_scheduler, build_unet, training_target
+from vqldm.stage2.model import build_train_scheduler, build_unet, default_sampler, training_target
 
 
 class Stage2Task(Task):
@@ -50,10 +50,10 @@ class Stage2Task(Task):
                 z = z.contiguous(memory_format=torch.channels_last_3d)
         return z * self.scale_factor
 
-    def _sample_t(self, z0: torch.Tensor, generator=None) -> torch.Tensor:
-        if self.sc["type"] == "rflow" and generator is None:
+    def _sample_t(self, z0: torch.Tensor) -> torch.Tensor:
+        if self.sc["type"] == "rflow":
             return self.scheduler.sample_timesteps(z0).long()
-        return torch.randint(0, self.T, (z0.shape[0],), device=z0.device, generator=generator)
+        return torch.randint(0, self.T, (z0.shape[0],), device=z0.device)
 
     def _loss(self, net, z0, noise, t) -> torch.Tensor:
         x_t = self.scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
@@ -91,7 +91,7 @@ class Stage2Task(Task):
     def visualize(self, board: Board, model: nn.Module, batch: dict, epoch: int, png_dir: Path) -> None:
         lg = self.cfg.diffusion.logging
         n = lg.num_visualize_samples
-        kind = "rflow" if self.sc["type"] == "rflow" else "ddim"
+        kind = default_sampler(self.sc)
         gen = self.generate(model, n, lg.num_inference_steps, seed=self.cfg.seed, kind=kind).numpy()
         real = self.vis_real[:n].numpy() if self.vis_real is not None else gen[:0]
         rows = [list(real), list(gen)]
