@@ -1,37 +1,67 @@
 #!/usr/bin/env bash
-# One prepared GPU session: vqldm's side-by-side benchmark, then the microtubule quality runs.
-# Usage: bash benchmarks/gpu_run.sh OUTDIR [smoke]
-# Needs vqldm importable (pip install -e . or PYTHONPATH=src). With .bench/anchor_gpu.py present (a copy of
-# the shared reference loop) and ANCHOR=1 it also runs that. Each step has its own time limit.
+# One prepared GPU session for issue 7 (speed), each part under its own time limit:
+#   train    vqldm benchmark --sweep, training metrics: reference vs vqldm, plus each speed switch
+#   sample   the same for sampling (its own process: a slow compile in one cannot cost the other)
+#   tests    the CUDA-graph tests (tests/test_cuda_graphs.py; skipped on a CPU)
+#   quality  the same trained demo checkpoints sample 64 volumes on the GPU with the fast paths (bf16,
+#            CUDA graphs, channels_last_3d) and without (fp32 eager); `vqldm evaluate` scores each
+#            against the same real volumes (needs DEMO=folder of a finished `vqldm demo`)
+#   profile  where the step time goes (benchmarks/profile_steps.py)
+#   anchor   with .bench/anchor_gpu.py present (a copy of the shared reference loop): its reference rows
+# Usage: [PARTS="train sample ..."] [BENCH_ARGS=--no-compile] bash benchmarks/gpu_run.sh OUTDIR
+# (vqldm importable: pip install -e . or PYTHONPATH=src). At most 8 files land in OUTDIR.
 set -u
-OUTDIR=${1:?usage: gpu_run.sh OUTDIR [smoke]}
-MODE=${2:-full}
+OUTDIR=${1:?usage: gpu_run.sh OUTDIR}
+PARTS=${PARTS:-train sample tests quality profile anchor}
+BENCH_ARGS=${BENCH_ARGS:-}
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
-SMOKE=""; DEV=cuda; SHAPE="96 96 48"; NTRAIN=256; NVAL=32; CFG=configs/microtubules.yaml; E1=40; E2=100
-if [ "$MODE" = smoke ]; then SMOKE="--smoke"; DEV=cpu; SHAPE="32 32 16"; NTRAIN=8; NVAL=4; E1=1; E2=1; fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; python3 -c "import torch;print(torch.__version__)"; } > "$OUTDIR/device.txt" 2>&1
-if [ "${ANCHOR:-0}" = 1 ] && [ -f .bench/anchor_gpu.py ]; then
-  timeout 90 python3 .bench/anchor_gpu.py $SMOKE --only reference_fp16 > "$OUTDIR/anchor.jsonl" 2> "$OUTDIR/anchor.err"
+ERR="$OUTDIR/errors.log"
+has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+  python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__)"; } > "$OUTDIR/device.txt" 2>&1
+cat "$OUTDIR/device.txt"
+T0=$SECONDS
+if has train; then
+  timeout "${TRAIN_S:-200}" python3 -m vqldm benchmark --sweep $BENCH_ARGS \
+    --only stage1_train_volumes_per_s,stage2_train_latents_per_s >> "$OUTDIR/bench.jsonl" 2>> "$ERR"
+  echo "benchmark train rc=$? ($((SECONDS - T0)) s)"; T0=$SECONDS
 fi
-timeout 200 python3 -m vqldm benchmark $SMOKE --device $DEV > "$OUTDIR/bench.jsonl" 2> "$OUTDIR/bench.err"
-echo "benchmark rc=$?"; cat "$OUTDIR/bench.jsonl"
-# quality: the microtubule config on synthetic 96x96x48 volumes, fixed epoch budgets
-Q=/tmp/vqldm_q; rm -rf $Q
-SET="--set data.train_data_dir=$Q/data/train --set data.val_data_dir=$Q/data/val --set device.use_cuda=$([ $DEV = cuda ] && echo true || echo false)"
-SET1="$SET --set vqvae.checkpoints.output_dir=$Q/vq --set vqvae.logging.log_dir=$Q/vq_logs --set vqvae.training.n_epochs=$E1"
-SET2="$SET --set diffusion.checkpoints.vqvae_path=$Q/vq/best_model.pt --set diffusion.checkpoints.output_dir=$Q/dm --set diffusion.logging.log_dir=$Q/dm_logs --set diffusion.training.n_epochs=$E2"
-python3 -m vqldm -q synth --out $Q/data --num-train $NTRAIN --num-val $NVAL --shape $SHAPE --seed 0 > /dev/null
-( time timeout 120 python3 -m vqldm -q train-vqvae -c $CFG $SET1 ) > "$OUTDIR/stage1.txt" 2>&1
-echo "stage1 rc=$?"; tail -8 "$OUTDIR/stage1.txt"
-timeout 40 python3 -m vqldm -q evaluate -c $CFG $SET1 --out $Q/eval1 > /dev/null 2>> "$OUTDIR/stage1.txt" && cp $Q/eval1/metrics.json "$OUTDIR/stage1_metrics.json" && cp $Q/eval1/reconstruction.png "$OUTDIR/stage1_reconstruction.png"
-cat "$OUTDIR/stage1_metrics.json" 2>/dev/null
-( time timeout 150 python3 -m vqldm -q train-diffusion -c $CFG $SET2 ) > "$OUTDIR/stage2.txt" 2>&1
-echo "stage2 rc=$?"; tail -8 "$OUTDIR/stage2.txt"
-for snap in on off; do
-  timeout 60 python3 -m vqldm -q sample -c $CFG $SET2 -n 32 --batch-size 32 --snap $snap --out $Q/samples_$snap > /dev/null 2>> "$OUTDIR/stage2.txt" \
-  && timeout 60 python3 -m vqldm -q evaluate -c $CFG $SET1 --out $Q/eval_$snap --samples $Q/samples_$snap > /dev/null 2>> "$OUTDIR/stage2.txt" \
-  && cp $Q/eval_$snap/metrics.json "$OUTDIR/gen_metrics_snap_$snap.json" && cp $Q/samples_$snap/preview.png "$OUTDIR/preview_snap_$snap.png"
-  echo "snap $snap rc=$?"
-done
-ls -la "$OUTDIR"
+if has sample; then
+  timeout "${SAMPLE_S:-120}" python3 -m vqldm benchmark --sweep $BENCH_ARGS --only sample_volumes_per_s \
+    >> "$OUTDIR/bench.jsonl" 2>> "$ERR"
+  echo "benchmark sample rc=$? ($((SECONDS - T0)) s)"; T0=$SECONDS
+fi
+if has tests; then
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py > "$OUTDIR/cuda_tests.txt" 2>&1
+  echo "cuda tests rc=$? ($((SECONDS - T0)) s)"; tail -3 "$OUTDIR/cuda_tests.txt"; T0=$SECONDS
+fi
+if has quality && [ -n "${DEMO:-}" ] && [ -d "$DEMO" ]; then
+  Q=/tmp/vqldm_fastpaths; rm -rf $Q
+  SET="--set device.use_cuda=true --set data.train_data_dir=$DEMO/data/train --set data.val_data_dir=$DEMO/data/val"
+  CK="--diffusion-checkpoint $DEMO/diffusion_checkpoints/best_model.pt --vqvae-checkpoint $DEMO/vqvae_checkpoints/best_model.pt"
+  PLAIN="--set device.mixed_precision=false --set device.cuda_graphs=false --set device.channels_last=false"
+  for mode in fast plain; do
+    EXTRA=""; [ $mode = plain ] && EXTRA="$PLAIN"
+    timeout 60 python3 -m vqldm -q sample -c "$DEMO/config.yaml" $SET $EXTRA $CK -n 64 --batch-size 64 --seed 0 \
+      --out $Q/samples_$mode > /dev/null 2>> "$ERR" \
+    && timeout 60 python3 -m vqldm -q evaluate -c "$DEMO/config.yaml" $SET $EXTRA \
+      --vqvae-checkpoint $DEMO/vqvae_checkpoints/best_model.pt --samples $Q/samples_$mode --out $Q/eval_$mode \
+      > /dev/null 2>> "$ERR" \
+    && python3 -c "import json,sys; m=json.load(open(sys.argv[1])); m['sampling_run']=json.load(open(sys.argv[2])); json.dump(m,open(sys.argv[3],'w'),indent=1)" \
+      $Q/eval_$mode/metrics.json $Q/samples_$mode/samples.json "$OUTDIR/quality_$mode.json"
+    echo "quality $mode rc=$?"
+  done
+  echo "quality ($((SECONDS - T0)) s)"; T0=$SECONDS
+fi
+if has profile; then
+  timeout "${PROFILE_S:-90}" python3 benchmarks/profile_steps.py --graphs > "$OUTDIR/profile.txt" 2>&1
+  echo "profile rc=$? ($((SECONDS - T0)) s)"; T0=$SECONDS
+fi
+if has anchor && [ -f .bench/anchor_gpu.py ]; then
+  timeout "${ANCHOR_S:-45}" python3 .bench/anchor_gpu.py --only reference_fp16 > "$OUTDIR/anchor.jsonl" 2>> "$ERR"
+  echo "anchor rc=$? ($((SECONDS - T0)) s)"
+fi
+echo "---- bench"; grep -v '"what": "device"' "$OUTDIR/bench.jsonl" 2>/dev/null | cut -c1-260
+echo "---- profile"; grep "==" "$OUTDIR/profile.txt" 2>/dev/null
+echo "---- anchor"; cut -c1-200 "$OUTDIR/anchor.jsonl" 2>/dev/null

@@ -229,8 +229,7 @@ def test_dead_code_restart_wired_into_stage1_task(tmp_path, data_dir):
     for step in range(2):
         q.eval()
         _, _, idx = q(z)
-        task._last = (idx, z)
-        task.after_optimizer_step({}, StepContext(0, step))
+        task.after_optimizer_step({"indices": idx, "z": z}, StepContext(0, step))
     assert task.restarted_epoch == k - 1 and task.restarted_total == k - 1
     d = _min_dist_to_rows(q.embedding.weight.data[1:], flat_latents(z))
     assert float(d.max()) < 0.05 * float(z.std())
@@ -244,8 +243,7 @@ def test_dead_code_restart_wired_into_stage1_task(tmp_path, data_dir):
     for step in range(2):
         task.quantizer.eval()
         _, _, idx = task.quantizer(z)
-        task._last = (idx, z)
-        task.after_optimizer_step({}, StepContext(0, step))
+        task.after_optimizer_step({"indices": idx, "z": z}, StepContext(0, step))
     assert task.restarted_total == 0 and torch.equal(task.quantizer.embedding.weight, before)
 
 

@@ -4,11 +4,15 @@ The reference side trains and samples the way the original scripts do (MONAI net
 mode, fp16 autocast + GradScaler, Adam, the UNet called step by step). The vqldm side runs the
 real engine step (``Trainer._train_step`` of the stage tasks) and the real sampling pipeline
 (``generate``) with the config's speed switches. Both run in this process on the same device, so
-only their ratio is meant to be compared. One JSON line per metric.
+only their ratio is meant to be compared. One JSON line per metric, then two checks of vqldm alone:
+the engine's overhead over a bare loop of the same task, and whether the data loader keeps up with
+the stage-1 step. ``--sweep`` (GPU) adds one line per setting of the speed switches.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import statistics
 import time
@@ -22,7 +26,7 @@ from vqldm.config import config_from_dict
 SPECS = {
     "full": {
         "patch": 64, "stage1_batch": 4, "stage2_batch": 8, "sample_batch": 64, "sample_steps": 50,
-        "ref_sample_batch": 4, "steps": 30, "warmup": 8,
+        "ref_sample_batch": 4, "steps": 30, "warmup": 8, "workers": 4, "loader_batches": 40,
         "vqvae": {"num_channels": [64, 128, 256], "num_res_channels": 256, "num_res_layers": 2,
                   "num_embeddings": 256, "embedding_dim": 32,
                   "downsample_parameters": [[2, 4, 1, 1], [2, 4, 1, 1], [1, 3, 1, 1]],
@@ -34,7 +38,7 @@ SPECS = {
     },
     "smoke": {
         "patch": 32, "stage1_batch": 2, "stage2_batch": 4, "sample_batch": 4, "sample_steps": 5,
-        "ref_sample_batch": 4, "steps": 3, "warmup": 1,
+        "ref_sample_batch": 4, "steps": 3, "warmup": 1, "workers": 0, "loader_batches": 10,
         "vqvae": {"num_channels": [16, 32], "num_res_channels": 32, "num_res_layers": 1,
                   "num_embeddings": 64, "embedding_dim": 8},
         "diffusion": {"in_channels": 8, "out_channels": 8, "num_channels": [32, 64],
@@ -44,11 +48,11 @@ SPECS = {
 }
 
 
-def _config(spec: dict, device: str):
+def _config(spec: dict, device: str, compile_: bool = True):
     p = spec["patch"]
     return config_from_dict({
-        # torch.compile on for the vqldm side: a long run amortises its start-up minute
-        "device": {"use_cuda": device == "cuda", "compile": True},
+        # torch.compile on by default for the vqldm side: a long run amortises its start-up minute
+        "device": {"use_cuda": device == "cuda", "compile": compile_},
         "data": {"patch_size": [p, p, p], "batch_size": spec["stage1_batch"], "num_workers": 0},
         "vqvae": {**spec["vqvae"], "training": {"ema": False}},
         "diffusion": {**spec["diffusion"], "training": {"batch_size": spec["stage2_batch"]}},
@@ -75,12 +79,15 @@ def _median_time(fn, dev, n: int, warm: int) -> float:
 
 def _peak_reset(dev):
     if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _release(dev) -> None:
+    """Free what earlier measurements left (reference cycles hold networks and CUDA-graph pools)."""
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak(dev) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
 
 
 def _ref_amp(dev):
@@ -157,10 +164,15 @@ def ref_sample(cfg, spec, dev):
             z, _ = sch.step(eps.float(), t, z)
         with _ref_amp(dev):
             vq.decode(z)
-    return run, n
+    return run
 
 
 # ------------------------------------------------------------------------------ vqldm loops
+def _host_batch(x: torch.Tensor, rt) -> torch.Tensor:
+    """A batch as the training loader hands it over: in pinned memory on CUDA (``pin_memory``)."""
+    return x.pin_memory() if rt.is_cuda else x
+
+
 def vq_stage1(cfg, spec, rt):
     from vqldm.data.pipeline import normalization_of
     from vqldm.engine.setup import wrap_for_training
@@ -172,9 +184,8 @@ def vq_stage1(cfg, spec, rt):
     task.train_forward = wrap_for_training(task.train_forward, rt)
     trainer = Trainer(cfg, task, None, None, rt, progress=False)
     task.train_mode()
-    batch = {"image": torch.rand(spec["stage1_batch"], 1, *cfg.data.patch_size).pin_memory()
-             if rt.is_cuda else torch.rand(spec["stage1_batch"], 1, *cfg.data.patch_size)}
-    return lambda: trainer._train_step(batch)
+    batch = {"image": _host_batch(torch.rand(spec["stage1_batch"], 1, *cfg.data.patch_size), rt)}
+    return _with(lambda: trainer._train_step(batch), trainer=trainer, batch=batch)
 
 
 def vq_stage2(cfg, spec, rt):
@@ -188,11 +199,11 @@ def vq_stage2(cfg, spec, rt):
     lat = latent_shape(cfg)
     task = Stage2Task(cfg, rt, None, unet_net_config(cfg), scheduler_config(cfg), 1.0,
                       {"latent_shape": lat}, None, lambda x: x)
-    task.train_forward = wrap_for_training(task.model, rt, cuda_graphs=rt.cuda_graphs)
+    task.train_forward = wrap_for_training(task.model, rt)
     trainer = Trainer(cfg, task, None, None, rt, progress=False)
     task.train_mode()
-    batch = {"latent": torch.randn(spec["stage2_batch"], *lat)}
-    return lambda: trainer._train_step(batch)
+    batch = {"latent": _host_batch(torch.randn(spec["stage2_batch"], *lat), rt)}
+    return _with(lambda: trainer._train_step(batch), trainer=trainer, batch=batch)
 
 
 def vq_sample(cfg, spec, rt):
@@ -209,8 +220,82 @@ def vq_sample(cfg, spec, rt):
     vq_ckpt = {"network": vq_net, "normalization": {"intensity_range": [0.0, 1.0]}}
     gen = Generator(unet, vq, diff_ckpt, vq_ckpt, rt, None, None)
     n = spec["sample_batch"]
-    return (lambda: generate(gen, list(range(n)), seed=0, steps=spec["sample_steps"], kind="ddim",
-                             batch_size=n, snap=True)), n
+    return lambda: generate(gen, list(range(n)), seed=0, steps=spec["sample_steps"], kind="ddim",
+                            batch_size=n, snap=True)
+
+
+def bare_steps(cfg, spec, rt, stage: str):
+    """The same task, network and batch as the engine step, run as a hand-written loop would:
+    forward and loss (the task's ``training_step``), backward, optimizer step. Nothing else: no
+    clipping, non-finite watch, codebook tracking or restarts, EMA, CUDA graphs."""
+    from vqldm.engine.trainer import StepContext
+    from vqldm.stage1.task import make_optimizer
+
+    step_fn = vq_stage1 if stage == "stage1" else vq_stage2
+    engine_step = step_fn(cfg, spec, dataclasses.replace(rt, cuda_graphs=False))
+    trainer = engine_step.trainer
+    task, batch = trainer.task, engine_step.batch
+    spec0 = trainer.specs[0]
+    opt = make_optimizer(spec0.params, 1e-4, 0.0, rt)
+    ctx = StepContext(0, 0)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with rt.autocast():
+            out = task.training_step(batch, ctx)
+        out[spec0.loss_key].backward()
+        opt.step()
+        if hasattr(task, "codebook_ready"):  # stage 1 seeds its codebook from data once, as in the engine
+            task.codebook_ready = True
+    return step
+
+
+def _with(fn, **attrs):
+    """``fn`` with attributes attached (a step closure carries its trainer and batch for ``bare_steps``)."""
+    for k, v in attrs.items():
+        setattr(fn, k, v)
+    return fn
+
+
+def data_loader_rate(cfg, spec, n_batches: int) -> tuple[float, int]:
+    """Patches per second that the stage-1 training loader delivers (MONAI transforms, foreground
+    crops, augmentation, ``data.num_workers`` workers) from synthetic volumes of twice the patch."""
+    import tempfile
+    from pathlib import Path
+
+    from vqldm.data import pipeline
+    from vqldm.synth import write_dataset
+
+    with tempfile.TemporaryDirectory(prefix="vqldm_bench_") as tmp:
+        shape = [2 * p for p in cfg.data.patch_size]
+        write_dataset(Path(tmp), num_train=8, num_val=0, shape=shape, seed=0, progress=False)
+        files = sorted((Path(tmp) / "train").glob("*.nii.gz"))
+        dcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augmentation=True, num_workers=spec["workers"]))
+        ds = pipeline.train_dataset(dcfg, files)
+        loader = pipeline.make_loader(ds, cfg.data.batch_size, True, dcfg.data.num_workers, torch.cuda.is_available())
+        got, t0, it = 0, None, iter(loader)
+        for i in range(n_batches + 1):
+            try:
+                b = next(it)
+            except StopIteration:
+                it = iter(loader)
+                b = next(it)
+            if i == 0:  # the first batch includes worker start-up
+                t0 = time.perf_counter()
+                continue
+            got += b["image"].shape[0]
+        return got / (time.perf_counter() - t0), dcfg.data.num_workers
+
+
+# Speed switches timed by --sweep besides the main row's (compile + CUDA graphs + channels_last_3d):
+# (name, compile, cuda_graphs, channels_last). Uncompiled variants cost no compilation time; stage 1
+# also times compile without graphs (its graph is the main row's, so the compile cache answers).
+SWEEP = [
+    ("eager", False, False, True),
+    ("graphs", False, True, True),
+    ("graphs_no_channels_last", False, True, False),
+]
+SWEEP_STAGE1 = SWEEP + [("compile_no_graphs", True, False, True)]
 
 
 # ------------------------------------------------------------------------------ driver
@@ -218,7 +303,8 @@ def _emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
 
-def run_benchmark(smoke: bool = False, device: str | None = None, only: str = "") -> list[dict]:
+def run_benchmark(smoke: bool = False, device: str | None = None, only: str = "", sweep: bool = False,
+                  compile_: bool = True) -> list[dict]:
     from vqldm.runtime import make_runtime
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -227,7 +313,7 @@ def run_benchmark(smoke: bool = False, device: str | None = None, only: str = ""
 
         raise VqldmError("--device cuda: no CUDA GPU is visible")
     spec = SPECS["smoke" if smoke else "full"]
-    cfg = _config(spec, device)
+    cfg = _config(spec, device, compile_)
     rt = make_runtime(cfg)
     dev = rt.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
@@ -251,45 +337,100 @@ def run_benchmark(smoke: bool = False, device: str | None = None, only: str = ""
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
-    def side_by_side(metric, ref_step, vq_step, batch, unit, vq_warm, **extra):
+    def measure(build, runs: int, warm_runs: int):
+        """Build one side's step and time it: (median seconds, peak GiB or None).
+
+        Peak memory counts only what this side allocates (network, optimizer state, activations,
+        CUDA-graph pools): it is measured above what was allocated before the side was built, and
+        the other side is freed first, so neither is charged for the other's tensors.
+        """
+        _release(dev)
+        base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+        _peak_reset(dev)
+        step = build()
+        t = _median_time(step, dev, runs, warm_runs)
+        peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**30 if dev.type == "cuda" else None
+        del step
+        _release(dev)
+        return t, peak
+
+    def side_by_side(metric, ref_build, vq_build, batch, unit, vq_warm, **extra):
         """Median step time of each side (and peak memory on CUDA), one row each."""
-        _peak_reset(dev)
-        t_ref = _median_time(ref_step, dev, n, warm)
-        m_ref = _peak(dev)
-        _peak_reset(dev)
-        t_vq = _median_time(vq_step, dev, n, warm + vq_warm)
-        m_vq = _peak(dev)
+        t_ref, m_ref = measure(ref_build, n, warm)
+        t_vq, m_vq = measure(vq_build, n, warm + vq_warm)
         row(metric, batch / t_ref, batch / t_vq, unit, batch=batch, **extra)
         if m_ref is not None:
             row(metric.split("_")[0] + "_peak_memory_gib", m_ref, m_vq, "GiB")
 
+    # compilation and CUDA-graph recording happen in the first steps: keep them out of the timing
+    extra_warm = 4 if rt.is_cuda else 0
+
+    def variants(metric, build, batch, unit, timed_runs, warm_runs, which=SWEEP, **extra):
+        """--sweep: vqldm's step under other combinations of the speed switches, one row each."""
+        if not (sweep and rt.is_cuda):
+            return
+        for variant, comp, graphs, cl in which:
+            vrt = dataclasses.replace(rt, compile=comp, cuda_graphs=graphs, channels_last=cl)
+            try:
+                torch._dynamo.reset()
+                t0 = time.perf_counter()
+                t, peak = measure(lambda: build(vrt), timed_runs, warm_runs)
+                _emit(what="sweep", metric=metric, variant=variant, device=name, vqldm=batch / t, unit=unit,
+                      peak_gib=peak, seconds_with_warmup=time.perf_counter() - t0, **extra)
+            except Exception as e:  # one failed variant must not lose the others
+                _emit(what="sweep", metric=metric, variant=variant, error=f"{e.__class__.__name__}: {str(e)[:300]}")
+
     def stage1():
-        side_by_side("stage1_train_volumes_per_s", ref_stage1(cfg, spec, dev), vq_stage1(cfg, spec, rt),
-                     spec["stage1_batch"], "volumes/s", 3 if rt.compile else 0, patch=spec["patch"],
+        side_by_side("stage1_train_volumes_per_s", lambda: ref_stage1(cfg, spec, dev), lambda: vq_stage1(cfg, spec, rt),
+                     spec["stage1_batch"], "volumes/s", extra_warm, patch=spec["patch"],
                      reference_style="eager fp16 autocast + GradScaler, Adam, L1")
+        variants("stage1_train_volumes_per_s", lambda r: vq_stage1(cfg, spec, r), spec["stage1_batch"],
+                 "volumes/s", n, warm + extra_warm, SWEEP_STAGE1)
 
     def stage2():
-        # CUDA-graph capture needs a few extra warm-up steps
-        side_by_side("stage2_train_latents_per_s", ref_stage2(cfg, spec, dev), vq_stage2(cfg, spec, rt),
-                     spec["stage2_batch"], "latents/s", 3 if rt.is_cuda else 0,
+        side_by_side("stage2_train_latents_per_s", lambda: ref_stage2(cfg, spec, dev), lambda: vq_stage2(cfg, spec, rt),
+                     spec["stage2_batch"], "latents/s", extra_warm,
                      reference_style="eager fp16 autocast + GradScaler, Adam")
+        variants("stage2_train_latents_per_s", lambda r: vq_stage2(cfg, spec, r), spec["stage2_batch"],
+                 "latents/s", n, warm + extra_warm)
 
     def sample():
-        run_ref, n_ref = ref_sample(cfg, spec, dev)
-        _peak_reset(dev)
-        t_ref = _median_time(run_ref, dev, 1 if smoke else 3, 1)
-        m_ref = _peak(dev)
-        run_vq, n_vq = vq_sample(cfg, spec, rt)
-        _peak_reset(dev)
-        t_vq = _median_time(run_vq, dev, 1 if smoke else 3, 2 if rt.is_cuda else 1)
-        m_vq = _peak(dev)
+        n_ref, n_vq = spec["ref_sample_batch"], spec["sample_batch"]
+        runs = 1 if smoke else 3
+        t_ref, m_ref = measure(lambda: ref_sample(cfg, spec, dev), runs, 1)
+        t_vq, m_vq = measure(lambda: vq_sample(cfg, spec, rt), runs, 2 if rt.is_cuda else 1)
         row("sample_volumes_per_s", n_ref / t_ref, n_vq / t_vq, "volumes/s", steps=spec["sample_steps"],
             scheduler="ddim", decode_included=True, reference_batch=n_ref, vqldm_batch=n_vq)
         if m_ref is not None:
-            row("sample_peak_memory_gib", m_ref, m_vq, "GiB")
+            row("sample_peak_memory_gib", m_ref, m_vq, "GiB", reference_batch=n_ref, vqldm_batch=n_vq)
+        variants("sample_volumes_per_s", lambda r: vq_sample(cfg, spec, r), n_vq, "volumes/s", runs, 2,
+                 steps=spec["sample_steps"], decode_included=True)
+
+    def overhead():
+        """The engine's cost over a bare loop of the same task, network and batch (graphs off on
+        both sides, so only the engine's own work differs)."""
+        runs = max(n, 30)  # a few per cent is the question: more steps than the speed rows
+        for stage, batch in (("stage1", spec["stage1_batch"]), ("stage2", spec["stage2_batch"])):
+            step_fn = vq_stage1 if stage == "stage1" else vq_stage2
+            t_bare, _ = measure(lambda: bare_steps(cfg, spec, rt, stage), runs, warm + extra_warm)
+            t_eng, _ = measure(lambda: step_fn(cfg, spec, dataclasses.replace(rt, cuda_graphs=False)), runs,
+                               warm + extra_warm)
+            _emit(what="engine_overhead", stage=stage, device=name, bare_steps_per_s=1 / t_bare,
+                  engine_steps_per_s=1 / t_eng, overhead=t_eng / t_bare - 1, batch=batch,
+                  engine_extras="gradient clipping, non-finite watch"
+                  + (", codebook tracking + dead-code restart" if stage == "stage1" else ", weight EMA"))
+
+    def data():
+        """Is the data pipeline off the critical path? Loader patches/s against the step's volumes/s."""
+        t_step, _ = measure(lambda: vq_stage1(cfg, spec, rt), n, warm + extra_warm)
+        rate, workers = data_loader_rate(cfg, spec, spec["loader_batches"])
+        consume = spec["stage1_batch"] / t_step
+        _emit(what="data_pipeline", device=name, loader_patches_per_s=rate, step_volumes_per_s=consume,
+              headroom=rate / consume, num_workers=workers, patch=spec["patch"], augmentation=True)
 
     for metric, fn in (("stage1_train_volumes_per_s", stage1), ("stage2_train_latents_per_s", stage2),
-                       ("sample_volumes_per_s", sample)):
+                       ("sample_volumes_per_s", sample), ("engine_overhead", overhead),
+                       ("data_pipeline", data)):
         if not wanted or metric in wanted:
             guarded(fn)
     return rows

@@ -33,9 +33,9 @@ class DeviceConfig:
     gpu_id: int = 0  # CUDA device index (ignored under torchrun: LOCAL_RANK decides)
     mixed_precision: bool = True  # AMP on CUDA: bf16 where supported, else fp16 + GradScaler
     channels_last: bool = True  # channels_last_3d memory format on CUDA (faster 3D convolutions)
-    compile: bool = False  # torch.compile the training network on CUDA (never on CPU); slow first minute
+    compile: bool = False  # torch.compile the networks on CUDA (never on CPU) for fused kernels; slow first minute
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels for fixed shapes
-    cuda_graphs: bool = True  # CUDA graphs for the stage-2 UNet, training and sampling (CUDA only; wins over compile)
+    cuda_graphs: bool = True  # record each training step (optimizer and EMA included) and the sampling UNet call once as CUDA graphs, then replay them (CUDA, single process, bf16/fp32)
 
 
 @dataclass

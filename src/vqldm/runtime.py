@@ -52,7 +52,8 @@ class Runtime:
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.is_cuda else "CPU"
         amp = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}[self.amp_dtype]
-        extras = [x for x, on in (("channels_last_3d", self.channels_last), ("torch.compile", self.compile)) if on]
+        extras = [x for x, on in (("channels_last_3d", self.channels_last), ("torch.compile", self.compile),
+                                  ("CUDA graphs", self.cuda_graphs)) if on]
         return f"{self.device} ({name}), {amp}" + (", " + ", ".join(extras) if extras else "")
 
 

@@ -135,7 +135,7 @@ def cmd_demo(args) -> int:
 def cmd_benchmark(args) -> int:
     from vqldm.benchmark import run_benchmark
 
-    run_benchmark(smoke=args.smoke, device=args.device, only=args.only)
+    run_benchmark(smoke=args.smoke, device=args.device, only=args.only, sweep=args.sweep, compile_=not args.no_compile)
     return 0
 
 
@@ -236,10 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("benchmark", help="speed: the reference loops vs vqldm's, side by side",
                        description="Time the original-README-style reference loops and vqldm's own for the same "
                                    "networks and batches; print one JSON line per metric with reference, vqldm and "
-                                   "ratio.")
+                                   "ratio (peak GPU memory too), then the engine's overhead over a bare loop and the "
+                                   "data loader's patches/s against the stage-1 step's volumes/s.")
     s.add_argument("--smoke", action="store_true", help="CPU-sized networks (minutes on a CPU)")
     s.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when present")
-    s.add_argument("--only", default="", help="comma-separated metrics to run (default all)")
+    s.add_argument("--only", default="",
+                   help="comma-separated parts to run (default all): stage1_train_volumes_per_s, "
+                        "stage2_train_latents_per_s, sample_volumes_per_s, engine_overhead, data_pipeline")
+    s.add_argument("--no-compile", action="store_true",
+                   help="vqldm's side without torch.compile (device.compile's default; no compilation minute)")
+    s.add_argument("--sweep", action="store_true",
+                   help="on a GPU, also time vqldm's loops under each combination of the speed switches "
+                        "(torch.compile, CUDA graphs, channels_last_3d): one 'sweep' line each")
     s.set_defaults(func=cmd_benchmark)
     return p
 

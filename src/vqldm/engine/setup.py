@@ -65,11 +65,11 @@ def val_loader(cfg: Config, stage: str, dataset, rt: Runtime):
                                 pin_memory=rt.is_cuda, sampler=sampler)
 
 
-def wrap_for_training(module: torch.nn.Module, rt: Runtime, cuda_graphs: bool = False):
+def wrap_for_training(module: torch.nn.Module, rt: Runtime):
     """DDP under torchrun, then torch.compile when switched on (CUDA only).
 
-    ``cuda_graphs`` compiles with ``mode="reduce-overhead"`` (CUDA graphs), for networks whose step
-    is bound by kernel-launch overhead rather than arithmetic (the stage-2 UNet on small latents).
+    Compilation fuses elementwise work into fewer kernels; CUDA graphs are not its business here:
+    the engine records the whole training step, optimizer included (:mod:`vqldm.engine.graphs`).
     """
     fwd = module
     if dist.is_dist():
@@ -77,9 +77,7 @@ def wrap_for_training(module: torch.nn.Module, rt: Runtime, cuda_graphs: bool = 
 
         ids = [rt.device.index] if rt.is_cuda else None
         fwd = DDP(module, device_ids=ids)
-    if cuda_graphs and rt.is_cuda:
-        fwd = torch.compile(fwd, mode="reduce-overhead")
-    elif rt.compile:
+    if rt.compile:
         fwd = torch.compile(fwd)
     return fwd
 

@@ -32,6 +32,7 @@ log = logging.getLogger("vqldm")
 
 BEST, LATEST = "best_model.pt", "latest_checkpoint.pt"
 STAGES = ("vqvae", "diffusion")  # the config sections (and event-file suffixes) of the two stages
+GRAPH_WARMUP_STEPS = 3  # eager steps (cuDNN autotuning, compilation, optimizer state) before recording
 
 
 @dataclass
@@ -59,6 +60,9 @@ class Task:
     model: torch.nn.Module  # the network that is checkpointed and averaged (EMA)
     train_forward: Any = None  # the callable used in training_step (may be DDP- or compile-wrapped)
     val_loss_key = "loss"
+    # whether training_step is GPU work alone (no host sync, no CPU randomness, no Python decision on
+    # tensor values), so that the engine may replay the whole step from a CUDA graph
+    graph_safe = False
 
     def optimizers(self) -> list[OptimizerSpec]:
         raise NotImplementedError
@@ -66,8 +70,8 @@ class Task:
     def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def after_optimizer_step(self, out: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
-        return {}
+    def after_optimizer_step(self, out: dict[str, torch.Tensor], ctx: StepContext) -> None:
+        """Host-side work after each optimizer step; ``out`` is the step's detached outputs."""
 
     def validation_step(self, batch: dict, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -128,6 +132,8 @@ class Trainer:
         self._volatile: list[torch.Tensor] | None = None  # see _volatile_tensors
         self._first_bad: torch.Tensor | None = None  # device scalar: first non-finite step, or -1
         self._step_dev: torch.Tensor | None = None
+        self._graph = None  # CudaGraphed step, False where graphs cannot be used (see graph_blockers)
+        self._graph_ema_outside = False
 
     # ------------------------------------------------------------------ checkpoints
     def _eval_model(self) -> torch.nn.Module:
@@ -319,12 +325,13 @@ class Trainer:
         """Remember the first non-finite step on the device, without a host sync per step.
 
         ``check_finite`` reads it at log steps and before every checkpoint, so a bad step stops
-        the run before anything it touched is saved.
+        the run before anything it touched is saved. Updated in place, so a CUDA graph replay
+        carries it from step to step.
         """
         if self._first_bad is None:
             self._first_bad = torch.full((), -1, dtype=torch.long, device=finite.device)
             self._step_dev = torch.full((), self.step, dtype=torch.long, device=finite.device)
-        self._first_bad = torch.where((~finite) & (self._first_bad < 0), self._step_dev, self._first_bad)
+        self._first_bad.copy_(torch.where((~finite) & (self._first_bad < 0), self._step_dev, self._first_bad))
         self._step_dev += 1
 
     def check_finite(self) -> None:
@@ -336,31 +343,54 @@ class Trainer:
         if int(bad) >= 0:
             self._raise_nonfinite(int(bad))
 
-    def _train_step(self, batch: dict) -> dict[str, torch.Tensor] | None:
-        """One optimisation step; returns the step's scalars as device tensors (no host sync)."""
-        ctx = StepContext(self.epoch, self.step)
-        saved = [t.detach().clone() for t in self._volatile_tensors()] if self.t.skip_nonfinite else None
+    # ------------------------------------------------------------------ one step
+    def graph_blockers(self) -> list[str]:
+        """Why this run cannot replay its training step from a CUDA graph (empty: it can)."""
+        why = []
+        if not (self.rt.is_cuda and self.rt.cuda_graphs):
+            why.append("device.cuda_graphs is off or no CUDA GPU is used")
+        if dist.is_dist():
+            why.append("distributed training (DDP) runs eagerly")
+        if self.rt.needs_grad_scaler:
+            why.append("fp16 with a GradScaler needs a host decision per step (bf16 does not)")
+        if self.t.skip_nonfinite:
+            why.append(f"{self.task.stage_key}.training.skip_nonfinite needs a host decision per step")
+        if len(self.specs) != 1 or self.specs[0].active_from_epoch:
+            why.append("more than one optimizer (the adversarial discriminator)")
+        if not self.task.graph_safe:
+            why.append(f"the {self.task.stage_key} task is not graph-safe")
+        return why
+
+    def _task_has_after_step(self) -> bool:
+        return type(self.task).after_optimizer_step is not Task.after_optimizer_step
+
+    def _forward(self, batch: dict, ctx: StepContext):
+        """The task's losses, the optimizers active now, and whether their losses are finite (on device)."""
         with self.rt.autocast():
             out = self.task.training_step(batch, ctx)
         active = [s for s in self.specs if self.epoch >= s.active_from_epoch and s.loss_key in out]
         finite = torch.isfinite(torch.stack([out[s.loss_key].detach().float() for s in active])).all()
-        if self.t.skip_nonfinite:  # skipping needs the answer now: one host sync per step
-            bad = (~finite).float().reshape(1)
-            if dist.is_dist():  # every rank skips the same batch, or DDP's gradient all-reduce hangs
-                dist.all_reduce_max(bad)
-            if bool(bad.item()):
-                self.skipped += 1
-                for s in self.specs:
-                    s.optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():  # undo what the forward pass wrote into buffers
-                    for t, v in zip(self._volatile_tensors(), saved):
-                        t.copy_(v)
-                # numbered like TensorBoard's train/ axis: the step this batch would have been
-                log.warning("non-finite loss at step %d (epoch %d): batch skipped (%d so far)",
-                            self.step + 1, self.epoch + 1, self.skipped)
-                return None
-        else:
-            self._watch_finite(finite)
+        return out, active, finite
+
+    def _device_step(self, batch: dict, ctx: StepContext, with_ema: bool) -> dict[str, torch.Tensor]:
+        """Forward, backward, clipping, optimizer (and EMA): GPU work only, no host sync, so that
+        a CUDA graph can record it. Not used with skip_nonfinite (see ``_train_step``)."""
+        out, active, finite = self._forward(batch, ctx)
+        self._watch_finite(finite)
+        self._optimize(out, active)
+        if with_ema and self.ema is not None:
+            self.ema.update(self.task.model)
+        return _detached(out)
+
+    def _finish(self, out: dict[str, torch.Tensor], ctx: StepContext, ema: bool) -> dict[str, torch.Tensor]:
+        """The host side of a step's end: the task's hook, the EMA (unless the graph ran it), the count."""
+        self.task.after_optimizer_step(out, ctx)
+        if ema and self.ema is not None:
+            self.ema.update(self.task.model)
+        self.step += 1
+        return _scalars(out)
+
+    def _optimize(self, out: dict[str, torch.Tensor], active: list[OptimizerSpec]) -> None:
         for s in active:
             s.optimizer.zero_grad(set_to_none=True)
             scaler = self.scalers[s.name]
@@ -370,11 +400,57 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(s.params, self.t.grad_clip_norm)
             scaler.step(s.optimizer)
             scaler.update()
-        self.task.after_optimizer_step(out, ctx)
-        if self.ema is not None:
-            self.ema.update(self.task.model)
-        self.step += 1
-        return {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0}
+
+    def _graphed_step(self):
+        """The step replayed from a CUDA graph, built on first use (None where not possible)."""
+        if self._graph is None:
+            blockers = self.graph_blockers()
+            if blockers:
+                self._graph = False
+                if self.rt.is_cuda and self.rt.cuda_graphs:
+                    log.info("CUDA graphs off for the %s step: %s", self.task.stage_key, "; ".join(blockers))
+            else:
+                from vqldm.engine.graphs import CudaGraphed
+
+                # EMA goes into the graph unless the task changes the model after the optimizer step
+                # (stage 1's codebook restarts): the EMA must see that change, as in the eager order
+                with_ema = not self._task_has_after_step()
+                self._graph_ema_outside = not with_ema
+                self._graph = CudaGraphed(
+                    lambda b: self._device_step(b, StepContext(self.epoch, self.step), with_ema),
+                    self.rt.device, warmup=GRAPH_WARMUP_STEPS, prepare=self.rt.to_device,
+                    name=f"{self.task.stage_key} training step")
+        return self._graph or None
+
+    def _train_step(self, batch: dict) -> dict[str, torch.Tensor] | None:
+        """One optimisation step; returns the step's scalars as device tensors (no host sync)."""
+        ctx = StepContext(self.epoch, self.step)
+        graphed = self._graphed_step()
+        if graphed is not None:
+            out = graphed({k: v for k, v in batch.items() if torch.is_tensor(v)})
+            # the hook reads ``out`` before the next replay overwrites it; the logged values are copied
+            return {k: v.clone() for k, v in self._finish(out, ctx, ema=self._graph_ema_outside).items()}
+        if not self.t.skip_nonfinite:
+            return self._finish(self._device_step(batch, ctx, with_ema=False), ctx, ema=True)
+        saved = [t.detach().clone() for t in self._volatile_tensors()]
+        out, active, finite = self._forward(batch, ctx)
+        # skipping needs the answer now: one host sync per step
+        bad = (~finite).float().reshape(1)
+        if dist.is_dist():  # every rank skips the same batch, or DDP's gradient all-reduce hangs
+            dist.all_reduce_max(bad)
+        if bool(bad.item()):
+            self.skipped += 1
+            for s in self.specs:
+                s.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():  # undo what the forward pass wrote into buffers
+                for t, v in zip(self._volatile_tensors(), saved):
+                    t.copy_(v)
+            # numbered like TensorBoard's train/ axis: the step this batch would have been
+            log.warning("non-finite loss at step %d (epoch %d): batch skipped (%d so far)",
+                        self.step + 1, self.epoch + 1, self.skipped)
+            return None
+        self._optimize(out, active)
+        return self._finish(_detached(out), ctx, ema=True)
 
     @torch.no_grad()
     def validate(self, max_batches: int | None = None) -> dict[str, float]:
@@ -502,6 +578,16 @@ class Trainer:
             return FitResult(None, None, self.best, self.epoch, self.step, history, self.skipped)
         best_path = self.out_dir / BEST if (self.out_dir / BEST).exists() else None
         return FitResult(best_path, self.out_dir / LATEST, self.best, self.epoch, self.step, history, self.skipped)
+
+
+def _detached(out: dict) -> dict[str, torch.Tensor]:
+    """A step's outputs without autograd history: scalars as float32, other tensors as they are."""
+    return {k: (v.detach().float() if v.ndim == 0 else v.detach()) for k, v in out.items() if torch.is_tensor(v)}
+
+
+def _scalars(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The step's logged values: its 0-d tensors (losses)."""
+    return {k: v for k, v in out.items() if v.ndim == 0}
 
 
 def _fmt(values: list[float]) -> str:

@@ -147,12 +147,23 @@ def load_generator(cfg: Config, diffusion_checkpoint: str | None = None, vqvae_c
 
 
 def _denoiser(gen: Generator):
-    """The UNet call; captured in CUDA graphs (torch.compile reduce-overhead) where switched on."""
+    """The UNet call, built once: compiled where ``device.compile`` is on, replayed from a CUDA graph
+    (one per batch shape) where ``device.cuda_graphs`` is on."""
     if gen._denoise is None:
         net = gen.unet
+        if gen.rt.compile:
+            net = torch.compile(net, dynamic=False)
+
+        def call(x, t):
+            return net(x=x, timesteps=t)
+
         if gen.rt.cuda_graphs:
-            net = torch.compile(net, mode="reduce-overhead", dynamic=False)
-        gen._denoise = lambda x, t: net(x=x, timesteps=t)
+            from vqldm.engine.graphs import CudaGraphed
+
+            graphed = CudaGraphed(lambda b: call(b["x"], b["t"]), gen.rt.device, warmup=2, name="UNet sampling call")
+            gen._denoise = lambda x, t: graphed({"x": x, "t": t})
+        else:
+            gen._denoise = call
     return gen._denoise
 
 

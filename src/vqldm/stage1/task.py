@@ -30,14 +30,16 @@ class VQVAEForward(nn.Module):
 
 
 def make_optimizer(params, lr: float, weight_decay: float, rt: Runtime) -> torch.optim.Optimizer:
-    """AdamW; the fused CUDA kernel where available (one launch for all parameters)."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=rt.is_cuda)
+    """AdamW; on CUDA the fused kernel (one launch for all parameters), capturable so that a CUDA
+    graph can record its step (its step counter lives on the GPU)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=rt.is_cuda, capturable=rt.is_cuda)
 
 
 class Stage1Task(Task):
     kind = "stage1"
     stage_key = "vqvae"
     val_loss_key = "loss"
+    graph_safe = True  # the codebook's data initialisation runs in the eager warm-up steps
 
     def __init__(self, cfg: Config, rt: Runtime, norm: Normalization, spacing: tuple[float, float, float]):
         self.cfg, self.rt, self.norm, self.spacing = cfg, rt, norm, tuple(float(s) for s in spacing)
@@ -67,7 +69,6 @@ class Stage1Task(Task):
                 spatial_dims=3, channels=self.adv.num_channels, in_channels=1, out_channels=1,
                 num_layers_d=self.adv.num_layers))
             self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -------------------------------------------------------------- engine hooks
     def optimizers(self) -> list[OptimizerSpec]:
@@ -108,12 +109,11 @@ class Stage1Task(Task):
             out["gen_adv_loss"] = gen_adv
             out["disc_loss"] = 0.5 * (fake + real)
         out["total_loss"] = total
-        self._last = (indices.detach(), z.detach())
+        out["indices"], out["z"] = indices, z  # for codebook tracking after the optimizer step
         return out
 
-    def after_optimizer_step(self, out, ctx: StepContext) -> dict[str, float]:
-        indices, z = self._last
-        self._last = None
+    def after_optimizer_step(self, out, ctx: StepContext) -> None:
+        indices, z = out["indices"], out["z"]
         self.codebook_ready = True  # only now: a skipped first batch restores the codebook, so init again
         self.tracker.update(indices)
         cb = self.cfg.vqvae.codebook
@@ -122,7 +122,6 @@ class Stage1Task(Task):
             n = restart_codes(self.quantizer, dead, z)
             self.restarted_epoch += n
             self.restarted_total += n
-        return {}
 
     def on_train_epoch_end(self, epoch: int) -> dict[str, float]:
         s = self.tracker.epoch_stats()

@@ -23,6 +23,7 @@ class Stage2Task(Task):
     kind = "stage2"
     stage_key = "diffusion"
     val_loss_key = "loss"
+    graph_safe = True  # noise and timesteps are drawn on the device: each replay draws fresh ones
 
     def __init__(self, cfg: Config, rt: Runtime, vqvae: nn.Module, net_config: dict, scheduler_cfg: dict,
                  scale_factor: float, meta: dict, vis_real: torch.Tensor | None, to_unit):

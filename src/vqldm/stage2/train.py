@@ -132,7 +132,7 @@ def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool
         "latent_source": "cache" if use_cache else "on_the_fly",
     }
     task = Stage2Task(cfg, rt, vqvae, unet_net_config(cfg), sc, scale, meta, vis_real, norm.to_unit)
-    task.train_forward = setup.wrap_for_training(task.model, rt, cuda_graphs=rt.cuda_graphs)
+    task.train_forward = setup.wrap_for_training(task.model, rt)
     bs, world = cfg.batch_size("diffusion"), dist.world_size()
     log.info("stage 2: latent %s, batch %d per rank x %d rank(s) = effective batch %d, lr %g%s, %s scheduler",
              lat_shape, bs, world, bs * world, cfg.learning_rate("diffusion"),
