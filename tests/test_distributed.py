@@ -429,3 +429,22 @@ def test_resume_one_process_run_with_two_ranks(resumed):
     assert latest["epoch"] == 2 and latest["step"] == 3
     assert load_checkpoint(resumed["root"] / "one" / "df" / "latest_checkpoint.pt")["epoch"] == 2
     assert load_checkpoint(resumed["root"] / "one" / "df" / "best_model.pt")["scale_factor"] == one_df["scale_factor"]
+
+
+@pytest.mark.parametrize("as_module", [True, False])
+def test_a_torchrun_rank_exits_with_its_code_and_all_its_output(tmp_path, data3, as_module):
+    """Under torchrun the command ends with os._exit (see cli.main.console): stdout, even block-buffered
+    into a pipe, still arrives whole, and the exit code is the command's."""
+    cfg_path = write_config(tmp_path / "config.yaml", ddp_config(tmp_path, data3))
+    env = _env()
+    env.pop("PYTHONUNBUFFERED")
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    cmd = [sys.executable, "-m", "vqldm"] if as_module else [str(vqldm_script())]
+    ok = subprocess.run([*cmd, "check", "--config", str(cfg_path), "--json"], capture_output=True, text=True,
+                        env=env, timeout=TIMEOUT)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["latent_shape"]
+    bad = subprocess.run([*cmd, "check", "--config", str(cfg_path), "--set", "vqvae.num_embedings=3"],
+                         capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert bad.returncode == 2
+    assert "vqvae.num_embedings" in bad.stderr and "Traceback" not in bad.stderr
