@@ -39,6 +39,13 @@ def test_benchmark_only_runs_the_named_metric(capsys):
     assert [r["metric"] for r in rows if "metric" in r] == ["sample_volumes_per_s"]
 
 
+def test_benchmark_refuses_an_unknown_part(capsys):
+    assert run_cli("benchmark", "--smoke", "--device", "cpu", "--only", "stage1,data_pipeline") == 2
+    err = capsys.readouterr().err
+    assert "--only: unknown part(s) stage1; choose from stage1_train_volumes_per_s" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_benchmark_on_cuda_without_a_gpu_is_one_clear_error(capsys):
     assert run_cli("benchmark", "--smoke", "--device", "cuda") != 0

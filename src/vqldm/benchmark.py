@@ -299,6 +299,11 @@ SWEEP_STAGE1 = SWEEP + [("compile_no_graphs", True, False, True)]
 
 
 # ------------------------------------------------------------------------------ driver
+# what --only can name, in the order they run
+PARTS = ("stage1_train_volumes_per_s", "stage2_train_latents_per_s", "sample_volumes_per_s", "engine_overhead",
+         "data_pipeline")
+
+
 def _emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
@@ -312,12 +317,17 @@ def run_benchmark(smoke: bool = False, device: str | None = None, only: str = ""
         from vqldm.errors import VqldmError
 
         raise VqldmError("--device cuda: no CUDA GPU is visible")
+    wanted = set(filter(None, only.split(",")))
+    unknown = sorted(wanted - set(PARTS))
+    if unknown:
+        from vqldm.errors import VqldmError
+
+        raise VqldmError(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     spec = SPECS["smoke" if smoke else "full"]
     cfg = _config(spec, device, compile_)
     rt = make_runtime(cfg)
     dev = rt.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    wanted = set(filter(None, only.split(",")))
     n, warm = spec["steps"], spec["warmup"]
     rows = []
     _emit(what="device", device=name, torch=torch.__version__, runtime=rt.describe(),
@@ -428,9 +438,9 @@ def run_benchmark(smoke: bool = False, device: str | None = None, only: str = ""
         _emit(what="data_pipeline", device=name, loader_patches_per_s=rate, step_volumes_per_s=consume,
               headroom=rate / consume, num_workers=workers, patch=spec["patch"], augmentation=True)
 
-    for metric, fn in (("stage1_train_volumes_per_s", stage1), ("stage2_train_latents_per_s", stage2),
-                       ("sample_volumes_per_s", sample), ("engine_overhead", overhead),
-                       ("data_pipeline", data)):
-        if not wanted or metric in wanted:
-            guarded(fn)
+    parts = {"stage1_train_volumes_per_s": stage1, "stage2_train_latents_per_s": stage2,
+             "sample_volumes_per_s": sample, "engine_overhead": overhead, "data_pipeline": data}
+    for part in PARTS:
+        if not wanted or part in wanted:
+            guarded(parts[part])
     return rows
