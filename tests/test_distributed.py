@@ -163,6 +163,7 @@ DUMP_SCRIPT = textwrap.dedent('''
     sample_to_files(cfg, SampleOptions(num_samples=5, batch_size=2, steps=3, seed=7, scheduler="ddpm",
                                        out_dir=out / "samples_ddpm", progress=False))
     dist.shutdown()
+    dist.exit_process(0)  # as the vqldm command ends a torchrun rank
 ''')
 
 
@@ -350,6 +351,7 @@ RESUME_SCRIPT = textwrap.dedent('''
         dist.barrier()  # rank 0's checkpoint is on disk before the next run reads it
     torch.save(out, sys.argv[6] + f"/resume_rank{dist.rank()}.pt")
     dist.shutdown()
+    dist.exit_process(0)  # as the vqldm command ends a torchrun rank
 ''')
 
 
@@ -433,8 +435,8 @@ def test_resume_one_process_run_with_two_ranks(resumed):
 
 @pytest.mark.parametrize("as_module", [True, False])
 def test_a_torchrun_rank_exits_with_its_code_and_all_its_output(tmp_path, data3, as_module):
-    """Under torchrun the command ends with os._exit (see cli.main.console): stdout, even block-buffered
-    into a pipe, still arrives whole, and the exit code is the command's."""
+    """Under torchrun the command ends with os._exit (distributed.exit_process): stdout, even
+    block-buffered into a pipe, still arrives whole, and the exit code is the command's."""
     cfg_path = write_config(tmp_path / "config.yaml", ddp_config(tmp_path, data3))
     env = _env()
     env.pop("PYTHONUNBUFFERED")
@@ -448,3 +450,43 @@ def test_a_torchrun_rank_exits_with_its_code_and_all_its_output(tmp_path, data3,
                          capture_output=True, text=True, env=env, timeout=TIMEOUT)
     assert bad.returncode == 2
     assert "vqvae.num_embedings" in bad.stderr and "Traceback" not in bad.stderr
+
+
+SLOW_SAVE_SCRIPT = textwrap.dedent('''
+    import sys
+    import time
+    from pathlib import Path
+
+    import vqldm.engine.trainer as trainer_module
+    from vqldm import distributed as dist
+    from vqldm.config import load_config
+    from vqldm.stage1.train import build_vqvae_trainer
+
+    write = trainer_module.save_atomic
+
+    def slow_write(obj, path):  # rank 0's checkpoint writes take a while (a slow disk)
+        time.sleep(1.5)
+        return write(obj, path)
+
+    trainer_module.save_atomic = slow_write
+    cfg = load_config(sys.argv[1], [])
+    build_vqvae_trainer(cfg, progress=False).fit()
+    out = Path(cfg.vqvae.checkpoints.output_dir)
+    seen = [name for name in ("best_model.pt", "latest_checkpoint.pt") if (out / name).is_file()]
+    Path(sys.argv[2], f"seen_rank{dist.rank()}.txt").write_text(",".join(seen))
+    dist.shutdown()
+    dist.exit_process(0)
+''')
+
+
+def test_no_rank_leaves_fit_before_rank_0_has_written_its_checkpoints(tmp_path, data3):
+    """Code after fit() on any rank (sampling in the same script) finds rank 0's files, however slow
+    rank 0's disk is."""
+    cfg = with_updates(ddp_config(tmp_path, data3), vqvae__training__n_epochs=1)
+    cfg_path = write_config(tmp_path / "config.yaml", cfg)
+    script = tmp_path / "slow_save.py"
+    script.write_text(SLOW_SAVE_SCRIPT)
+    p = torchrun(script, cfg_path, tmp_path)
+    assert p.returncode == 0
+    for r in range(WORLD):
+        assert (tmp_path / f"seen_rank{r}.txt").read_text() == "best_model.pt,latest_checkpoint.pt"

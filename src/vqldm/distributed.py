@@ -17,6 +17,8 @@ import atexit
 import datetime
 import logging
 import os
+import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -66,6 +68,19 @@ def shutdown() -> None:
     if is_dist():
         barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """End a finished torchrun rank: run the exit handlers, flush, then ``os._exit(code)``.
+
+    Call it after :func:`shutdown`. It skips interpreter finalisation, where torch's C++ teardown
+    sometimes aborted a gloo rank even after the process group was destroyed (SIGABRT, "terminate
+    called without an active exception"). torchrun then reported the finished job as failed.
+    """
+    atexit._run_exitfuncs()  # what a normal exit runs first (logging, process-group clean-up)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_dist() -> bool:

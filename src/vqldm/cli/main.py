@@ -294,24 +294,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console() -> None:
-    """The ``vqldm`` command (console script and ``python -m vqldm``).
-
-    Under torchrun a rank that has finished leaves with ``os._exit`` once the exit handlers have run
-    and its output is flushed: the process group is already destroyed and every file is written, but
-    torch's C++ teardown during interpreter finalisation can still abort a gloo rank now and then
-    (SIGABRT, "terminate called without an active exception"), which torchrun reports as a failed job.
-    """
+    """The ``vqldm`` command (console script and ``python -m vqldm``). A torchrun rank ends through
+    :func:`vqldm.distributed.exit_process`: its process group is gone and its files are written."""
     code = main()
     from vqldm import distributed as dist
 
     if dist.launched_by_torchrun():
-        import atexit
-        import os
-
-        atexit._run_exitfuncs()  # what a normal exit runs first (logging, process-group clean-up)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        dist.exit_process(code)
     sys.exit(code)
 
 

@@ -574,6 +574,9 @@ class Trainer:
             board.close()
         if self.skipped:
             log.warning("%d batch(es) with a non-finite loss were skipped", self.skipped)
+        # no rank returns before rank 0 has written the last checkpoints: code that goes on to read
+        # them (sampling after training in one script) would otherwise race rank 0's writes
+        dist.barrier()
         if not dist.is_main():  # rank 0 writes the files; other ranks report none
             return FitResult(None, None, self.best, self.epoch, self.step, history, self.skipped)
         best_path = self.out_dir / BEST if (self.out_dir / BEST).exists() else None
