@@ -39,6 +39,14 @@ def test_benchmark_only_runs_the_named_metric(capsys):
     assert [r["metric"] for r in rows if "metric" in r] == ["sample_volumes_per_s"]
 
 
+def test_benchmark_help_names_every_part(capsys):
+    from vqldm.benchmark import PARTS
+
+    assert run_cli("benchmark", "--help") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(part in text for part in PARTS)
+
+
 def test_benchmark_refuses_an_unknown_part(capsys):
     assert run_cli("benchmark", "--smoke", "--device", "cpu", "--only", "stage1,data_pipeline") == 2
     err = capsys.readouterr().err

@@ -224,15 +224,15 @@ def vq_sample(cfg, spec, rt):
                             batch_size=n, snap=True)
 
 
-def bare_steps(cfg, spec, rt, stage: str):
-    """The same task, network and batch as the engine step, run as a hand-written loop would:
+def bare_steps(cfg, spec, rt, engine_step_fn):
+    """The same task, network and batch as ``engine_step_fn``'s engine step (``vq_stage1`` or
+    ``vq_stage2``), run as a hand-written loop would:
     forward and loss (the task's ``training_step``), backward, optimizer step. Nothing else: no
     clipping, non-finite watch, codebook tracking or restarts, EMA, CUDA graphs."""
     from vqldm.engine.trainer import StepContext
     from vqldm.stage1.task import make_optimizer
 
-    step_fn = vq_stage1 if stage == "stage1" else vq_stage2
-    engine_step = step_fn(cfg, spec, dataclasses.replace(rt, cuda_graphs=False))
+    engine_step = engine_step_fn(cfg, spec, dataclasses.replace(rt, cuda_graphs=False))
     trainer = engine_step.trainer
     task, batch = trainer.task, engine_step.batch
     spec0 = trainer.specs[0]
@@ -344,8 +344,7 @@ def run_benchmark(smoke: bool = False, device: str | None = None, only: str = ""
             fn()
         except Exception as e:  # one failed metric must not lose the others
             _emit(what=fn.__name__, error=f"{e.__class__.__name__}: {str(e)[:300]}")
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        _release(dev)
 
     def measure(build, runs: int, warm_runs: int):
         """Build one side's step and time it: (median seconds, peak GiB or None).
@@ -364,13 +363,14 @@ def run_benchmark(smoke: bool = False, device: str | None = None, only: str = ""
         _release(dev)
         return t, peak
 
-    def side_by_side(metric, ref_build, vq_build, batch, unit, vq_warm, **extra):
-        """Median step time of each side (and peak memory on CUDA), one row each."""
+    def side_by_side(metric, ref_build, vq_build, batch, unit, vq_warm, **extra) -> float:
+        """Median step time of each side (and peak memory on CUDA), one row each; returns vqldm's."""
         t_ref, m_ref = measure(ref_build, n, warm)
         t_vq, m_vq = measure(vq_build, n, warm + vq_warm)
         row(metric, batch / t_ref, batch / t_vq, unit, batch=batch, **extra)
         if m_ref is not None:
             row(metric.split("_")[0] + "_peak_memory_gib", m_ref, m_vq, "GiB")
+        return t_vq
 
     # compilation and CUDA-graph recording happen in the first steps: keep them out of the timing
     extra_warm = 4 if rt.is_cuda else 0
@@ -390,10 +390,12 @@ def run_benchmark(smoke: bool = False, device: str | None = None, only: str = ""
             except Exception as e:  # one failed variant must not lose the others
                 _emit(what="sweep", metric=metric, variant=variant, error=f"{e.__class__.__name__}: {str(e)[:300]}")
 
+    stage1_step_s = []  # vqldm's stage-1 step time, once measured: the data check reuses it
+
     def stage1():
-        side_by_side("stage1_train_volumes_per_s", lambda: ref_stage1(cfg, spec, dev), lambda: vq_stage1(cfg, spec, rt),
+        stage1_step_s.append(side_by_side("stage1_train_volumes_per_s", lambda: ref_stage1(cfg, spec, dev), lambda: vq_stage1(cfg, spec, rt),
                      spec["stage1_batch"], "volumes/s", extra_warm, patch=spec["patch"],
-                     reference_style="eager fp16 autocast + GradScaler, Adam, L1")
+                     reference_style="eager fp16 autocast + GradScaler, Adam, L1"))
         variants("stage1_train_volumes_per_s", lambda r: vq_stage1(cfg, spec, r), spec["stage1_batch"],
                  "volumes/s", n, warm + extra_warm, SWEEP_STAGE1)
 
@@ -420,9 +422,9 @@ def run_benchmark(smoke: bool = False, device: str | None = None, only: str = ""
         """The engine's cost over a bare loop of the same task, network and batch (graphs off on
         both sides, so only the engine's own work differs)."""
         runs = max(n, 30)  # a few per cent is the question: more steps than the speed rows
-        for stage, batch in (("stage1", spec["stage1_batch"]), ("stage2", spec["stage2_batch"])):
-            step_fn = vq_stage1 if stage == "stage1" else vq_stage2
-            t_bare, _ = measure(lambda: bare_steps(cfg, spec, rt, stage), runs, warm + extra_warm)
+        for stage, step_fn, batch in (("stage1", vq_stage1, spec["stage1_batch"]),
+                                      ("stage2", vq_stage2, spec["stage2_batch"])):
+            t_bare, _ = measure(lambda: bare_steps(cfg, spec, rt, step_fn), runs, warm + extra_warm)
             t_eng, _ = measure(lambda: step_fn(cfg, spec, dataclasses.replace(rt, cuda_graphs=False)), runs,
                                warm + extra_warm)
             _emit(what="engine_overhead", stage=stage, device=name, bare_steps_per_s=1 / t_bare,
@@ -432,7 +434,8 @@ def run_benchmark(smoke: bool = False, device: str | None = None, only: str = ""
 
     def data():
         """Is the data pipeline off the critical path? Loader patches/s against the step's volumes/s."""
-        t_step, _ = measure(lambda: vq_stage1(cfg, spec, rt), n, warm + extra_warm)
+        t_step = stage1_step_s[0] if stage1_step_s else measure(lambda: vq_stage1(cfg, spec, rt), n,
+                                                                  warm + extra_warm)[0]
         rate, workers = data_loader_rate(cfg, spec, spec["loader_batches"])
         consume = spec["stage1_batch"] / t_step
         _emit(what="data_pipeline", device=name, loader_patches_per_s=rate, step_volumes_per_s=consume,
