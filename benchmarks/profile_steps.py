@@ -57,7 +57,7 @@ def profile_step(name: str, step) -> None:
 
 
 def bare_stage1(cfg, spec, dev):
-    from vqldm.stage1.model import build_vqvae, vqvae_net_config
+    from vqldm.autoencoder.model import build_vqvae, vqvae_net_config
 
     m = build_vqvae(vqvae_net_config(cfg)).to(dev).to(memory_format=torch.channels_last_3d)
     x = torch.rand(spec["stage1_batch"], 1, *cfg.data.patch_size, device=dev).contiguous(

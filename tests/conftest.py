@@ -135,7 +135,7 @@ def with_updates(cfg: dict, **dotted) -> dict:
 # ----------------------------------------------------------------------------------- CLI
 def run_cli(*args) -> int:
     """``vqldm ARGS`` in this process; returns the exit code (use capsys to read stdout/stderr)."""
-    from vqldm.cli.main import main
+    from vqldm.cli import main
 
     try:
         return main([str(a) for a in args])

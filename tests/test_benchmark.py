@@ -40,7 +40,7 @@ def test_benchmark_only_runs_the_named_metric(capsys):
 
 
 def test_benchmark_help_names_every_part(capsys):
-    from vqldm.benchmark import PARTS
+    from vqldm.commands.benchmark import PARTS
 
     assert run_cli("benchmark", "--help") == 0
     text = " ".join(capsys.readouterr().out.split())

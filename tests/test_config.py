@@ -16,6 +16,7 @@ from vqldm.config import (
     load_config,
     upsample_parameters,
 )
+from vqldm.data.io import check_data_dirs
 from vqldm.errors import VqldmError
 
 from conftest import run_cli, run_cli_subprocess, tiny_config_dict, with_updates, write_config
@@ -165,7 +166,7 @@ def test_packaged_tiny_config_latent_shape(data_dir):
 
 
 def test_defaults_follow_original_readme():
-    cfg = config_from_dict({}, check_paths=False)
+    cfg = config_from_dict({})
     assert cfg.vqvae.checkpoints.output_dir == "outputs/vq_ldm/vqvae_checkpoints"
     assert cfg.vqvae.logging.log_dir == "outputs/vq_ldm/vqvae_logs"
     assert cfg.diffusion.checkpoints.output_dir == "outputs/vq_ldm/diffusion_checkpoints"
@@ -189,7 +190,7 @@ def test_defaults_follow_original_readme():
 
 def test_partial_section_keeps_stage_specific_defaults():
     cfg = config_from_dict({"vqvae": {"checkpoints": {"resume_from": "x.pt"}},
-                            "diffusion": {"checkpoints": {"output_dir": "elsewhere"}}}, check_paths=False)
+                            "diffusion": {"checkpoints": {"output_dir": "elsewhere"}}})
     assert cfg.vqvae.checkpoints.output_dir == "outputs/vq_ldm/vqvae_checkpoints"
     assert cfg.vqvae.checkpoints.resume_from == "x.pt"
     assert cfg.diffusion.checkpoints.output_dir == "elsewhere"
@@ -203,7 +204,7 @@ def test_one_stride2_level_per_channel_entry(tmp_path, data_dir):
     d["diffusion"]["num_channels"] = [16]
     d["diffusion"]["attention_levels"] = [False]
     d["diffusion"]["num_head_channels"] = [16]  # the middle block's attention needs a head size
-    cfg = config_from_dict(d, check_paths=False)
+    cfg = config_from_dict(d)
     assert latent_shape(cfg) == [4, 4, 4, 2]
 
 
@@ -212,14 +213,14 @@ def test_training_section_overrides_shared_values(tmp_path, data_dir):
     d["data"]["batch_size"] = 2
     d["vqvae"]["learning_rate"] = 1e-3
     d["diffusion"]["learning_rate"] = 1e-3
-    cfg = config_from_dict(d, check_paths=False)
+    cfg = config_from_dict(d)
     assert cfg.batch_size("vqvae") == 2 and cfg.batch_size("diffusion") == 2
     assert cfg.learning_rate("vqvae") == pytest.approx(1e-3)
     d["vqvae"]["training"]["batch_size"] = 7
     d["vqvae"]["training"]["learning_rate"] = 3e-4
     d["diffusion"]["training"]["batch_size"] = 5
     d["diffusion"]["training"]["learning_rate"] = 2e-5
-    cfg = config_from_dict(d, check_paths=False)
+    cfg = config_from_dict(d)
     assert cfg.batch_size("vqvae") == 7 and cfg.batch_size("diffusion") == 5
     assert cfg.learning_rate("vqvae") == pytest.approx(3e-4)
     assert cfg.learning_rate("diffusion") == pytest.approx(2e-5)
@@ -305,7 +306,7 @@ def test_config_mistake_names_key(name, tmp_path, data_dir):
     updates, must_name = MISTAKES[name]
     d = with_updates(tiny_config_dict(tmp_path, data_dir), **updates)
     with pytest.raises(VqldmError) as ei:
-        config_from_dict(d, check_paths=True)
+        check_data_dirs(config_from_dict(d).data)
     msg = str(ei.value)
     for s in must_name:
         assert s in msg, (name, msg)
@@ -314,14 +315,14 @@ def test_config_mistake_names_key(name, tmp_path, data_dir):
 def test_did_you_mean(tmp_path, data_dir):
     d = with_updates(tiny_config_dict(tmp_path, data_dir), vqvae__num_embedings=64)
     with pytest.raises(VqldmError, match=r"did you mean 'num_embeddings'"):
-        config_from_dict(d, check_paths=False)
+        config_from_dict(d)
 
 
 def test_missing_data_dir_named(tmp_path, data_dir):
     missing = tmp_path / "no_such_dir"
     d = with_updates(tiny_config_dict(tmp_path, data_dir), data__train_data_dir=str(missing))
     with pytest.raises(VqldmError) as ei:
-        config_from_dict(d, check_paths=True)
+        check_data_dirs(config_from_dict(d).data)
     assert "data.train_data_dir" in str(ei.value) and str(missing) in str(ei.value)
 
 
@@ -331,7 +332,7 @@ def test_empty_data_dir_named(tmp_path, data_dir):
     (empty / "notes.txt").write_text("not a volume")
     d = with_updates(tiny_config_dict(tmp_path, data_dir), data__val_data_dir=str(empty))
     with pytest.raises(VqldmError) as ei:
-        config_from_dict(d, check_paths=True)
+        check_data_dirs(config_from_dict(d).data)
     assert "data.val_data_dir" in str(ei.value) and str(empty) in str(ei.value)
 
 
@@ -438,3 +439,18 @@ def test_subprocess_help_lists_subcommands():
     assert r.returncode == 0
     for c in ("synth", "check", "train-vqvae", "train-diffusion", "sample", "evaluate", "demo", "benchmark"):
         assert c in r.stdout
+
+
+def test_config_is_read_only_once_loaded(tmp_path, data_dir):
+    """No code can change a validated config: what a checkpoint dictates travels as its own value."""
+    import dataclasses
+
+    cfg = config_from_dict(tiny_config_dict(tmp_path, data_dir))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.intensity_range = [-1.0, 1.0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1
+    # a partial section still merges over that section's own defaults
+    d = tiny_config_dict(tmp_path, data_dir)
+    d["diffusion"]["checkpoints"] = {"output_dir": str(tmp_path / "elsewhere")}
+    assert config_from_dict(d).diffusion.checkpoints.vqvae_path == "outputs/vq_ldm/vqvae_checkpoints/best_model.pt"

@@ -26,29 +26,30 @@ def _cfg(tmp_path, use_cuda: bool, graphs: bool, mixed: bool = False, cudnn_benc
     d["vqvae"]["codebook"] = {"restart_window_steps": 1000, "init": "data"}
     for stage in ("vqvae", "diffusion"):
         d[stage]["training"].update(training)
-    return config_from_dict(d, check_paths=False)
+    return config_from_dict(d)
 
 
 def _stage1(cfg):
     from vqldm.data.pipeline import normalization_of
-    from vqldm.stage1.task import Stage1Task
+    from vqldm.autoencoder.task import VQVAETask
 
     torch.manual_seed(0)
     rt = make_runtime(cfg)
-    task = Stage1Task(cfg, rt, normalization_of(cfg), (1.0, 1.0, 1.0))
+    task = VQVAETask(cfg, rt, normalization_of(cfg), (1.0, 1.0, 1.0))
     trainer = Trainer(cfg, task, None, None, rt, progress=False)
     task.train_mode()
     return task, trainer
 
 
 def _stage2(cfg):
-    from vqldm.stage2.model import scheduler_config, unet_net_config
-    from vqldm.stage2.task import Stage2Task
+    from vqldm.priors.diffusion.objective import scheduler_config
+    from vqldm.priors.diffusion.unet import unet_net_config
+    from vqldm.priors.diffusion.task import DiffusionTask
 
     torch.manual_seed(0)
     rt = make_runtime(cfg)
-    task = Stage2Task(cfg, rt, None, unet_net_config(cfg), scheduler_config(cfg), 1.0,
-                      {"latent_shape": latent_shape(cfg)}, None, lambda x: x)
+    task = DiffusionTask(cfg, rt, None, unet_net_config(cfg), scheduler_config(cfg), 1.0,
+                         {"latent_shape": latent_shape(cfg)}, None)
     trainer = Trainer(cfg, task, None, None, rt, progress=False)
     task.train_mode()
     return task, trainer
@@ -65,12 +66,12 @@ def test_graph_blockers_name_each_reason(tmp_path):
 
     d = tiny_config_dict(tmp_path, tmp_path / "data")
     d["vqvae"]["training"]["adversarial"] = {"enabled": True}
-    _, trainer = _stage1(config_from_dict(d, check_paths=False))
+    _, trainer = _stage1(config_from_dict(d))
     assert any("optimizer" in w for w in trainer.graph_blockers())
 
 
 def test_cuda_graphed_refuses_a_cpu_device():
-    from vqldm.engine.graphs import CudaGraphed
+    from vqldm.graphs import CudaGraphed
 
     with pytest.raises(ValueError, match="CUDA"):
         CudaGraphed(lambda b: b, torch.device("cpu"))
@@ -87,11 +88,11 @@ def test_graphed_stage1_training_follows_the_eager_trajectory(tmp_path, monkeypa
     params, losses = {}, {}
     for graphs in (False, True):
         task, trainer = _stage1(_cfg(tmp_path, use_cuda=True, graphs=graphs, cudnn_benchmark=False))
-        losses[graphs] = [float(trainer._train_step(b)["total_loss"]) for b in batches]
+        losses[graphs] = [float(trainer.step(b)["total_loss"]) for b in batches]
         params[graphs] = [p.detach().clone() for p in task.model.parameters()]
         if graphs:
             assert trainer._graph and trainer._graph.replays == len(batches) - GRAPH_WARMUP_STEPS
-            assert trainer.step == len(batches)
+            assert trainer.global_step == len(batches)
     assert losses[True] == pytest.approx(losses[False], rel=1e-3, abs=1e-5)
     for a, b in zip(params[False], params[True]):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-4)
@@ -102,10 +103,10 @@ def test_graphed_stage2_step_draws_fresh_noise_and_trains(tmp_path):
     task, trainer = _stage2(_cfg(tmp_path, use_cuda=True, graphs=True, mixed=True, ema=True))
     batch = {"latent": torch.randn(2, *latent_shape(trainer.cfg)).pin_memory()}
     for _ in range(GRAPH_WARMUP_STEPS):
-        trainer._train_step(batch)
+        trainer.step(batch)
     seen, weights, ema = [], [], []
     for _ in range(4):
-        seen.append(float(trainer._train_step(batch)["loss"]))
+        seen.append(float(trainer.step(batch)["loss"]))
         weights.append(next(task.model.parameters()).detach().clone())
         ema.append(next(trainer.ema.model.parameters()).detach().clone())
     assert trainer._graph.replays == 4
@@ -120,10 +121,10 @@ def test_graphed_step_records_a_nonfinite_loss(tmp_path):
     _, trainer = _stage2(_cfg(tmp_path, use_cuda=True, graphs=True, mixed=True))
     good = {"latent": torch.randn(2, *latent_shape(trainer.cfg))}
     for _ in range(GRAPH_WARMUP_STEPS + 2):
-        trainer._train_step(good)
+        trainer.step(good)
     trainer.check_finite()
     bad = {"latent": torch.full_like(good["latent"], float("nan"))}
-    trainer._train_step(bad)
+    trainer.step(bad)
     assert trainer._graph.replays >= 3
     with pytest.raises(VqldmError, match=f"non-finite loss at step {GRAPH_WARMUP_STEPS + 3} "):
         trainer.check_finite()
@@ -134,9 +135,9 @@ def test_graphed_step_runs_another_batch_shape_eagerly(tmp_path):
     _, trainer = _stage2(_cfg(tmp_path, use_cuda=True, graphs=True, mixed=True))
     lat = latent_shape(trainer.cfg)
     for _ in range(GRAPH_WARMUP_STEPS + 1):
-        trainer._train_step({"latent": torch.randn(2, *lat)})
+        trainer.step({"latent": torch.randn(2, *lat)})
     eager_before = trainer._graph.eager_calls
-    out = trainer._train_step({"latent": torch.randn(1, *lat)})  # an epoch's smaller last batch
+    out = trainer.step({"latent": torch.randn(1, *lat)})  # an epoch's smaller last batch
     assert torch.isfinite(out["loss"])
     assert trainer._graph.eager_calls == eager_before + 1 and trainer._graph.replays == 1
 
@@ -145,9 +146,10 @@ def test_graphed_step_runs_another_batch_shape_eagerly(tmp_path):
 def test_graphed_sampling_matches_eager(tmp_path):
     from dataclasses import replace
 
-    from vqldm.generate.pipeline import Generator, generate
-    from vqldm.stage1.model import build_vqvae, vqvae_net_config
-    from vqldm.stage2.model import build_unet, scheduler_config, unet_net_config
+    from vqldm.priors.diffusion.pipeline import DiffusionPipeline
+    from vqldm.autoencoder.model import build_vqvae, vqvae_net_config
+    from vqldm.priors.diffusion.objective import scheduler_config
+    from vqldm.priors.diffusion.unet import build_unet, unet_net_config
 
     cfg = _cfg(tmp_path, use_cuda=True, graphs=True)
     rt = make_runtime(cfg)
@@ -159,7 +161,7 @@ def test_graphed_sampling_matches_eager(tmp_path):
     vq_ckpt = {"network": vqvae_net_config(cfg), "normalization": {"intensity_range": [0.0, 1.0]}}
     out = {}
     for graphs in (False, True):
-        gen = Generator(unet, vq, diff, vq_ckpt, replace(rt, cuda_graphs=graphs), None, None)
+        pipe = DiffusionPipeline(unet, vq, diff, vq_ckpt, replace(rt, cuda_graphs=graphs), None, None)
         # 5 samples in batches of 2: the last batch has another shape
-        out[graphs] = generate(gen, list(range(5)), seed=3, steps=6, kind="ddim", batch_size=2, snap=False)
+        out[graphs] = pipe.generate(list(range(5)), seed=3, steps=6, sampler="ddim", batch_size=2, snap=False)
     assert torch.allclose(out[True], out[False], atol=1e-4)

@@ -25,7 +25,7 @@ def _cfg(tmp_path, data_dir, patch=(16, 16, 16), **data_updates):
     d["data"].update(data_updates)
     if "patch_size" not in data_updates:
         d["data"]["patch_size"] = list(patch)
-    return config_from_dict(d, check_paths=False)
+    return config_from_dict(d)
 
 
 def _item(x):

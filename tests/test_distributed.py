@@ -29,7 +29,7 @@ import torch.distributed
 
 from vqldm.checkpoint import load_checkpoint
 from vqldm.engine.setup import ShardSampler
-from vqldm.generate.pipeline import shard_indices
+from vqldm.commands.sample import shard_indices
 from vqldm.synth import write_dataset
 
 from conftest import run_cli, tiny_config_dict, with_updates, write_config
@@ -120,9 +120,9 @@ DUMP_SCRIPT = textwrap.dedent('''
     from vqldm import distributed as dist
     from vqldm.config import load_config
     from vqldm.data import pipeline
-    from vqldm.generate.pipeline import SampleOptions, sample_to_files
-    from vqldm.stage1.train import build_vqvae_trainer
-    from vqldm.stage2.train import build_diffusion_trainer
+    from vqldm.commands.sample import SampleOptions, sample_to_files
+    from vqldm.autoencoder.train import build_vqvae_trainer
+    from vqldm.priors.diffusion.train import build_diffusion_trainer
 
     cfg = load_config(sys.argv[1], [])
     out = Path(sys.argv[2])
@@ -335,8 +335,8 @@ RESUME_SCRIPT = textwrap.dedent('''
 
     from vqldm import distributed as dist
     from vqldm.config import load_config
-    from vqldm.stage1.train import build_vqvae_trainer
-    from vqldm.stage2.train import build_diffusion_trainer
+    from vqldm.autoencoder.train import build_vqvae_trainer
+    from vqldm.priors.diffusion.train import build_diffusion_trainer
 
     # argv: straight.yaml first.yaml resumed.yaml from_one_vq.yaml from_one_df.yaml out_dir
     out = {}
@@ -460,7 +460,7 @@ SLOW_SAVE_SCRIPT = textwrap.dedent('''
     import vqldm.engine.trainer as trainer_module
     from vqldm import distributed as dist
     from vqldm.config import load_config
-    from vqldm.stage1.train import build_vqvae_trainer
+    from vqldm.autoencoder.train import build_vqvae_trainer
 
     write = trainer_module.save_atomic
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vqldm.cli.main import build_parser, main
+from vqldm.cli import build_parser, main
 from vqldm.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,4 +62,4 @@ def test_packaged_presets_validate():
     from vqldm.config import load_config
 
     for p in (ROOT / "configs").glob("*.yaml"):
-        load_config(p, check_paths=False)
+        load_config(p)

@@ -12,8 +12,8 @@ from PIL import Image
 
 from conftest import run_cli, tiny_config_dict, write_config
 from vqldm.data.io import list_volumes, read_volume
-from vqldm.generate.samplers import sample_latents
-from vqldm.stage2.model import build_unet
+from vqldm.sampling.samplers import sample_latents
+from vqldm.priors.diffusion.unet import build_unet
 
 SCHED = {"type": "ddpm", "num_train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 0.0015,
          "beta_end": 0.0195, "prediction_type": "epsilon"}
@@ -27,15 +27,40 @@ def test_sampler_is_a_pure_function_of_its_inputs(kind):
                        "attention_levels": [False, False], "num_head_channels": [0, 8], "num_res_blocks": 1,
                        "norm_num_groups": 8}).eval()
     noise = torch.randn(2, 4, 8, 8, 8)
-    den = lambda x, t: unet(x=x, timesteps=t)  # noqa: E731
-    torch.manual_seed(1)
-    a = sample_latents(den, SCHED, noise, 5, kind=kind)
-    torch.manual_seed(1)
-    b = sample_latents(den, SCHED, noise, 5, kind=kind)
+    den = lambda x, t, c: unet(x=x, timesteps=t)  # noqa: E731
+    global_state = torch.get_rng_state()
+    a = sample_latents(kind, den, noise, 5, SCHED, generator=torch.Generator().manual_seed(1))
+    b = sample_latents(kind, den, noise, 5, SCHED, generator=torch.Generator().manual_seed(1))
     assert a.shape == noise.shape and torch.isfinite(a).all()
     assert torch.equal(a, b)
     assert not torch.equal(a, noise)
     assert torch.equal(noise, noise.clone())  # the input is not modified in place
+    assert torch.equal(torch.get_rng_state(), global_state)  # its randomness came from the generator alone
+    if kind == "ddpm":  # the stochastic sampler follows its generator
+        c = sample_latents(kind, den, noise, 5, SCHED, generator=torch.Generator().manual_seed(2))
+        assert not torch.equal(a, c)
+
+
+def test_sampler_registry_refuses_an_unknown_or_mismatched_sampler():
+    from vqldm.errors import VqldmError
+    from vqldm.sampling.samplers import SAMPLERS, check_sampler
+
+    assert {"ddpm", "ddim", "rflow"} <= set(SAMPLERS)
+    with pytest.raises(VqldmError, match="no such sampler"):
+        check_sampler("euler_ancestral", SCHED)
+    with pytest.raises(VqldmError, match="rflow objective; use rflow"):
+        check_sampler("ddim", dict(SCHED, type="rflow"))
+
+
+def test_condition_reaches_the_denoiser():
+    seen = []
+
+    def den(x, t, c):
+        seen.append(c)
+        return torch.zeros_like(x)
+
+    sample_latents("ddim", den, torch.randn(1, 2, 4, 4, 4), 3, SCHED, condition={"class_labels": "a"})
+    assert seen == [{"class_labels": "a"}] * 3
 
 
 def test_rflow_sampler_integrates_a_known_velocity():
@@ -43,7 +68,7 @@ def test_rflow_sampler_integrates_a_known_velocity():
     sc = dict(SCHED, type="rflow")
     noise = torch.randn(1, 2, 4, 4, 4)
     x0 = torch.full_like(noise, 0.5)
-    out = sample_latents(lambda x, t: x0 - noise, sc, noise, 10, kind="rflow")
+    out = sample_latents("rflow", lambda x, t, c: x0 - noise, noise, 10, sc)
     assert torch.allclose(out, x0, atol=1e-4)
 
 
@@ -168,7 +193,7 @@ def test_evaluate_without_samples_reports_stage1_only(trained_stage2, tmp_path):
 # ------------------------------------------------------------------------------ vqldm demo
 def test_demo_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
     """The demo's five steps with a test-sized preset (the real preset is timed by hand, see docs)."""
-    import vqldm.demo as demo
+    import vqldm.commands.demo as demo
 
     tiny = tiny_config_dict(tmp_path / "unused", tmp_path / "unused")
     tiny["vqvae"]["training"]["n_epochs"] = 1
@@ -189,11 +214,11 @@ def test_demo_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
 
 def test_demo_preset_configs_are_valid_and_point_into_out(tmp_path):
     from vqldm.config import config_from_dict
-    from vqldm.demo import PRESETS, _under, preset_config_dict
+    from vqldm.commands.demo import PRESETS, _under, preset_config_dict
 
     for name in PRESETS:
         d = _under(tmp_path, preset_config_dict(name))
-        cfg = config_from_dict(d, check_paths=False)
+        cfg = config_from_dict(d)
         assert cfg.vqvae.checkpoints.output_dir.startswith(str(tmp_path))
         assert cfg.diffusion.checkpoints.vqvae_path.startswith(str(tmp_path))
         assert list(cfg.data.patch_size) == list(PRESETS[name]["shape"])
@@ -202,15 +227,15 @@ def test_demo_preset_configs_are_valid_and_point_into_out(tmp_path):
 def test_clip_range_bounds_the_predicted_clean_latent():
     """DDIM's last step returns the predicted clean latent: with clip_range it lies inside the range."""
     noise = torch.randn(2, 3, 4, 4, 4)
-    wild = lambda x, t: 5.0 * torch.ones_like(x)  # noqa: E731  (a badly wrong epsilon)
-    free = sample_latents(wild, SCHED, noise, 5, kind="ddim")
-    bounded = sample_latents(wild, SCHED, noise, 5, kind="ddim", clip_range=(-0.5, 0.25))
+    wild = lambda x, t, c: 5.0 * torch.ones_like(x)  # noqa: E731  (a badly wrong epsilon)
+    free = sample_latents("ddim", wild, noise, 5, SCHED)
+    bounded = sample_latents("ddim", wild, noise, 5, SCHED, clip_range=(-0.5, 0.25))
     assert free.abs().max() > 1.0
     assert bounded.min() >= -0.5 - 1e-6 and bounded.max() <= 0.25 + 1e-6
 
 
 def test_codebook_range_covers_every_quantised_latent():
-    from vqldm.stage1.model import build_vqvae, codebook_range, quantized_latent
+    from vqldm.autoencoder.model import build_vqvae, codebook_range, quantized_latent
 
     torch.manual_seed(0)
     vq = build_vqvae({"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": [8, 8],
@@ -231,17 +256,17 @@ def test_samplers_reach_the_data_distribution_with_the_exact_denoiser(kind, step
     MONAI's DDPM step always moves from t to t-1, so DDPM with fewer steps than training
     timesteps must take the strided (DDIM eta=1) route or it ends far too noisy.
     """
-    from vqldm.stage2.model import build_train_scheduler
+    from vqldm.priors.diffusion.objective import build_train_scheduler
 
     ab = build_train_scheduler(SCHED).alphas_cumprod
     s2 = 0.25
 
-    def eps_star(x, t):
+    def eps_star(x, t, c):
         a = ab[t].view(-1, 1, 1, 1, 1)
         return (1 - a).sqrt() * x / (a * s2 + 1 - a)
 
     torch.manual_seed(0)
-    out = sample_latents(eps_star, SCHED, torch.randn(64, 1, 8, 8, 8), steps, kind=kind)
+    out = sample_latents(kind, eps_star, torch.randn(64, 1, 8, 8, 8), steps, SCHED)
     # coarse steps with the posterior mean under-disperse a little (0.43 for 50 stochastic steps);
     # the t -> t-1 stepping bug this guards against ends at 0.94
     tol = 0.03 if steps == 1000 else 0.1
@@ -250,7 +275,7 @@ def test_samplers_reach_the_data_distribution_with_the_exact_denoiser(kind, step
 
 def test_weight_ema_copies_the_codebook_instead_of_averaging_it():
     from vqldm.engine.ema import EMA
-    from vqldm.stage1.model import build_vqvae
+    from vqldm.autoencoder.model import build_vqvae
 
     net = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": [8], "num_res_channels": 8,
            "num_res_layers": 1, "downsample_parameters": [[2, 4, 1, 1]], "upsample_parameters": [[2, 4, 1, 1, 0]],

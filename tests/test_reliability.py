@@ -45,7 +45,7 @@ import torch
 
 from vqldm.checkpoint import load_checkpoint
 from vqldm.errors import VqldmError
-from vqldm.stage1.task import Stage1Task
+from vqldm.autoencoder.task import VQVAETask
 
 from conftest import copy_tree, run_cli, tiny_config_dict, write_config
 
@@ -193,12 +193,12 @@ def assert_one_step_axis(resumed_logs: Path, uninterrupted_logs: Path) -> None:
 
 
 class CallCounter:
-    """Poison the ``at``-th call of Stage1Task.training_step (1-based): its loss, or its input."""
+    """Poison the ``at``-th call of VQVAETask.training_step (1-based): its loss, or its input."""
 
     def __init__(self, monkeypatch, at: int | set[int], what: str = "loss"):
         self.at = {at} if isinstance(at, int) else set(at)
         self.what, self.calls = what, 0
-        original = Stage1Task.training_step
+        original = VQVAETask.training_step
 
         def training_step(task, batch, ctx):
             self.calls += 1
@@ -211,7 +211,7 @@ class CallCounter:
                        for k, v in out.items()}
             return out
 
-        monkeypatch.setattr(Stage1Task, "training_step", training_step)
+        monkeypatch.setattr(VQVAETask, "training_step", training_step)
 
 
 # =================================================================================== 1. exact resume
@@ -307,7 +307,7 @@ def test_a_resumed_event_file_is_read_after_the_earlier_ones(tmp_path):
 
     earlier = tmp_path / f"events.out.tfevents.{int(time.time()):010d}.~.1.0.vqvae"  # "~" sorts after any host
     earlier.write_bytes(b"")
-    board = Board(tmp_path, purge_step=3, stage="vqvae")
+    board = Board(tmp_path, purge_step=3, task="vqvae")
     board.scalar("train/loss", 1.0, 3)
     board.close()
     names = [p.name for p in event_files(tmp_path)]
@@ -358,8 +358,8 @@ _LAUNCHER = r"""
 import json, os, stat, sys, time, traceback
 import torch, monai.transforms  # noqa: F401 - the slow imports, done once before forking
 from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-import vqldm.stage1.train  # noqa: F401
-from vqldm.cli.main import main
+import vqldm.autoencoder.train  # noqa: F401
+from vqldm.cli import main
 
 _fsync = os.fsync
 for line in sys.stdin:
@@ -1057,3 +1057,15 @@ def test_synth_refuses_a_populated_folder(tmp_path, capsys):
     rc, _, err = cli(capsys, *args, "--seed", "5")
     assert_clean_error(rc, err, out)
     assert tree_hashes(out) == before
+
+
+def test_checkpoints_keep_their_on_disk_kinds_so_earlier_ones_load(tmp_path):
+    """Tasks are named by their config section; their checkpoints keep the kinds round 1 wrote."""
+    from vqldm.checkpoint import header, save_atomic
+
+    assert header("vqvae")["kind"] == "stage1" and header("diffusion")["kind"] == "stage2"
+    p = save_atomic({**header("diffusion"), "state_dict": {}}, tmp_path / "d.pt")
+    round1 = save_atomic({"vqldm_checkpoint": 1, "kind": "stage2", "state_dict": {}}, tmp_path / "r1.pt")
+    assert load_checkpoint(round1, kind="diffusion")["kind"] == "stage2"
+    with pytest.raises(VqldmError, match=r"d\.pt is a stage-2 \(diffusion\) checkpoint, expected a stage-1 \(VQ-VAE\) one"):
+        load_checkpoint(p, kind="vqvae", what="--vqvae-checkpoint")

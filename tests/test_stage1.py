@@ -14,10 +14,11 @@ from vqldm.config import LossConfig, config_from_dict
 from vqldm.data.io import list_volumes, read_volume
 from vqldm.data.pipeline import normalization_of, normalize_unit
 from vqldm.runtime import Runtime, make_runtime
-from vqldm.stage1.codebook import CodebookTracker, flat_latents, init_from_data, restart_codes
-from vqldm.stage1.losses import RECONSTRUCTION_LOSSES, reconstruction_loss
-from vqldm.stage1.model import build_vqvae, load_vqvae, vqvae_net_config
-from vqldm.stage1.task import Stage1Task
+from vqldm.autoencoder.codebook import CodebookTracker, flat_latents, init_from_data, restart_codes
+from vqldm.autoencoder.losses import RECONSTRUCTION_LOSSES, reconstruction_loss
+from vqldm.autoencoder.model import build_vqvae, vqvae_net_config
+from vqldm.latents import load_vqvae
+from vqldm.autoencoder.task import VQVAETask
 from vqldm.engine.trainer import StepContext
 
 from conftest import copy_tree, run_cli, run_cli_subprocess, tiny_config_dict, write_config
@@ -165,7 +166,7 @@ def test_tracker_window_and_dead_codes():
 def _tiny_model(tmp_path, data_dir, **codebook):
     d = tiny_config_dict(tmp_path, data_dir)
     d["vqvae"]["codebook"].update(codebook)
-    cfg = config_from_dict(d, check_paths=False)
+    cfg = config_from_dict(d)
     torch.manual_seed(0)
     return cfg, build_vqvae(vqvae_net_config(cfg))
 
@@ -216,7 +217,7 @@ def test_dead_code_restart_reseeds_and_codes_get_used(tmp_path, data_dir):
 
 def test_dead_code_restart_wired_into_stage1_task(tmp_path, data_dir):
     cfg, _ = _tiny_model(tmp_path, data_dir, restart_window_steps=2, init="normal")
-    task = Stage1Task(cfg, make_runtime(cfg), normalization_of(cfg), (1.0, 1.0, 1.0))
+    task = VQVAETask(cfg, make_runtime(cfg), normalization_of(cfg), (1.0, 1.0, 1.0))
     q = task.quantizer
     k = q.num_embeddings
     with torch.no_grad():
@@ -238,7 +239,7 @@ def test_dead_code_restart_wired_into_stage1_task(tmp_path, data_dir):
     assert stats["codebook_usage"] == pytest.approx(1 / k)
 
     cfg_off, _ = _tiny_model(tmp_path, data_dir, restart_window_steps=2, init="normal", dead_code_restart=False)
-    task = Stage1Task(cfg_off, make_runtime(cfg_off), normalization_of(cfg_off), (1.0, 1.0, 1.0))
+    task = VQVAETask(cfg_off, make_runtime(cfg_off), normalization_of(cfg_off), (1.0, 1.0, 1.0))
     before = task.quantizer.embedding.weight.detach().clone()
     for step in range(2):
         task.quantizer.eval()
@@ -264,7 +265,7 @@ def test_init_from_data_puts_codes_among_encoder_outputs(tmp_path, data_dir):
 
 def test_stage1_task_data_init_on_first_step(tmp_path, data_dir):
     cfg, _ = _tiny_model(tmp_path, data_dir, init="data")
-    task = Stage1Task(cfg, make_runtime(cfg), normalization_of(cfg), (1.0, 1.0, 1.0))
+    task = VQVAETask(cfg, make_runtime(cfg), normalization_of(cfg), (1.0, 1.0, 1.0))
     assert not task.codebook_ready
     x = torch.rand(2, 1, 32, 32, 32)
     task.eval_mode()  # eval: the quantiser's EMA does not move the freshly seeded codes
@@ -283,7 +284,7 @@ def test_stage1_task_data_init_on_first_step(tmp_path, data_dir):
 @pytest.mark.parametrize("init", ["normal", "kaiming_uniform"])
 def test_other_codebook_inits_ready_at_once(tmp_path, data_dir, init):
     cfg, _ = _tiny_model(tmp_path, data_dir, init=init)
-    task = Stage1Task(cfg, make_runtime(cfg), normalization_of(cfg), (1.0, 1.0, 1.0))
+    task = VQVAETask(cfg, make_runtime(cfg), normalization_of(cfg), (1.0, 1.0, 1.0))
     assert task.codebook_ready
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-import vqldm.stage2.train as stage2_train
-from vqldm.stage1.model import build_vqvae
+from vqldm import latents
+from vqldm.autoencoder.model import build_vqvae
 
 from conftest import run_cli, run_cli_subprocess, tiny_config_dict, write_config
 
@@ -40,14 +40,14 @@ def stage2_config(tmp_path, data_dir, trained_stage1, **diffusion_training) -> d
 def captured_vqvae(monkeypatch):
     """Keep a handle on the VQ-VAE that train-diffusion loads (same object the run uses)."""
     box = {}
-    original = stage2_train.load_vqvae
+    original = latents.load_vqvae
 
     def wrapper(*args, **kwargs):
         model, ckpt = original(*args, **kwargs)
         box["model"] = model
         return model, ckpt
 
-    monkeypatch.setattr(stage2_train, "load_vqvae", wrapper)
+    monkeypatch.setattr(latents, "load_vqvae", wrapper)
     return box
 
 
@@ -317,7 +317,7 @@ def test_cached_latent_crops_of_larger_volumes(tmp_path, data_dir, trained_stage
 
 def test_latent_cache_crops_are_foreground_biased_like_stage1():
     """A sparse volume larger than the patch: with ratio 1 every latent crop holds foreground."""
-    from vqldm.stage2.latents import LatentCropDataset, foreground_masks
+    from vqldm.latents import LatentCropDataset, foreground_masks
 
     img = torch.zeros(1, 64, 64, 16)
     img[0, 50:54, 50:54, 4:8] = 1.0  # one bright blob in a corner
@@ -348,7 +348,7 @@ def test_latent_cache_crops_are_foreground_biased_like_stage1():
 
 
 def test_latent_crop_of_a_patch_sized_volume_draws_as_without_masks():
-    from vqldm.stage2.latents import LatentCropDataset
+    from vqldm.latents import LatentCropDataset
 
     lat = [torch.randn(4, 4, 4, 2)]
     ds = LatentCropDataset(lat, [4, 4, 2], 1, [torch.ones(4, 4, 2, dtype=torch.bool)], fg_ratio=0.75)

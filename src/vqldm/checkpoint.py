@@ -21,11 +21,23 @@ from pathlib import Path
 import torch
 
 from vqldm import __version__
-from vqldm.data.io import atomic_write
+from vqldm.files import atomic_write
 from vqldm.errors import VqldmError
 
 FORMAT_VERSION = 1
-KINDS = {"stage1": "a stage-1 (VQ-VAE)", "stage2": "a stage-2 (diffusion)"}
+# a checkpoint's "kind" names the task that wrote it; the two first tasks keep the kinds they have
+# always written, so that every earlier checkpoint still loads
+STORED_KIND = {"vqvae": "stage1", "diffusion": "stage2"}
+DESCRIBED = {"stage1": "a stage-1 (VQ-VAE)", "stage2": "a stage-2 (diffusion)"}
+
+
+def stored_kind(task: str) -> str:
+    """The ``kind`` written into the checkpoints of ``task`` (an engine task's name)."""
+    return STORED_KIND.get(task, task)
+
+
+def _describe(kind) -> str:
+    return DESCRIBED.get(kind, f"a {kind!r}")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -36,10 +48,10 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def header(kind: str) -> dict:
+def header(task: str) -> dict:
     return {
         "vqldm_checkpoint": FORMAT_VERSION,
-        "kind": kind,
+        "kind": stored_kind(task),
         "vqldm_version": __version__,
         "torch_version": torch.__version__.split("+")[0],
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -58,7 +70,10 @@ def save_atomic(obj: dict, path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, kind: str | None = None, what: str = "checkpoint",
                     map_location="cpu") -> dict:
-    """Load a vqldm checkpoint with ``weights_only=True``; every failure names ``what`` and the path."""
+    """Load a vqldm checkpoint with ``weights_only=True``; every failure names ``what`` and the path.
+
+    ``kind``: the task (``"vqvae"``, ``"diffusion"``) whose checkpoint is expected.
+    """
     path = Path(path)
     if not path.is_file():
         raise VqldmError(f"{what}: file not found: {path}")
@@ -71,9 +86,9 @@ def load_checkpoint(path: str | Path, kind: str | None = None, what: str = "chec
     if not isinstance(ckpt, dict) or "vqldm_checkpoint" not in ckpt:
         raise VqldmError(f"{what}: {path} is a PyTorch file but not a vqldm checkpoint (no vqldm header); "
                          f"give a best_model.pt or latest_checkpoint.pt written by vqldm")
-    if kind is not None and ckpt.get("kind") != kind:
-        raise VqldmError(f"{what}: {path} is {KINDS.get(ckpt.get('kind'), repr(ckpt.get('kind')))} checkpoint, "
-                         f"expected {KINDS[kind]} one")
+    if kind is not None and ckpt.get("kind") != stored_kind(kind):
+        raise VqldmError(f"{what}: {path} is {_describe(ckpt.get('kind'))} checkpoint, "
+                         f"expected {_describe(stored_kind(kind))} one")
     return ckpt
 
 

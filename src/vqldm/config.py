@@ -3,7 +3,7 @@
 A YAML file written for the original ``train_vqvae.py`` / ``train_diffusion.py`` scripts loads
 unchanged. vqldm adds keys of its own (codebook health, speed switches, sampling); every key has a
 default, so none is required. ``load_config`` is the single entry point: it merges ``--set``
-overrides, converts every section into a frozen-in-spirit dataclass, and runs the cross-field
+overrides, converts every section into a frozen dataclass (read-only once loaded), and runs the cross-field
 checks, raising :class:`~vqldm.errors.VqldmError` with the dotted key named.
 """
 
@@ -27,7 +27,7 @@ from vqldm.errors import VqldmError
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeviceConfig:
     use_cuda: bool = True  # use the GPU when one is present
     gpu_id: int = 0  # CUDA device index (ignored under torchrun: LOCAL_RANK decides)
@@ -38,7 +38,7 @@ class DeviceConfig:
     cuda_graphs: bool = True  # record each training step (optimizer and EMA included) and the sampling UNet call once as CUDA graphs, then replay them (CUDA, single process, bf16/fp32)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     train_data_dir: str = "data/microtubules/nifti/train"
     val_data_dir: str = "data/microtubules/nifti/val"
@@ -57,7 +57,7 @@ class DataConfig:
     skip_unreadable: bool = False  # skip corrupt files with a warning instead of stopping
 
 
-@dataclass
+@dataclass(frozen=True)
 class WeightedLossConfig:
     foreground_weight: float = 100.0  # weight of voxels above threshold (sparse filaments)
     background_weight: float = 0.5
@@ -65,19 +65,19 @@ class WeightedLossConfig:
     base: str = "l1"  # l1 or mse
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiceLossConfig:
     smooth: float = 1e-5
     threshold: float = 0.1  # in [0,1] intensity units; the soft mask reaches 1 here
 
 
-@dataclass
+@dataclass(frozen=True)
 class CombinedLossConfig:
     dice_weight: float = 1.0
     weighted_weight: float = 1.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     reconstruction_loss_type: str = "combined"  # l1 | mse | weighted | dice | combined
     weighted: WeightedLossConfig = field(default_factory=WeightedLossConfig)
@@ -86,7 +86,7 @@ class LossConfig:
     quantization_weight: float = 1.0  # multiplies the VQ commitment loss
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdversarialConfig:
     enabled: bool = False  # VQ-GAN: add MONAI PatchDiscriminator + PatchAdversarialLoss
     weight: float = 0.01
@@ -96,7 +96,7 @@ class AdversarialConfig:
     learning_rate: float = 1e-4
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingConfig:
     n_epochs: int = 100
     batch_size: int | None = None  # overrides data.batch_size for this stage
@@ -114,14 +114,14 @@ class TrainingConfig:
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     output_dir: str = ""
     resume_from: str | None = None
     vqvae_path: str | None = None  # stage 2 only: the stage-1 checkpoint
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     log_dir: str = ""
     log_interval: int = 10  # optimizer steps between step-level scalars
@@ -130,7 +130,7 @@ class LoggingConfig:
     num_inference_steps: int = 50  # stage 2: DDIM steps for the generated preview
 
 
-@dataclass
+@dataclass(frozen=True)
 class CodebookConfig:
     init: str = "data"  # normal | kaiming_uniform | data (seeded from the first encoder outputs)
     decay: float = 0.9  # EMA decay of the codebook (MONAI's default is 0.5)
@@ -140,7 +140,7 @@ class CodebookConfig:
     restart_threshold: float = 1.0  # codes used fewer times than this in the window are dead
 
 
-@dataclass
+@dataclass(frozen=True)
 class VQVAEConfig:
     spatial_dims: int = 3
     in_channels: int = 1
@@ -166,7 +166,7 @@ class VQVAEConfig:
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_dir="outputs/vq_ldm/vqvae_logs"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerConfig:
     type: str = "ddpm"  # ddpm (DDPM/DDIM sampling) | rflow (rectified flow)
     num_train_timesteps: int = 1000
@@ -176,7 +176,7 @@ class SchedulerConfig:
     prediction_type: str = "epsilon"  # epsilon | v_prediction (ddpm only)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusionConfig:
     spatial_dims: int = 3
     in_channels: int = 32
@@ -206,7 +206,7 @@ class DiffusionConfig:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     seed: int = 42
     device: DeviceConfig = field(default_factory=DeviceConfig)
@@ -251,7 +251,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
+def _convert(value: Any, tp: Any, key: str, default: Any = None) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -273,7 +273,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise VqldmError(f"{key}: expected a mapping of keys, got {value!r}")
-        return _from_dict(tp, value, key)
+        return _from_dict(tp, value, key, default)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -298,9 +298,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {key}")  # a bug in the schema, not user input
 
 
-def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+def _from_dict(cls: type, data: dict, prefix: str = "", default: Any = None) -> Any:
+    """``data`` over ``default`` (a section's own default, e.g. a stage-specific output_dir), else
+    over ``cls()``: keys absent from ``data`` keep the default's values."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name not in _NON_KEYS]
+    base = default if default is not None else cls()
     kwargs = {}
     for k, v in data.items():
         dotted = f"{prefix}.{k}" if prefix else str(k)
@@ -308,28 +311,8 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.6)
             hint = f": did you mean '{close[0]}'?" if close else f" (valid keys: {', '.join(names)})"
             raise VqldmError(f"unknown config key '{dotted}'{hint}")
-        kwargs[k] = _convert(v, hints[k], dotted)
-    obj = cls()
-    for k, v in kwargs.items():
-        if dataclasses.is_dataclass(v):
-            # merge a partial section over that field's own defaults (e.g. stage-specific output_dir)
-            v = _merge_dataclass(getattr(obj, k), data[k], v)
-        setattr(obj, k, v)
-    return obj
-
-
-def _merge_dataclass(default: Any, given: dict, parsed: Any) -> Any:
-    """Keys absent from ``given`` keep the field's own default, not the section class's."""
-    for f in dataclasses.fields(parsed):
-        if f.name in _NON_KEYS:
-            continue
-        if f.name in given:
-            sub = getattr(parsed, f.name)
-            if dataclasses.is_dataclass(sub) and isinstance(given[f.name], dict):
-                setattr(parsed, f.name, _merge_dataclass(getattr(default, f.name), given[f.name], sub))
-        else:
-            setattr(parsed, f.name, getattr(default, f.name))
-    return parsed
+        kwargs[k] = _convert(v, hints[k], dotted, getattr(base, k))
+    return dataclasses.replace(base, **kwargs)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -377,18 +360,21 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def config_from_dict(data: dict, source: str | None = None, check_paths: bool = False) -> Config:
-    cfg = _from_dict(Config, data)
-    cfg.source = source
-    validate(cfg, check_paths=check_paths)
+def config_from_dict(data: dict, source: str | None = None) -> Config:
+    """Parse and validate: the result is read-only (its sections are frozen dataclasses)."""
+    cfg = dataclasses.replace(_from_dict(Config, data), source=source)
+    validate(cfg)
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, check_paths: bool = True) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None), apply ``--set``, validate."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None), apply ``--set``, validate.
+
+    The data folders are checked where they are read (:func:`vqldm.data.io.check_data_dirs`).
+    """
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
-    return config_from_dict(data, source=str(path) if path else None, check_paths=check_paths)
+    return config_from_dict(data, source=str(path) if path else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,9 +440,17 @@ def _require(cond: bool, msg: str) -> None:
         raise VqldmError(msg)
 
 
-def validate(cfg: Config, check_paths: bool = True) -> None:
+def validate(cfg: Config) -> None:
     """Cross-field checks; each failure names the keys involved."""
-    d, v, u = cfg.data, cfg.vqvae, cfg.diffusion
+    _validate_data(cfg.data)
+    _validate_vqvae(cfg.vqvae, cfg.data)
+    for name in ("vqvae", "diffusion"):
+        _validate_stage(name, getattr(cfg, name), cfg.learning_rate(name))
+    _validate_unet(cfg.diffusion, cfg.vqvae, latent_spatial(cfg.vqvae, cfg.data.patch_size))
+    _validate_scheduler(cfg.diffusion)
+
+
+def _validate_data(d: DataConfig) -> None:
     _require(len(d.patch_size) == 3 and all(n > 0 for n in d.patch_size),
              f"data.patch_size must be three positive sizes (X, Y, Z), got {d.patch_size}")
     if d.voxel_resize is not None:
@@ -476,8 +470,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(d.max_val_patches >= 1, "data.max_val_patches must be >= 1")
     _require(0.0 < d.foreground_threshold < 1.0, "data.foreground_threshold must lie in (0, 1)")
 
+
+def _validate_vqvae(v: VQVAEConfig, d: DataConfig) -> None:
     _require(v.spatial_dims == 3, f"vqvae.spatial_dims must be 3 (vqldm is volumetric), got {v.spatial_dims}")
-    _require(u.spatial_dims == 3, f"diffusion.spatial_dims must be 3, got {u.spatial_dims}")
     _require(v.in_channels == 1 and v.out_channels == 1,
              "vqvae.in_channels and vqvae.out_channels must be 1 (single-channel volumes)")
     _require(len(v.num_channels) >= 1, "vqvae.num_channels must not be empty")
@@ -508,33 +503,37 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
              f"VQ-VAE (vqvae.downsample_parameters / upsample_parameters give latent {lat} -> {dec}); use "
              f"sizes divisible by the total stride")
 
-    for stage_key, stage in (("vqvae", v), ("diffusion", u)):
-        t = stage.training
-        _require(t.n_epochs >= 1, f"{stage_key}.training.n_epochs must be >= 1")
-        _require(t.val_interval >= 1, f"{stage_key}.training.val_interval must be >= 1")
-        _require(t.save_interval >= 1, f"{stage_key}.training.save_interval must be >= 1")
-        _require(t.fast_dev_run_batches >= 1, f"{stage_key}.training.fast_dev_run_batches must be >= 1")
-        if t.batch_size is not None:
-            _require(t.batch_size >= 1, f"{stage_key}.training.batch_size must be >= 1")
-        lr = cfg.learning_rate(stage_key)
-        _require(lr > 0 and math.isfinite(lr), f"{stage_key}.learning_rate must be a positive number")
-        _require(0.0 < t.ema_decay < 1.0, f"{stage_key}.training.ema_decay must lie in (0, 1)")
-        if t.grad_clip_norm is not None:
-            _require(t.grad_clip_norm > 0, f"{stage_key}.training.grad_clip_norm must be > 0 or null")
-        _require(t.loss.reconstruction_loss_type in ("l1", "mse", "weighted", "dice", "combined"),
-                 f"{stage_key}.training.loss.reconstruction_loss_type must be l1, mse, weighted, dice or "
-                 f"combined, got {t.loss.reconstruction_loss_type!r}")
-        _require(t.loss.weighted.base in ("l1", "mse"),
-                 f"{stage_key}.training.loss.weighted.base must be l1 or mse")
-        lg = stage.logging
-        _require(lg.log_interval >= 1, f"{stage_key}.logging.log_interval must be >= 1")
-        _require(lg.visualize_interval >= 1, f"{stage_key}.logging.visualize_interval must be >= 1")
-        _require(lg.num_visualize_samples >= 0, f"{stage_key}.logging.num_visualize_samples must be >= 0")
-        _require(lg.num_inference_steps >= 1, f"{stage_key}.logging.num_inference_steps must be >= 1")
-        _require(bool(stage.checkpoints.output_dir), f"{stage_key}.checkpoints.output_dir must not be empty")
-        _require(bool(lg.log_dir), f"{stage_key}.logging.log_dir must not be empty")
 
-    # ---- stage 2 against stage 1 ----
+def _validate_stage(stage_key: str, stage: VQVAEConfig | DiffusionConfig, lr: float) -> None:
+    """What every trained stage's ``training`` and ``logging`` sections must satisfy."""
+    t = stage.training
+    _require(t.n_epochs >= 1, f"{stage_key}.training.n_epochs must be >= 1")
+    _require(t.val_interval >= 1, f"{stage_key}.training.val_interval must be >= 1")
+    _require(t.save_interval >= 1, f"{stage_key}.training.save_interval must be >= 1")
+    _require(t.fast_dev_run_batches >= 1, f"{stage_key}.training.fast_dev_run_batches must be >= 1")
+    if t.batch_size is not None:
+        _require(t.batch_size >= 1, f"{stage_key}.training.batch_size must be >= 1")
+    _require(lr > 0 and math.isfinite(lr), f"{stage_key}.learning_rate must be a positive number")
+    _require(0.0 < t.ema_decay < 1.0, f"{stage_key}.training.ema_decay must lie in (0, 1)")
+    if t.grad_clip_norm is not None:
+        _require(t.grad_clip_norm > 0, f"{stage_key}.training.grad_clip_norm must be > 0 or null")
+    _require(t.loss.reconstruction_loss_type in ("l1", "mse", "weighted", "dice", "combined"),
+             f"{stage_key}.training.loss.reconstruction_loss_type must be l1, mse, weighted, dice or "
+             f"combined, got {t.loss.reconstruction_loss_type!r}")
+    _require(t.loss.weighted.base in ("l1", "mse"),
+             f"{stage_key}.training.loss.weighted.base must be l1 or mse")
+    lg = stage.logging
+    _require(lg.log_interval >= 1, f"{stage_key}.logging.log_interval must be >= 1")
+    _require(lg.visualize_interval >= 1, f"{stage_key}.logging.visualize_interval must be >= 1")
+    _require(lg.num_visualize_samples >= 0, f"{stage_key}.logging.num_visualize_samples must be >= 0")
+    _require(lg.num_inference_steps >= 1, f"{stage_key}.logging.num_inference_steps must be >= 1")
+    _require(bool(stage.checkpoints.output_dir), f"{stage_key}.checkpoints.output_dir must not be empty")
+    _require(bool(lg.log_dir), f"{stage_key}.logging.log_dir must not be empty")
+
+
+def _validate_unet(u: DiffusionConfig, v: VQVAEConfig, lat: list[int]) -> None:
+    _require(u.spatial_dims == 3, f"diffusion.spatial_dims must be 3, got {u.spatial_dims}")
+    # stage 2 models stage 1's latent
     for key in ("in_channels", "out_channels"):
         _require(getattr(u, key) == v.embedding_dim,
                  f"diffusion.{key} ({getattr(u, key)}) must equal vqvae.embedding_dim ({v.embedding_dim}): "
@@ -565,6 +564,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(heads[-1] > 0 and u.num_channels[-1] % heads[-1] == 0,
              f"diffusion.num_head_channels[-1] ({heads[-1]}) must be > 0 and divide diffusion.num_channels[-1] "
              f"({u.num_channels[-1]}): the UNet's middle block always uses attention")
+
+
+def _validate_scheduler(u: DiffusionConfig) -> None:
     s = u.scheduler
     _require(s.type in ("ddpm", "rflow"), f"diffusion.scheduler.type must be ddpm or rflow, got {s.type!r}")
     _require(s.prediction_type in ("epsilon", "v_prediction"),
@@ -582,22 +584,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if u.scale_factor is not None:
         _require(u.scale_factor > 0 and math.isfinite(u.scale_factor), "diffusion.scale_factor must be > 0 or null")
     _require(u.scale_factor_batches >= 1, "diffusion.scale_factor_batches must be >= 1")
-
-    if check_paths:
-        check_data_dirs(cfg)
-
-
-def check_data_dirs(cfg: Config, which: tuple[str, ...] = ("train_data_dir", "val_data_dir")) -> None:
-    from vqldm.data.io import list_volumes  # local: config must not import torch-heavy modules
-
-    for key in which:
-        path = Path(getattr(cfg.data, key))
-        if not path.is_dir():
-            raise VqldmError(f"data.{key}: directory not found: {path}")
-        if not list_volumes(path):
-            raise VqldmError(
-                f"data.{key}: no volumes (.nii, .nii.gz, .tif, .tiff) in {path}"
-            )
 
 
 def vqvae_from_network(net: dict) -> VQVAEConfig:

@@ -53,8 +53,9 @@ class Normalization:
         return to_unit(x, self.intensity_range)
 
 
-def normalization_of(cfg: Config) -> Normalization:
-    return Normalization(list(cfg.data.intensity_range), cfg.data.clip_percentiles)
+def normalization_of(cfg: Config, intensity_range: list[float] | None = None) -> Normalization:
+    """The config's normalisation; ``intensity_range`` where a checkpoint dictates it."""
+    return Normalization(list(intensity_range or cfg.data.intensity_range), cfg.data.clip_percentiles)
 
 
 def normalize_unit(arr: np.ndarray, clip_percentiles: Sequence[float] | None = None) -> np.ndarray:
@@ -97,12 +98,12 @@ class NormalizeVolumed(mt.MapTransform):
         return d
 
 
-def _deterministic_transforms(cfg: Config, with_fg: bool) -> list:
+def _deterministic_transforms(cfg: Config, norm: Normalization, with_fg: bool) -> list:
     ts: list = [LoadVolumed(keys="image")]
     if cfg.data.voxel_resize is not None:
         ts.append(mt.Resized(keys="image", spatial_size=cfg.data.voxel_resize, mode="trilinear"))
         ts.append(mt.EnsureTyped(keys="image", data_type="numpy", track_meta=False))
-    ts.append(NormalizeVolumed(keys="image", norm=normalization_of(cfg),
+    ts.append(NormalizeVolumed(keys="image", norm=norm,
                                fg_threshold=cfg.data.foreground_threshold if with_fg else None))
     pad_keys = ["image", FG_KEY] if with_fg else ["image"]
     ts.append(mt.SpatialPadd(keys=pad_keys, spatial_size=cfg.data.patch_size))
@@ -113,11 +114,11 @@ def _deterministic_transforms(cfg: Config, with_fg: bool) -> list:
     return ts
 
 
-def train_transforms(cfg: Config, augment: bool | None = None) -> mt.Compose:
+def train_transforms(cfg: Config, norm: Normalization, augment: bool | None = None) -> mt.Compose:
     """MONAI transforms for training patches; the deterministic prefix is what CacheDataset caches."""
     augment = cfg.data.augmentation if augment is None else augment
     ratio = cfg.data.foreground_crop_ratio
-    ts = _deterministic_transforms(cfg, with_fg=True)
+    ts = _deterministic_transforms(cfg, norm, with_fg=True)
     ts.append(mt.RandCropByPosNegLabeld(
         keys="image", label_key=FG_KEY, spatial_size=cfg.data.patch_size,
         pos=ratio, neg=1.0 - ratio, num_samples=1,
@@ -175,7 +176,6 @@ class DataSummary:
     spacing: tuple[float, float, float]  # of the first volume (written into generated files)
     min: float
     max: float
-    dtype_note: str
     skipped: list[str]
     constant: list[str]
 
@@ -213,7 +213,7 @@ def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False,
     if constant:
         log.warning("%d constant volume(s) in %s (they normalise to all zeros): %s",
                     len(constant), directory, ", ".join(constant[:5]))
-    return DataSummary(good, shapes, spacing or (1.0, 1.0, 1.0), lo, hi, "float32", skipped, constant)
+    return DataSummary(good, shapes, spacing or (1.0, 1.0, 1.0), lo, hi, skipped, constant)
 
 
 def _cache_workers(cfg: Config) -> int:
@@ -233,17 +233,21 @@ class RepeatDataset(torch.utils.data.Dataset):
         return self.base[i % len(self.base)]
 
 
-def train_dataset(cfg: Config, files: list[Path], augment: bool | None = None) -> Dataset:
-    """``data.patches_per_volume`` random patches of each volume per epoch (batch size stays the batch size)."""
+def train_dataset(cfg: Config, files: list[Path], augment: bool | None = None,
+                  norm: Normalization | None = None) -> Dataset:
+    """``data.patches_per_volume`` random patches of each volume per epoch (batch size stays the batch size).
+
+    ``norm``: a checkpoint's normalisation (default: the config's).
+    """
     data = [{"image": str(f)} for f in files]
-    base = CacheDataset(data, train_transforms(cfg, augment), cache_rate=cfg.data.cache_rate,
+    base = CacheDataset(data, train_transforms(cfg, norm or normalization_of(cfg), augment), cache_rate=cfg.data.cache_rate,
                         num_workers=_cache_workers(cfg), progress=False)
     return RepeatDataset(base, cfg.data.patches_per_volume)
 
 
-def val_dataset(cfg: Config, files: list[Path]) -> TileDataset:
+def val_dataset(cfg: Config, files: list[Path], norm: Normalization | None = None) -> TileDataset:
     data = [{"image": str(f)} for f in files]
-    vols = CacheDataset(data, mt.Compose(_deterministic_transforms(cfg, with_fg=False)),
+    vols = CacheDataset(data, mt.Compose(_deterministic_transforms(cfg, norm or normalization_of(cfg), with_fg=False)),
                         cache_rate=cfg.data.cache_rate, num_workers=_cache_workers(cfg), progress=False)
     return TileDataset(vols, cfg.data.patch_size, cfg.data.max_val_patches)
 

@@ -69,7 +69,7 @@ def wrap_for_training(module: torch.nn.Module, rt: Runtime):
     """DDP under torchrun, then torch.compile when switched on (CUDA only).
 
     Compilation fuses elementwise work into fewer kernels; CUDA graphs are not its business here:
-    the engine records the whole training step, optimizer included (:mod:`vqldm.engine.graphs`).
+    the engine records the whole training step, optimizer included (:mod:`vqldm.graphs`).
     """
     fwd = module
     if dist.is_dist():

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vqldm import distributed as dist
-from vqldm.data.io import archive_previous, atomic_write  # noqa: F401 (archive_previous: the trainer's import)
-from vqldm.data.io import previous_dir as _previous_dir
+from vqldm.files import atomic_write, previous_dir
 from vqldm.visuals import mip_grid, save_png
 
 log = logging.getLogger("vqldm")
@@ -31,11 +30,11 @@ STEP_AXIS_PREFIX = "train/"  # these tags count optimizer steps; all others coun
 class Board:
     """SummaryWriter on rank 0, silent elsewhere. ``purge_step`` continues a resumed run's step axis.
 
-    ``stage`` ends the event file names (``events.out.tfevents.<...>.vqvae``), so a log folder shared
-    by both stages keeps their files apart.
+    ``task`` ends the event file names (``events.out.tfevents.<...>.vqvae``), so a log folder shared
+    by several tasks keeps their files apart (:func:`events_of`).
     """
 
-    def __init__(self, log_dir: str | Path, purge_step: int | None = None, stage: str | None = None):
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None, task: str | None = None):
         self.log_dir = Path(log_dir)
         self.writer = None
         if dist.is_main():
@@ -45,7 +44,7 @@ class Board:
             if purge_step is not None:
                 _after_earlier_files(self.log_dir)
             self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step,
-                                        filename_suffix=f".{stage}" if stage else "")
+                                        filename_suffix=f".{task}" if task else "")
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
@@ -123,8 +122,12 @@ def _keep_until(data: bytes, step: int, epoch: int) -> tuple[bytes, bool]:
     return b"".join(kept), changed
 
 
-def continue_after(log_dir: str | Path, step: int, epoch: int, exclude_suffixes: tuple[str, ...] = ()
-                   ) -> Path | None:
+def events_of(task: str) -> str:
+    """The glob of one task's event files: :class:`Board` ends their names with ``.<task>``."""
+    return f"{EVENTS}.{task}"
+
+
+def continue_after(log_dir: str | Path, step: int, epoch: int, pattern: str = EVENTS) -> Path | None:
     """Make the event files in ``log_dir`` end at a resume point (``step`` steps, ``epoch`` epochs).
 
     A run that stopped after its last checkpoint (kill, crash, non-finite loss) logged steps that
@@ -136,8 +139,8 @@ def continue_after(log_dir: str | Path, step: int, epoch: int, exclude_suffixes:
     if not log_dir.is_dir():
         return None
     plans = []
-    for f in sorted(log_dir.glob(EVENTS)):
-        if not f.is_file() or (exclude_suffixes and f.name.endswith(exclude_suffixes)):
+    for f in sorted(log_dir.glob(pattern)):
+        if not f.is_file():
             continue
         data = f.read_bytes()
         kept, changed = _keep_until(data, step, epoch)
@@ -145,7 +148,7 @@ def continue_after(log_dir: str | Path, step: int, epoch: int, exclude_suffixes:
             plans.append((f, kept))
     if not plans:
         return None
-    dest = _previous_dir(log_dir)
+    dest = previous_dir(log_dir)
     for f, _ in plans:  # first a durable copy of every original ...
         shutil.copy2(f, dest / f.name)
         _fsync_file(dest / f.name)

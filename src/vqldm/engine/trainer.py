@@ -22,16 +22,15 @@ from monai.data.utils import set_rnd
 from vqldm.config import Config
 from vqldm import distributed as dist
 from vqldm.checkpoint import header, load_checkpoint, rng_state, save_atomic, set_rng_state
-from vqldm.data.io import atomic_write_bytes
 from vqldm.engine.ema import EMA
-from vqldm.runtime import Runtime, epoch_seed, seed_everything
-from vqldm.engine.tensorboard import EVENTS, Board, archive_previous, continue_after
+from vqldm.engine.tensorboard import Board, continue_after, events_of
 from vqldm.errors import VqldmError
+from vqldm.files import archive_previous, atomic_write_bytes
+from vqldm.runtime import Runtime, epoch_seed, seed_everything
 
 log = logging.getLogger("vqldm")
 
 BEST, LATEST = "best_model.pt", "latest_checkpoint.pt"
-STAGES = ("vqvae", "diffusion")  # the config sections (and event-file suffixes) of the two stages
 GRAPH_WARMUP_STEPS = 3  # eager steps (cuDNN autotuning, compilation, optimizer state) before recording
 
 
@@ -46,6 +45,12 @@ class OptimizerSpec:
     active_from_epoch: int = 0  # e.g. the adversarial warm-up
 
 
+def make_optimizer(params, lr: float, weight_decay: float, rt: Runtime) -> torch.optim.Optimizer:
+    """AdamW; on CUDA the fused kernel (one launch for all parameters), capturable so that a CUDA
+    graph can record its step (its step counter lives on the GPU)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=rt.is_cuda, capturable=rt.is_cuda)
+
+
 @dataclass
 class StepContext:
     epoch: int
@@ -53,13 +58,16 @@ class StepContext:
 
 
 class Task:
-    """What a stage provides to the engine. Subclasses set ``model``, ``kind`` and ``stage_key``."""
+    """What a stage or prior provides to the engine. Subclasses set ``name`` and ``model``.
 
-    kind: str  # "stage1" | "stage2" (checkpoint kind)
-    stage_key: str  # "vqvae" | "diffusion" (config section)
+    ``name`` is the task's one identity: its config section (whose ``training``, ``checkpoints``
+    and ``logging`` the engine reads), its checkpoints' kind and its TensorBoard files' suffix.
+    """
+
+    name: str  # e.g. "vqvae" | "diffusion"
     model: torch.nn.Module  # the network that is checkpointed and averaged (EMA)
     train_forward: Any = None  # the callable used in training_step (may be DDP- or compile-wrapped)
-    val_loss_key = "loss"
+    val_loss_key = "loss"  # the validation metric that picks best_model.pt
     # whether training_step is GPU work alone (no host sync, no CPU randomness, no Python decision on
     # tensor values), so that the engine may replay the whole step from a CUDA graph
     graph_safe = False
@@ -84,6 +92,9 @@ class Task:
 
     def checkpoint_meta(self) -> dict:
         return {}
+
+    def check_resume(self, ckpt: dict, path: Path, key: str) -> None:
+        """Refuse (a VqldmError naming ``key`` and ``path``) a checkpoint this task must not continue from."""
 
     def extra_state(self) -> dict:
         return {}
@@ -113,8 +124,8 @@ class Trainer:
     def __init__(self, cfg: Config, task: Task, train_loader, val_loader, runtime: Runtime,
                  overwrite: bool = False, progress: bool = True, train_sampler=None):
         self.cfg, self.task, self.rt = cfg, task, runtime
-        self.stage = getattr(cfg, task.stage_key)
-        self.t = self.stage.training
+        self.stage = getattr(cfg, task.name)
+        self.train_cfg = self.stage.training
         self.train_loader, self.val_loader, self.train_sampler = train_loader, val_loader, train_sampler
         self.out_dir = Path(self.stage.checkpoints.output_dir)
         self.log_dir = Path(self.stage.logging.log_dir)
@@ -122,9 +133,9 @@ class Trainer:
         self.specs = task.optimizers()
         self.scalers = {s.name: torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.needs_grad_scaler)
                         for s in self.specs}
-        self.ema = EMA(task.model, self.t.ema_decay) if self.t.ema else None
+        self.ema = EMA(task.model, self.train_cfg.ema_decay) if self.train_cfg.ema else None
         self.epoch = 0
-        self.step = 0
+        self.global_step = 0
         self.best = math.inf
         self.skipped = 0
         self.last_good: Path | None = None
@@ -134,15 +145,16 @@ class Trainer:
         self._step_dev: torch.Tensor | None = None
         self._graph = None  # CudaGraphed step, False where graphs cannot be used (see graph_blockers)
         self._graph_ema_outside = False
+        self._val_loss: float | None = None  # the last validation's, recorded in latest_checkpoint.pt
 
     # ------------------------------------------------------------------ checkpoints
     def _eval_model(self) -> torch.nn.Module:
         return self.ema.model if self.ema is not None else self.task.model
 
     def _snapshot(self, val_loss: float | None) -> dict:
-        d = header(self.task.kind)
+        d = header(self.task.name)
         d.update({
-            "epoch": self.epoch, "step": self.step,
+            "epoch": self.epoch, "step": self.global_step,
             "val_loss": None if val_loss is None else float(val_loss),
             "best_val_loss": None if not math.isfinite(self.best) else float(self.best),
             "ema": self.ema is not None,
@@ -169,7 +181,7 @@ class Trainer:
         d = self._snapshot(val_loss)
         d["training_state"] = self._training_state()
         path = save_atomic(d, self.out_dir / LATEST)
-        self.last_good, self.last_good_at = path, (self.epoch, self.step)
+        self.last_good, self.last_good_at = path, (self.epoch, self.global_step)
         return path
 
     def save_best(self, val_loss: float) -> Path | None:
@@ -178,52 +190,43 @@ class Trainer:
         return save_atomic(self._snapshot(val_loss), self.out_dir / BEST)
 
     def resume(self, path: str | Path) -> None:
-        key = f"{self.task.stage_key}.checkpoints.resume_from"
-        ckpt = load_checkpoint(path, kind=self.task.kind, what=key)
+        key = f"{self.task.name}.checkpoints.resume_from"
+        ckpt = load_checkpoint(path, kind=self.task.name, what=key)
         ts = ckpt.get("training_state")
         if ts is None:
             raise VqldmError(f"{key}: {path} is an inference snapshot without training state; resume from {LATEST}")
-        mine = self.task.checkpoint_meta()
-        if ckpt.get("vqvae_sha256") and mine.get("vqvae_sha256") and ckpt["vqvae_sha256"] != mine["vqvae_sha256"]:
-            # stage 2 learns one stage-1 model's latents: another stage-1 file is another problem
-            raise VqldmError(
-                f"{key}: {path} was trained on the stage-1 checkpoint {ckpt.get('vqvae_path')} (sha256 "
-                f"{ckpt['vqvae_sha256'][:12]}), but diffusion.checkpoints.vqvae_path is {mine.get('vqvae_path')} "
-                f"(sha256 {mine['vqvae_sha256'][:12]}); resume with the same stage-1 checkpoint, or start afresh")
+        self.task.check_resume(ckpt, Path(path), key)
         try:
-            self.task.model.load_state_dict(ts["model"])
-            for s in self.specs:
-                asked = [g["lr"] for g in s.optimizer.param_groups]
-                s.optimizer.load_state_dict(ts["optimizers"][s.name])
-                kept = [g["lr"] for g in s.optimizer.param_groups]
-                if kept != asked:  # exact resume restores the optimizer whole, hyperparameters included
-                    log.warning("%s: the %s optimizer keeps the checkpoint's learning rate %s; the config's %s "
-                                "is not used when resuming", key, s.name, _fmt(kept), _fmt(asked))
-            for k, sc in self.scalers.items():
-                sc.load_state_dict(ts["scalers"][k])
-            if self.ema is not None:
-                if ts.get("ema") is not None:
-                    self.ema.load_state_dict(ts["ema"])
-                else:  # EMA switched on at resume: start it from the current weights
-                    self.ema.model.load_state_dict(ts["model"])
+            self._load_weights(ts, key)
         except (RuntimeError, KeyError, ValueError) as e:
-            theirs, ours = ckpt.get("network") or {}, mine.get("network") or {}
-            diff = [f"{k} {theirs.get(k)!r} in the checkpoint vs {ours.get(k)!r} here"
-                    for k in sorted(set(theirs) | set(ours), key=str) if theirs.get(k) != ours.get(k)]
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            detail = "; ".join(diff) if diff else next(
-                (ln for ln in lines if not ln.startswith("Error(s) in loading")), lines[0] if lines else repr(e))
-            raise VqldmError(f"{key}: {path} does not match this config's network ({detail[:300]})") from e
+            raise VqldmError(f"{key}: {path} does not match this config's network "
+                             f"({_mismatch(e, ckpt.get('network'), self.task.checkpoint_meta().get('network'))})"
+                             ) from e
         self.task.load_extra_state(ts.get("task", {}))
         set_rng_state(ts["rng"])
-        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+        self.epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["step"])
         self.best = ckpt["best_val_loss"] if ckpt.get("best_val_loss") is not None else math.inf
         self.skipped = int(ts.get("skipped_batches", 0))
-        self.last_good, self.last_good_at = Path(path), (self.epoch, self.step)
-        log.info("resumed %s from %s at epoch %d, step %d", self.task.stage_key, path, self.epoch, self.step)
+        self.last_good, self.last_good_at = Path(path), (self.epoch, self.global_step)
+        log.info("resumed %s from %s at epoch %d, step %d", self.task.name, path, self.epoch, self.global_step)
 
-    def _other_stage_suffixes(self) -> tuple[str, ...]:
-        return tuple(f".{s}" for s in STAGES if s != self.task.stage_key)
+    def _load_weights(self, ts: dict, key: str) -> None:
+        """Model, optimizers, scalers and EMA from a checkpoint's training state."""
+        self.task.model.load_state_dict(ts["model"])
+        for s in self.specs:
+            asked = [g["lr"] for g in s.optimizer.param_groups]
+            s.optimizer.load_state_dict(ts["optimizers"][s.name])
+            kept = [g["lr"] for g in s.optimizer.param_groups]
+            if kept != asked:  # exact resume restores the optimizer whole, hyperparameters included
+                log.warning("%s: the %s optimizer keeps the checkpoint's learning rate %s; the config's %s "
+                            "is not used when resuming", key, s.name, _fmt(kept), _fmt(asked))
+        for k, sc in self.scalers.items():
+            sc.load_state_dict(ts["scalers"][k])
+        if self.ema is not None:
+            if ts.get("ema") is not None:
+                self.ema.load_state_dict(ts["ema"])
+            else:  # EMA switched on at resume: start it from the current weights
+                self.ema.model.load_state_dict(ts["model"])
 
     def _continues_here(self, resume: str | Path) -> bool:
         """Whether ``resume`` is this output_dir's own latest_checkpoint.pt (resuming in place)."""
@@ -243,7 +246,7 @@ class Trainer:
         """
         if not dist.is_main():
             return
-        key = f"{self.task.stage_key}.checkpoints"
+        key = f"{self.task.name}.checkpoints"
         if resume and self._continues_here(resume):
             return
         existing = [p for p in (self.out_dir / BEST, self.out_dir / LATEST) if p.exists()]
@@ -262,7 +265,7 @@ class Trainer:
             moved = archive_previous(self.out_dir, (BEST, LATEST, "config.yaml"))
             log.info("moved the earlier checkpoints to %s", moved)
         if existing or not resume:
-            moved = archive_previous(self.log_dir, (EVENTS,), exclude_suffixes=self._other_stage_suffixes())
+            moved = archive_previous(self.log_dir, (events_of(self.task.name),))
             if moved:
                 log.info("moved the earlier TensorBoard events to %s", moved)
 
@@ -293,7 +296,7 @@ class Trainer:
     def _raise_nonfinite(self, step: int) -> None:
         """``step``: optimizer steps taken before the bad batch (0-based); the message numbers steps
         from 1 like TensorBoard's train/ axis, so the step it names is the first one missing there."""
-        stage = self.task.stage_key
+        stage = self.task.name
         if self.last_good is not None:
             e, s = self.last_good_at
             last = (f"last good checkpoint: {self.last_good} (epoch {e}, step {s}); resume from it with "
@@ -330,7 +333,7 @@ class Trainer:
         """
         if self._first_bad is None:
             self._first_bad = torch.full((), -1, dtype=torch.long, device=finite.device)
-            self._step_dev = torch.full((), self.step, dtype=torch.long, device=finite.device)
+            self._step_dev = torch.full((), self.global_step, dtype=torch.long, device=finite.device)
         self._first_bad.copy_(torch.where((~finite) & (self._first_bad < 0), self._step_dev, self._first_bad))
         self._step_dev += 1
 
@@ -353,12 +356,12 @@ class Trainer:
             why.append("distributed training (DDP) runs eagerly")
         if self.rt.needs_grad_scaler:
             why.append("fp16 with a GradScaler needs a host decision per step (bf16 does not)")
-        if self.t.skip_nonfinite:
-            why.append(f"{self.task.stage_key}.training.skip_nonfinite needs a host decision per step")
+        if self.train_cfg.skip_nonfinite:
+            why.append(f"{self.task.name}.training.skip_nonfinite needs a host decision per step")
         if len(self.specs) != 1 or self.specs[0].active_from_epoch:
             why.append("more than one optimizer (the adversarial discriminator)")
         if not self.task.graph_safe:
-            why.append(f"the {self.task.stage_key} task is not graph-safe")
+            why.append(f"the {self.task.name} task is not graph-safe")
         return why
 
     def _task_has_after_step(self) -> bool:
@@ -374,7 +377,7 @@ class Trainer:
 
     def _device_step(self, batch: dict, ctx: StepContext, with_ema: bool) -> dict[str, torch.Tensor]:
         """Forward, backward, clipping, optimizer (and EMA): GPU work only, no host sync, so that
-        a CUDA graph can record it. Not used with skip_nonfinite (see ``_train_step``)."""
+        a CUDA graph can record it. Not used with skip_nonfinite (see :meth:`step`)."""
         out, active, finite = self._forward(batch, ctx)
         self._watch_finite(finite)
         self._optimize(out, active)
@@ -387,7 +390,7 @@ class Trainer:
         self.task.after_optimizer_step(out, ctx)
         if ema and self.ema is not None:
             self.ema.update(self.task.model)
-        self.step += 1
+        self.global_step += 1
         return _scalars(out)
 
     def _optimize(self, out: dict[str, torch.Tensor], active: list[OptimizerSpec]) -> None:
@@ -395,9 +398,9 @@ class Trainer:
             s.optimizer.zero_grad(set_to_none=True)
             scaler = self.scalers[s.name]
             scaler.scale(out[s.loss_key]).backward()
-            if self.t.grad_clip_norm is not None:
+            if self.train_cfg.grad_clip_norm is not None:
                 scaler.unscale_(s.optimizer)
-                torch.nn.utils.clip_grad_norm_(s.params, self.t.grad_clip_norm)
+                torch.nn.utils.clip_grad_norm_(s.params, self.train_cfg.grad_clip_norm)
             scaler.step(s.optimizer)
             scaler.update()
 
@@ -408,29 +411,30 @@ class Trainer:
             if blockers:
                 self._graph = False
                 if self.rt.is_cuda and self.rt.cuda_graphs:
-                    log.info("CUDA graphs off for the %s step: %s", self.task.stage_key, "; ".join(blockers))
+                    log.info("CUDA graphs off for the %s step: %s", self.task.name, "; ".join(blockers))
             else:
-                from vqldm.engine.graphs import CudaGraphed
+                from vqldm.graphs import CudaGraphed
 
                 # EMA goes into the graph unless the task changes the model after the optimizer step
                 # (stage 1's codebook restarts): the EMA must see that change, as in the eager order
                 with_ema = not self._task_has_after_step()
                 self._graph_ema_outside = not with_ema
                 self._graph = CudaGraphed(
-                    lambda b: self._device_step(b, StepContext(self.epoch, self.step), with_ema),
+                    lambda b: self._device_step(b, StepContext(self.epoch, self.global_step), with_ema),
                     self.rt.device, warmup=GRAPH_WARMUP_STEPS, prepare=self.rt.to_device,
-                    name=f"{self.task.stage_key} training step")
+                    name=f"{self.task.name} training step")
         return self._graph or None
 
-    def _train_step(self, batch: dict) -> dict[str, torch.Tensor] | None:
-        """One optimisation step; returns the step's scalars as device tensors (no host sync)."""
-        ctx = StepContext(self.epoch, self.step)
+    def step(self, batch: dict) -> dict[str, torch.Tensor] | None:
+        """One optimisation step on ``batch``; returns the step's scalars as device tensors (no host
+        sync), or None where ``skip_nonfinite`` skipped the batch."""
+        ctx = StepContext(self.epoch, self.global_step)
         graphed = self._graphed_step()
         if graphed is not None:
             out = graphed({k: v for k, v in batch.items() if torch.is_tensor(v)})
             # the hook reads ``out`` before the next replay overwrites it; the logged values are copied
             return {k: v.clone() for k, v in self._finish(out, ctx, ema=self._graph_ema_outside).items()}
-        if not self.t.skip_nonfinite:
+        if not self.train_cfg.skip_nonfinite:
             return self._finish(self._device_step(batch, ctx, with_ema=False), ctx, ema=True)
         saved = [t.detach().clone() for t in self._volatile_tensors()]
         out, active, finite = self._forward(batch, ctx)
@@ -447,7 +451,7 @@ class Trainer:
                     t.copy_(v)
             # numbered like TensorBoard's train/ axis: the step this batch would have been
             log.warning("non-finite loss at step %d (epoch %d): batch skipped (%d so far)",
-                        self.step + 1, self.epoch + 1, self.skipped)
+                        self.global_step + 1, self.epoch + 1, self.skipped)
             return None
         self._optimize(out, active)
         return self._finish(_detached(out), ctx, ema=True)
@@ -475,11 +479,43 @@ class Trainer:
         return {k: float(packed[i]) / max(total, 1.0) for i, k in enumerate(keys)}
 
     def fit(self) -> FitResult:
-        t, lg = self.t, self.stage.logging
         resume = self.stage.checkpoints.resume_from
         if resume:
             self.resume(resume)
-        # rank 0 decides about the output folder; every rank stops on its verdict (none is left waiting)
+        self._open_run(resume)
+        # train/ tags count steps, the others epochs; after continue_after nothing on disk lies past
+        # either, so purging from the larger + 1 drops nothing and only guards older logs
+        board = Board(self.log_dir, purge_step=max(self.global_step, self.epoch) + 1 if resume else None,
+                      task=self.task.name)
+        n_epochs = 1 if self.train_cfg.fast_dev_run else self.train_cfg.n_epochs
+        max_batches = self.train_cfg.fast_dev_run_batches if self.train_cfg.fast_dev_run else None
+        # pictures are rank 0's alone, so only rank 0 draws a batch for them
+        vis_batch = (next(iter(self.val_loader))
+                     if self.stage.logging.num_visualize_samples > 0 and dist.is_main() else None)
+        log.info("%s: %d epochs, %d train batches/epoch, %d val batches, on %s", self.task.name, n_epochs,
+                 len(self.train_loader), len(self.val_loader), self.rt.describe())
+        history: list[dict] = []
+        try:
+            while self.epoch < n_epochs:
+                record = self._train_epoch(board, n_epochs, max_batches)
+                self._end_epoch(board, record, n_epochs, max_batches, vis_batch)
+                history.append(record)
+        finally:
+            board.close()
+        if self.skipped:
+            log.warning("%d batch(es) with a non-finite loss were skipped", self.skipped)
+        # no rank returns before rank 0 has written the last checkpoints: code that goes on to read
+        # them (sampling after training in one script) would otherwise race rank 0's writes
+        dist.barrier()
+        if not dist.is_main():  # rank 0 writes the files; other ranks report none
+            return FitResult(None, None, self.best, self.epoch, self.global_step, history, self.skipped)
+        best_path = self.out_dir / BEST if (self.out_dir / BEST).exists() else None
+        return FitResult(best_path, self.out_dir / LATEST, self.best, self.epoch, self.global_step, history,
+                         self.skipped)
+
+    def _open_run(self, resume: str | Path | None) -> None:
+        """The output folder checked (rank 0 decides, every rank stops on its verdict), stale temp files
+        removed, the event files cut at the resume point, the resolved config written."""
         problem = None
         if dist.is_main():
             try:
@@ -492,95 +528,73 @@ class Trainer:
         if dist.is_main():
             self._remove_stale_temp_files()
             if resume:  # events logged after the checkpoint (by a run that died) are archived, not repeated
-                moved = continue_after(self.log_dir, self.step, self.epoch,
-                                       exclude_suffixes=self._other_stage_suffixes())
+                moved = continue_after(self.log_dir, self.global_step, self.epoch, events_of(self.task.name))
                 if moved:
                     log.info("TensorBoard: the events logged after the resume point (epoch %d, step %d) by the "
                              "interrupted run were moved to %s; the curves continue from there", self.epoch,
-                             self.step, moved)
+                             self.global_step, moved)
         dist.barrier()
         if dist.is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._write_config()
-        # train/ tags count steps, the others epochs; after continue_after nothing on disk lies past
-        # either, so purging from the larger + 1 drops nothing and only guards older logs
-        board = Board(self.log_dir, purge_step=max(self.step, self.epoch) + 1 if resume else None,
-                      stage=self.task.stage_key)
-        n_epochs = 1 if t.fast_dev_run else t.n_epochs
-        max_batches = t.fast_dev_run_batches if t.fast_dev_run else None
-        history: list[dict] = []
-        png_dir = self.log_dir / "images"
-        # pictures are rank 0's alone, so only rank 0 draws a batch for them
-        vis_batch = (next(iter(self.val_loader))
-                     if self.stage.logging.num_visualize_samples > 0 and dist.is_main() else None)
-        log.info("%s: %d epochs, %d train batches/epoch, %d val batches, on %s", self.task.stage_key, n_epochs,
-                 len(self.train_loader), len(self.val_loader), self.rt.describe())
-        val_loss = None
-        try:
-            while self.epoch < n_epochs:
-                self._seed_epoch(self.epoch)
-                self.task.train_mode()
-                sums: dict[str, torch.Tensor] = {}
-                n_steps = 0
-                t0 = time.perf_counter()
-                total = len(self.train_loader) if max_batches is None else min(max_batches, len(self.train_loader))
-                bar = _progress(self.train_loader, total, f"{self.task.stage_key} {self.epoch + 1}/{n_epochs}",
-                                self.progress)
-                for i, batch in enumerate(bar):
-                    if max_batches is not None and i >= max_batches:
-                        break
-                    vals = self._train_step(batch)
-                    if vals is None:
-                        continue
-                    n_steps += 1
-                    for k, v in vals.items():
-                        sums[k] = sums[k] + v if k in sums else v.clone()
-                    if self.step % lg.log_interval == 0:  # the only per-step host syncs
-                        self.check_finite()
-                        vals = {k: float(v) for k, v in vals.items()}
-                        board.scalars(vals, self.step, prefix="train/")
-                        board.scalar("train/learning_rate", self.specs[0].optimizer.param_groups[0]["lr"], self.step)
-                        if self.progress:
-                            bar.set_postfix({k: f"{v:.4g}" for k, v in list(vals.items())[:4]}, refresh=False)
+
+    def _train_epoch(self, board: Board, n_epochs: int, max_batches: int | None) -> dict:
+        """One pass over the training loader; returns the epoch's record (mean losses, seconds)."""
+        lg = self.stage.logging
+        self._seed_epoch(self.epoch)
+        self.task.train_mode()
+        sums: dict[str, torch.Tensor] = {}
+        n_steps = 0
+        t0 = time.perf_counter()
+        total = len(self.train_loader) if max_batches is None else min(max_batches, len(self.train_loader))
+        bar = _progress(self.train_loader, total, f"{self.task.name} {self.epoch + 1}/{n_epochs}", self.progress)
+        for i, batch in enumerate(bar):
+            if max_batches is not None and i >= max_batches:
+                break
+            vals = self.step(batch)
+            if vals is None:
+                continue
+            n_steps += 1
+            for k, v in vals.items():
+                sums[k] = sums[k] + v if k in sums else v.clone()
+            if self.global_step % lg.log_interval == 0:  # the only per-step host syncs
                 self.check_finite()
-                self.epoch += 1
-                epoch_vals = {k: float(v) / max(n_steps, 1) for k, v in sums.items()}
-                epoch_vals.update(self.task.on_train_epoch_end(self.epoch))
-                epoch_vals["seconds"] = time.perf_counter() - t0
-                board.scalars(epoch_vals, self.epoch, prefix="train_epoch/")
-                board.scalar("train_epoch/learning_rate", self.specs[0].optimizer.param_groups[0]["lr"], self.epoch)
-                record = {"epoch": self.epoch, "step": self.step, **{f"train/{k}": v for k, v in epoch_vals.items()}}
-                last = self.epoch == n_epochs
-                if self.epoch % t.val_interval == 0 or last:
-                    metrics = self.validate(max_batches)
-                    board.scalars(metrics, self.epoch, prefix="val/")
-                    record.update({f"val/{k}": v for k, v in metrics.items()})
-                    val_loss = metrics.get(self.task.val_loss_key, math.nan)
-                    if math.isfinite(val_loss) and val_loss < self.best:
-                        self.best = val_loss
-                        self.save_best(val_loss)
-                if vis_batch is not None and (self.epoch % lg.visualize_interval == 0 or last) and dist.is_main():
-                    self.task.eval_mode()
-                    self.task.visualize(board, self._eval_model(), vis_batch, self.epoch, png_dir)
-                board.flush()  # this epoch's events reach the disk before the checkpoint that ends them
-                if self.epoch % t.save_interval == 0 or last:
-                    self.save_latest(val_loss)
-                history.append(record)
-                if dist.is_main():
-                    log.info("epoch %d/%d: %s", self.epoch, n_epochs,
-                             ", ".join(f"{k}={v:.4g}" for k, v in record.items()
-                                       if k not in ("epoch", "step") and isinstance(v, float)))
-        finally:
-            board.close()
-        if self.skipped:
-            log.warning("%d batch(es) with a non-finite loss were skipped", self.skipped)
-        # no rank returns before rank 0 has written the last checkpoints: code that goes on to read
-        # them (sampling after training in one script) would otherwise race rank 0's writes
-        dist.barrier()
-        if not dist.is_main():  # rank 0 writes the files; other ranks report none
-            return FitResult(None, None, self.best, self.epoch, self.step, history, self.skipped)
-        best_path = self.out_dir / BEST if (self.out_dir / BEST).exists() else None
-        return FitResult(best_path, self.out_dir / LATEST, self.best, self.epoch, self.step, history, self.skipped)
+                vals = {k: float(v) for k, v in vals.items()}
+                board.scalars(vals, self.global_step, prefix="train/")
+                board.scalar("train/learning_rate", self.specs[0].optimizer.param_groups[0]["lr"], self.global_step)
+                if self.progress:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in list(vals.items())[:4]}, refresh=False)
+        self.check_finite()
+        self.epoch += 1
+        epoch_vals = {k: float(v) / max(n_steps, 1) for k, v in sums.items()}
+        epoch_vals.update(self.task.on_train_epoch_end(self.epoch))
+        epoch_vals["seconds"] = time.perf_counter() - t0
+        board.scalars(epoch_vals, self.epoch, prefix="train_epoch/")
+        board.scalar("train_epoch/learning_rate", self.specs[0].optimizer.param_groups[0]["lr"], self.epoch)
+        return {"epoch": self.epoch, "step": self.global_step, **{f"train/{k}": v for k, v in epoch_vals.items()}}
+
+    def _end_epoch(self, board: Board, record: dict, n_epochs: int, max_batches: int | None, vis_batch) -> None:
+        """Validation, best_model.pt, pictures and latest_checkpoint.pt, each at its interval."""
+        lg = self.stage.logging
+        last = self.epoch == n_epochs
+        if self.epoch % self.train_cfg.val_interval == 0 or last:
+            metrics = self.validate(max_batches)
+            board.scalars(metrics, self.epoch, prefix="val/")
+            record.update({f"val/{k}": v for k, v in metrics.items()})
+            self._val_loss = metrics.get(self.task.val_loss_key, math.nan)
+            if math.isfinite(self._val_loss) and self._val_loss < self.best:
+                self.best = self._val_loss
+                self.save_best(self._val_loss)
+        if vis_batch is not None and (self.epoch % lg.visualize_interval == 0 or last) and dist.is_main():
+            self.task.eval_mode()
+            self.task.visualize(board, self._eval_model(), vis_batch, self.epoch, self.log_dir / "images")
+        board.flush()  # this epoch's events reach the disk before the checkpoint that ends them
+        if self.epoch % self.train_cfg.save_interval == 0 or last:
+            self.save_latest(self._val_loss)
+        if dist.is_main():
+            log.info("epoch %d/%d: %s", self.epoch, n_epochs,
+                     ", ".join(f"{k}={v:.4g}" for k, v in record.items()
+                               if k not in ("epoch", "step") and isinstance(v, float)))
 
 
 def _detached(out: dict) -> dict[str, torch.Tensor]:
@@ -591,6 +605,17 @@ def _detached(out: dict) -> dict[str, torch.Tensor]:
 def _scalars(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The step's logged values: its 0-d tensors (losses)."""
     return {k: v for k, v in out.items() if v.ndim == 0}
+
+
+def _mismatch(e: BaseException, theirs: dict | None, ours: dict | None) -> str:
+    """Why a state dict did not load: the differing network keys, else torch's first useful line."""
+    theirs, ours = theirs or {}, ours or {}
+    diff = [f"{k} {theirs.get(k)!r} in the checkpoint vs {ours.get(k)!r} here"
+            for k in sorted(set(theirs) | set(ours), key=str) if theirs.get(k) != ours.get(k)]
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = "; ".join(diff) if diff else next(
+        (ln for ln in lines if not ln.startswith("Error(s) in loading")), lines[0] if lines else repr(e))
+    return detail[:300]
 
 
 def _fmt(values: list[float]) -> str:

@@ -294,6 +294,10 @@ def pooled_histogram(real: np.ndarray, gen: np.ndarray, lo: float, hi: float, bi
     return {"edges": edges.tolist(), "real": dens(real), "generated": dens(gen)}
 
 
+# pooled histograms' ranges (intensity: from the foreground threshold to 1)
+POOLED_RANGE = {"orientation_azimuth": (0.0, np.pi), "orientation_elevation": (0.0, np.pi / 2)}
+
+
 def compare(
     real: list[np.ndarray],
     generated: list[np.ndarray],
@@ -338,6 +342,31 @@ def compare(
     real = [_as_volume(v) for v in real]
     generated = [_as_volume(v) for v in generated]
     rng = np.random.default_rng(seed)
+    warnings = _input_warnings(real, generated, threshold)
+    rs = [volume_statistics(v, threshold, min_component_size) for v in real]
+    gs = [volume_statistics(v, threshold, min_component_size) for v in generated]
+    splits = _splits(len(real), n_splits, rng)
+    statistics, histograms = _distances(rs, gs, splits, rng, max_pooled, threshold)
+    mmd = _mmd_block(rs, gs, splits, threshold, intensity_bins)
+    per_volume = {k: {"real": [s[k] for s in rs], "generated": [s[k] for s in gs]} for k in SCALAR_STATS}
+    return {
+        "n_real": len(real),
+        "n_generated": len(generated),
+        "threshold": float(threshold),
+        "min_component_size": int(min_component_size),
+        "n_splits": int(n_splits),
+        "seed": int(seed),
+        "statistics": statistics,
+        "diversity": _diversity(real, generated, max_pairs, seed),
+        "mmd": mmd,
+        "summary": _summary(statistics, mmd["ratio"]),
+        "warnings": warnings,
+        "per_volume": per_volume,
+        "histograms": histograms,
+    }
+
+
+def _input_warnings(real: list[np.ndarray], generated: list[np.ndarray], threshold: float) -> list[str]:
     warnings: list[str] = []
     if len(real) < 4:
         warnings.append(
@@ -357,56 +386,50 @@ def compare(
             f"real shapes {sorted({v.shape for v in real})} differ from generated "
             f"{sorted({v.shape for v in generated})}: fractions/lengths/counts are not comparable"
         )
+    return warnings
 
-    rs = [volume_statistics(v, threshold, min_component_size) for v in real]
-    gs = [volume_statistics(v, threshold, min_component_size) for v in generated]
-    splits = _splits(len(real), n_splits, rng)
 
-    def values(stats, name):
-        if name in SCALAR_STATS:
-            return np.array([s[name] for s in stats], np.float64)
-        key = "intensities" if name == "intensity" else name
-        return np.concatenate([s[key] for s in stats]).astype(np.float64) if stats else np.zeros(0)
+def _values(stats: list[dict], name: str) -> np.ndarray:
+    """One statistic over a set: per-volume scalars, or the pooled per-voxel/per-segment values."""
+    if name in SCALAR_STATS:
+        return np.array([s[name] for s in stats], np.float64)
+    key = "intensities" if name == "intensity" else name
+    return np.concatenate([s[key] for s in stats]).astype(np.float64) if stats else np.zeros(0)
 
-    statistics = {}
-    histograms = {}
+
+def _distances(rs, gs, splits, rng, max_pooled: int, threshold: float) -> tuple[dict, dict]:
+    """Per statistic: generated-vs-real distance, the real-vs-real floor, their ratio; pooled histograms."""
+    statistics, histograms = {}, {}
     for name in SCALAR_STATS + POOLED_STATS:
-        r_all = _subsample(values(rs, name), max_pooled, rng)
-        g_all = _subsample(values(gs, name), max_pooled, rng)
+        r_all = _subsample(_values(rs, name), max_pooled, rng)
+        g_all = _subsample(_values(gs, name), max_pooled, rng)
         d = _distance(name, g_all, r_all)
         floors = []
         for a, b in splits:
-            fa = _subsample(values([rs[i] for i in a], name), max_pooled, rng)
-            fb = _subsample(values([rs[i] for i in b], name), max_pooled, rng)
+            fa = _subsample(_values([rs[i] for i in a], name), max_pooled, rng)
+            fb = _subsample(_values([rs[i] for i in b], name), max_pooled, rng)
             f = _distance(name, fa, fb)
             if f is not None:
                 floors.append(f)
         floor = float(np.mean(floors)) if floors else None
         ratio, note = _ratio(d, floor)
-        entry = {
-            "generated_vs_real": d,
-            "real_vs_real": floor,
-            "ratio": ratio,
-            "real_mean": _mean(name, r_all),
-            "generated_mean": _mean(name, g_all),
-            "units": UNITS[name],
-        }
+        entry = {"generated_vs_real": d, "real_vs_real": floor, "ratio": ratio, "real_mean": _mean(name, r_all),
+                 "generated_mean": _mean(name, g_all), "units": UNITS[name]}
         if note:
             entry["ratio_note"] = note
         statistics[name] = entry
         if name in POOLED_STATS:
-            lo, hi = {
-                "orientation_azimuth": (0.0, np.pi),
-                "orientation_elevation": (0.0, np.pi / 2),
-                "intensity": (threshold, 1.0),
-            }[name]
+            lo, hi = POOLED_RANGE[name] if name != "intensity" else (threshold, 1.0)
             histograms[name] = pooled_histogram(r_all, g_all, lo, hi)
+    return statistics, histograms
 
-    # Diversity: MS-SSIM within each set; identical-looking samples (mode collapse) score high.
-    # Same-seeded pair choice per set, so equal-size sets are compared on the same index pairs.
+
+def _diversity(real, generated, max_pairs: int, seed: int) -> dict:
+    """MS-SSIM within each set; identical-looking samples (mode collapse) score high. Same-seeded pair
+    choice per set, so equal-size sets are compared on the same index pairs."""
     div_real = _mean_pairwise_ms_ssim(real, max_pairs, np.random.default_rng(seed))
     div_gen = _mean_pairwise_ms_ssim(generated, max_pairs, np.random.default_rng(seed))
-    diversity = {
+    return {
         "real_ms_ssim": div_real["mean"],
         "generated_ms_ssim": div_gen["mean"],
         "difference": (div_gen["mean"] - div_real["mean"])
@@ -418,7 +441,9 @@ def compare(
         "generated >> real suggests mode collapse; generated << real suggests noise.",
     }
 
-    # MMD on per-volume feature vectors, standardised with the real set's statistics.
+
+def _mmd_block(rs, gs, splits, threshold: float, intensity_bins: int) -> dict:
+    """MMD on per-volume feature vectors, standardised with the real set's statistics."""
     r_scal = np.array([[s[k] for k in SCALAR_STATS] for s in rs], np.float64)
     mu = r_scal.mean(0)
     sd = r_scal.std(0)
@@ -444,30 +469,12 @@ def compare(
     }
     if mmd_note:
         mmd["ratio_note"] = mmd_note
+    return mmd
 
+
+def _summary(statistics: dict, mmd_ratio: float | None) -> dict:
     judged = {**{k: v["ratio"] for k, v in statistics.items()}, "mmd": mmd_ratio}
     defined = [r for r in judged.values() if r is not None]
     failed = [k for k, r in judged.items() if r is None or r > PASS_RATIO]
-    summary = {
-        "max_ratio": max(defined) if defined else None,
-        "within_2x_floor": not failed,
-        "failed": failed,
-        "pass_ratio": PASS_RATIO,
-    }
-
-    per_volume = {k: {"real": [s[k] for s in rs], "generated": [s[k] for s in gs]} for k in SCALAR_STATS}
-    return {
-        "n_real": len(real),
-        "n_generated": len(generated),
-        "threshold": float(threshold),
-        "min_component_size": int(min_component_size),
-        "n_splits": int(n_splits),
-        "seed": int(seed),
-        "statistics": statistics,
-        "diversity": diversity,
-        "mmd": mmd,
-        "summary": summary,
-        "warnings": warnings,
-        "per_volume": per_volume,
-        "histograms": histograms,
-    }
+    return {"max_ratio": max(defined) if defined else None, "within_2x_floor": not failed, "failed": failed,
+            "pass_ratio": PASS_RATIO}

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vqldm.files import atomic_write_bytes
+
 from vqldm.metrics.generation import (
     PASS_RATIO,
     POOLED_STATS,
@@ -107,6 +109,16 @@ def _panel(
     for k, (name, dens) in enumerate((("real", r), ("generated", g))):
         if not dens.sum():  # say so, rather than leave an empty plot to be misread
             draw.text((left + 12, top + 6 + 16 * k), f"{name}: no values", fill=(200, 0, 0), font=f_small)
+    _axes(draw, (x0, y0, x1, y1), (left, right, top, bottom), (lo, hi, ymax), px, py, xlabel, integer)
+    _legend(draw, x0, y0, n_real, n_gen)
+
+
+def _axes(draw, box, frame, ranges, px, py, xlabel: str, integer: bool) -> None:
+    """Axes, ticks and labels of a histogram panel."""
+    x0, y0, x1, y1 = box
+    left, right, top, bottom = frame
+    lo, hi, ymax = ranges
+    f_small = _font(12)
     # axes, ticks, labels
     draw.line([(left, top), (left, bottom), (right, bottom)], fill=(0, 0, 0), width=1)
     ticks = (lo, (lo + hi) / 2, hi)
@@ -127,7 +139,10 @@ def _panel(
     w = draw.textlength(xlabel, font=f_small)
     draw.text(((left + right) / 2 - w / 2, bottom + 22), xlabel, fill=(0, 0, 0), font=f_small)
     draw.text((x0 + 6, top - 15), "fraction", fill=(0, 0, 0), font=f_small)
-    # legend
+
+
+def _legend(draw, x0: int, y0: int, n_real: int, n_gen: int) -> None:
+    f_small = _font(12)
     lx, ly = x0 + 8, y0 + 28
     for i, (name, col, n) in enumerate((("real", REAL_RGB, n_real), ("generated", GEN_RGB, n_gen))):
         draw.rectangle([lx, ly + 2, lx + 14, ly + 12], fill=REAL_FILL if i == 0 else GEN_RGB, outline=col)
@@ -222,6 +237,161 @@ def _stat_row(name: str, s: dict) -> str:
     )
 
 
+def _verdict_lines(metrics: dict, stats: dict, mmd: dict, summary: dict, n_real: int, n_gen: int) -> list[str]:
+    lines: list[str] = []
+    failed = summary.get("failed", [])
+    n_judged = len(stats) + (1 if mmd else 0)
+    if summary.get("within_2x_floor"):
+        lines.append(
+            f"**Verdict: PASS** - all {n_judged} distances are within {PASS_RATIO:g}x the "
+            f"real-vs-real floor (max ratio {_fmt(summary.get('max_ratio'), 3)})."
+        )
+    else:
+        lines.append(
+            f"**Verdict: FAIL** - {len(failed)} of {n_judged} distances exceed {PASS_RATIO:g}x the "
+            f"real-vs-real floor or are undefined: {', '.join(_PRETTY.get(f, f) for f in failed)}."
+        )
+    lines += [
+        "",
+        (
+            f"- real volumes: {metrics.get('n_real', n_real)}, generated volumes: "
+            f"{metrics.get('n_generated', n_gen)}"
+        ),
+        (
+            f"- foreground threshold: {_fmt(metrics.get('threshold'))}; components smaller than "
+            f"{metrics.get('min_component_size', 3)} voxels ignored"
+        ),
+        (
+            f"- real-vs-real floor: mean over {metrics.get('n_splits', 'several')} random splits of the real set "
+            f"into two disjoint halves (seed {metrics.get('seed', 0)})"
+        ),
+        "",
+    ]
+    warnings = metrics.get("warnings") or []
+    if warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+    return lines
+
+
+def _statistics_lines(stats: dict, mmd: dict) -> list[str]:
+    lines: list[str] = []
+    lines += [
+        "## Statistics",
+        "",
+        (
+            "Distances are 1D Wasserstein-1 in the units shown (azimuth: circular W1 on [0, pi)). "
+            f"*ratio* = generated-vs-real / real-vs-real floor; <= {PASS_RATIO:g} passes."
+        ),
+        "",
+        (
+            "| statistic | units | generated vs real | real vs real (floor) | ratio | "
+            f"<= {PASS_RATIO:g}x floor | real mean | generated mean |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for name in list(SCALAR_STATS) + list(POOLED_STATS) + [k for k in stats if k not in SCALAR_STATS + POOLED_STATS]:
+        if name in stats:
+            lines.append(_stat_row(name, stats[name]))
+            if stats[name].get("ratio_note"):
+                notes.append(f"- {_PRETTY.get(name, name)}: {stats[name]['ratio_note']}")
+    if mmd:
+        lines.append(
+            _stat_row(
+                "MMD (per-volume features)", {**mmd, "units": "kernel units", "real_mean": None, "generated_mean": None}
+            )
+        )
+        if mmd.get("ratio_note"):
+            notes.append(f"- MMD: {mmd['ratio_note']}")
+    lines.append("")
+    if notes:
+        lines += ["Undefined ratios:", ""] + notes + [""]
+    return lines
+
+
+def _mmd_lines(mmd: dict) -> list[str]:
+    lines: list[str] = []
+    if not mmd:
+        return lines
+    lines += [
+        "## MMD",
+        "",
+        (
+            f"Maximum mean discrepancy between per-volume feature vectors: {mmd.get('estimator', '')}. "
+            f"Bandwidth {_fmt(mmd.get('bandwidth'))}. Features: {', '.join(mmd.get('features', []))}."
+        ),
+        (
+            f"Generated vs real {_fmt(mmd.get('generated_vs_real'))}, real vs real floor "
+            f"{_fmt(mmd.get('real_vs_real'))}, ratio {_fmt(mmd.get('ratio'), 3)}."
+        ),
+        "",
+    ]
+    return lines
+
+
+def _diversity_lines(div: dict) -> list[str]:
+    lines: list[str] = []
+    if div:
+        r, g = div.get("real", {}), div.get("generated", {})
+        lines += [
+            "## Diversity",
+            "",
+            (
+                "Mean pairwise MS-SSIM within each set (lower = more diverse). Generated much higher than real "
+                "suggests mode collapse (samples look alike); much lower suggests noise."
+            ),
+            "",
+            "| set | mean MS-SSIM | std | pairs | scales | kernel |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, d in (("real", r), ("generated", g)):
+            lines.append(
+                f"| {label} | {_fmt(d.get('mean'))} | {_fmt(d.get('std'))} | {d.get('n_pairs', 'n/a')} "
+                f"| {d.get('n_scales', 'n/a')} | {d.get('kernel_size', 'n/a')} |"
+            )
+        diff = div.get("difference")
+        if diff is not None:
+            word = "less" if diff > 0 else "more"
+            lines += ["", f"Generated minus real: {_fmt(diff, 3)} (generated samples are {word} diverse than real)."]
+        for label, d in (("real", r), ("generated", g)):
+            if d.get("note"):
+                lines.append(f"- {label}: {d['note']}")
+        lines.append("")
+    return lines
+
+
+def _pictures_lines(rows: list, row_names: list[str]) -> list[str]:
+    lines: list[str] = []
+    lines += ["## Pictures", ""]
+    if rows:
+        lines += [
+            (
+                f"Maximum-intensity projections, one row per set ({', then '.join(row_names)}, top to bottom); "
+                "each cell shows the XY, XZ and YZ projections of one volume."
+            ),
+            "",
+            "![real vs generated MIPs](real_vs_generated.png)",
+            "",
+        ]
+    lines += [
+        ("Histogram overlays: real as filled blue bars, generated as an orange outline; each normalised to sum to 1."),
+        "",
+        "![histograms](histograms.png)",
+        "",
+        "## How to read this",
+        "",
+        (
+            "Each distance is compared with the distance between two halves of the real set (the floor): "
+            "how much real data differs from itself by chance. A ratio near or below 1 means generated "
+            "volumes are as close to real as real volumes are to each other. The floor compares half-size "
+            "sets, so a perfect generator scores below 1 and the 2x threshold is lenient. Orientations are "
+            "measured in voxel-index space at skeleton voxels, from the structure tensor of the volume."
+        ),
+        "",
+    ]
+    return lines
+
+
 def write_report(
     out_dir,
     metrics: dict,
@@ -258,145 +428,15 @@ def write_report(
     if rows:
         save_png(mip_grid(rows), out / "real_vs_generated.png")
     _draw_histograms(out / "histograms.png", metrics, real, generated)
-
-    stats = metrics.get("statistics", {})
-    mmd = metrics.get("mmd", {})
-    div = metrics.get("diversity", {})
-    summary = metrics.get("summary", {})
-    failed = summary.get("failed", [])
-    n_judged = len(stats) + (1 if mmd else 0)
+    stats, mmd = metrics.get("statistics", {}), metrics.get("mmd", {})
     lines = [f"# {title}", ""]
     if preamble:
         lines += [preamble, "", "## Generation", ""]
-    if summary.get("within_2x_floor"):
-        lines.append(
-            f"**Verdict: PASS** - all {n_judged} distances are within {PASS_RATIO:g}x the "
-            f"real-vs-real floor (max ratio {_fmt(summary.get('max_ratio'), 3)})."
-        )
-    else:
-        lines.append(
-            f"**Verdict: FAIL** - {len(failed)} of {n_judged} distances exceed {PASS_RATIO:g}x the "
-            f"real-vs-real floor or are undefined: {', '.join(_PRETTY.get(f, f) for f in failed)}."
-        )
-    lines += [
-        "",
-        (
-            f"- real volumes: {metrics.get('n_real', len(real))}, generated volumes: "
-            f"{metrics.get('n_generated', len(generated))}"
-        ),
-        (
-            f"- foreground threshold: {_fmt(metrics.get('threshold'))}; components smaller than "
-            f"{metrics.get('min_component_size', 3)} voxels ignored"
-        ),
-        (
-            f"- real-vs-real floor: mean over {metrics.get('n_splits', 'several')} random splits of the real set "
-            f"into two disjoint halves (seed {metrics.get('seed', 0)})"
-        ),
-        "",
-    ]
-    warnings = metrics.get("warnings") or []
-    if warnings:
-        lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
-
-    lines += [
-        "## Statistics",
-        "",
-        (
-            "Distances are 1D Wasserstein-1 in the units shown (azimuth: circular W1 on [0, pi)). "
-            f"*ratio* = generated-vs-real / real-vs-real floor; <= {PASS_RATIO:g} passes."
-        ),
-        "",
-        (
-            "| statistic | units | generated vs real | real vs real (floor) | ratio | "
-            f"<= {PASS_RATIO:g}x floor | real mean | generated mean |"
-        ),
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    notes = []
-    for name in list(SCALAR_STATS) + list(POOLED_STATS) + [k for k in stats if k not in SCALAR_STATS + POOLED_STATS]:
-        if name in stats:
-            lines.append(_stat_row(name, stats[name]))
-            if stats[name].get("ratio_note"):
-                notes.append(f"- {_PRETTY.get(name, name)}: {stats[name]['ratio_note']}")
-    if mmd:
-        lines.append(
-            _stat_row(
-                "MMD (per-volume features)", {**mmd, "units": "kernel units", "real_mean": None, "generated_mean": None}
-            )
-        )
-        if mmd.get("ratio_note"):
-            notes.append(f"- MMD: {mmd['ratio_note']}")
-    lines.append("")
-    if notes:
-        lines += ["Undefined ratios:", ""] + notes + [""]
-    if mmd:
-        lines += [
-            "## MMD",
-            "",
-            (
-                f"Maximum mean discrepancy between per-volume feature vectors: {mmd.get('estimator', '')}. "
-                f"Bandwidth {_fmt(mmd.get('bandwidth'))}. Features: {', '.join(mmd.get('features', []))}."
-            ),
-            (
-                f"Generated vs real {_fmt(mmd.get('generated_vs_real'))}, real vs real floor "
-                f"{_fmt(mmd.get('real_vs_real'))}, ratio {_fmt(mmd.get('ratio'), 3)}."
-            ),
-            "",
-        ]
-    if div:
-        r, g = div.get("real", {}), div.get("generated", {})
-        lines += [
-            "## Diversity",
-            "",
-            (
-                "Mean pairwise MS-SSIM within each set (lower = more diverse). Generated much higher than real "
-                "suggests mode collapse (samples look alike); much lower suggests noise."
-            ),
-            "",
-            "| set | mean MS-SSIM | std | pairs | scales | kernel |",
-            "|---|---|---|---|---|---|",
-        ]
-        for label, d in (("real", r), ("generated", g)):
-            lines.append(
-                f"| {label} | {_fmt(d.get('mean'))} | {_fmt(d.get('std'))} | {d.get('n_pairs', 'n/a')} "
-                f"| {d.get('n_scales', 'n/a')} | {d.get('kernel_size', 'n/a')} |"
-            )
-        diff = div.get("difference")
-        if diff is not None:
-            word = "less" if diff > 0 else "more"
-            lines += ["", f"Generated minus real: {_fmt(diff, 3)} (generated samples are {word} diverse than real)."]
-        for label, d in (("real", r), ("generated", g)):
-            if d.get("note"):
-                lines.append(f"- {label}: {d['note']}")
-        lines.append("")
-
-    lines += ["## Pictures", ""]
-    if rows:
-        lines += [
-            (
-                f"Maximum-intensity projections, one row per set ({', then '.join(row_names)}, top to bottom); "
-                "each cell shows the XY, XZ and YZ projections of one volume."
-            ),
-            "",
-            "![real vs generated MIPs](real_vs_generated.png)",
-            "",
-        ]
-    lines += [
-        ("Histogram overlays: real as filled blue bars, generated as an orange outline; each normalised to sum to 1."),
-        "",
-        "![histograms](histograms.png)",
-        "",
-        "## How to read this",
-        "",
-        (
-            "Each distance is compared with the distance between two halves of the real set (the floor): "
-            "how much real data differs from itself by chance. A ratio near or below 1 means generated "
-            "volumes are as close to real as real volumes are to each other. The floor compares half-size "
-            "sets, so a perfect generator scores below 1 and the 2x threshold is lenient. Orientations are "
-            "measured in voxel-index space at skeleton voxels, from the structure tensor of the volume."
-        ),
-        "",
-    ]
+    lines += _verdict_lines(metrics, stats, mmd, metrics.get("summary", {}), len(real), len(generated))
+    lines += _statistics_lines(stats, mmd)
+    lines += _mmd_lines(mmd)
+    lines += _diversity_lines(metrics.get("diversity", {}))
+    lines += _pictures_lines(rows, row_names)
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_bytes(path, "\n".join(lines).encode("utf-8"))
     return path

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage, signal
 
-from vqldm.data.io import atomic_write_bytes
+from vqldm.files import atomic_write_bytes
 from vqldm.data.io import nifti_bytes as _nifti_bytes
 from vqldm.errors import VqldmError
 
@@ -331,50 +331,15 @@ def write_dataset(
     """
     shape = _check_shape(shape)
     counts = {"train": int(num_train), "val": int(num_val)}
-    if min(counts.values()) < 0:
-        raise VqldmError(f"synth: num_train and num_val must be >= 0, got {num_train}, {num_val}")
     seed = int(seed)
-    if seed < 0:
-        raise VqldmError(f"synth: seed must be a non-negative integer, got {seed}")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise VqldmError(f"synth: output path {out} exists and is not a directory")
-    for split in _SPLITS:
-        d = out / split
-        if d.is_dir() and any(d.glob("*.nii.gz")):
-            raise VqldmError(f"synth: {d} already holds .nii.gz volumes; refusing to overwrite (choose a new out_dir)")
     gt_path = out / "ground_truth.json"
-    if gt_path.exists():
-        raise VqldmError(f"synth: {gt_path} already exists; refusing to overwrite (choose a new out_dir)")
-
+    _check_target(out, gt_path, counts, seed)
     vox = voxel_size_nm(shape, params)
     jobs = [(split, i) for split in _SPLITS for i in range(counts[split])]
     for split in _SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(jobs), desc="synth", unit="vol")
-    truth: dict[str, dict] = {s: {} for s in _SPLITS}
-    files: dict[str, list[str]] = {s: [] for s in _SPLITS}
-    fg = []
-    try:
-        for split, i in jobs:
-            vol, t = synth_volume(shape, _volume_rng(seed, split, i), params)
-            name = f"mt_{i:04d}.nii.gz"
-            path = out / split / name
-            atomic_write_bytes(path, nifti_bytes(vol, vox))
-            truth[split][name] = t
-            files[split].append(str(path))
-            fg.append(t["foreground_fraction"])
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-
+    truth, files, fg = _write_volumes(out, jobs, shape, seed, params, vox, progress)
     gt = {
         "seed": seed,
         "shape": list(shape),
@@ -397,6 +362,49 @@ def write_dataset(
         "ground_truth": str(gt_path),
         "mean_foreground_fraction": float(np.mean(fg)) if fg else 0.0,
     }
+
+
+def _check_target(out: Path, gt_path: Path, counts: dict, seed: int) -> None:
+    """Refuse bad counts and seeds, and any folder that already holds a data set (nothing is overwritten)."""
+    if min(counts.values()) < 0:
+        raise VqldmError(f"synth: num_train and num_val must be >= 0, got {counts['train']}, {counts['val']}")
+    if seed < 0:
+        raise VqldmError(f"synth: seed must be a non-negative integer, got {seed}")
+    if out.exists() and not out.is_dir():
+        raise VqldmError(f"synth: output path {out} exists and is not a directory")
+    for split in _SPLITS:
+        d = out / split
+        if d.is_dir() and any(d.glob("*.nii.gz")):
+            raise VqldmError(f"synth: {d} already holds .nii.gz volumes; refusing to overwrite (choose a new out_dir)")
+    if gt_path.exists():
+        raise VqldmError(f"synth: {gt_path} already exists; refusing to overwrite (choose a new out_dir)")
+
+
+def _write_volumes(out: Path, jobs, shape, seed: int, params, vox, progress: bool):
+    """Synthesise and write each (split, i) volume; returns (ground truth, file paths, foreground fractions)."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="synth", unit="vol")
+    truth: dict[str, dict] = {s: {} for s in _SPLITS}
+    files: dict[str, list[str]] = {s: [] for s in _SPLITS}
+    fg = []
+    try:
+        for split, i in jobs:
+            vol, t = synth_volume(shape, _volume_rng(seed, split, i), params)
+            name = f"mt_{i:04d}.nii.gz"
+            path = out / split / name
+            atomic_write_bytes(path, nifti_bytes(vol, vox))
+            truth[split][name] = t
+            files[split].append(str(path))
+            fg.append(t["foreground_fraction"])
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return truth, files, fg
 
 
 def _jsonable(obj):

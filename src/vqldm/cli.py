@@ -1,4 +1,4 @@
-"""The ``vqldm`` command. Each subcommand parses its arguments and hands off; no logic lives here."""
+"""The ``vqldm`` command: argument parsing, and one hand-off per subcommand; no logic lives here."""
 
 from __future__ import annotations
 
@@ -25,9 +25,14 @@ def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _load(args, check_paths: bool = True):
+    """The config of ``--config`` and ``--set``; with ``check_paths``, its data folders checked too."""
     from vqldm.config import load_config
+    from vqldm.data.io import check_data_dirs
 
-    return load_config(args.config, args.overrides, check_paths=check_paths)
+    cfg = load_config(args.config, args.overrides)
+    if check_paths:
+        check_data_dirs(cfg.data)
+    return cfg
 
 
 def _print_paths(title: str, items: dict[str, object]) -> None:
@@ -51,20 +56,20 @@ def cmd_synth(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from vqldm.check import check
+    from vqldm.commands.check import check
 
     report = check(_load(args, check_paths=True), progress=not args.quiet and not args.json)
     if args.json:
         print(json.dumps(report))
     else:
-        from vqldm.check import format_report
+        from vqldm.commands.check import format_report
 
         print(format_report(report))
     return 0
 
 
 def cmd_train_vqvae(args) -> int:
-    from vqldm.stage1.train import train_vqvae
+    from vqldm.autoencoder.train import train_vqvae
 
     cfg = _load(args)
     res = train_vqvae(cfg, overwrite=args.overwrite, progress=not args.quiet)
@@ -73,7 +78,7 @@ def cmd_train_vqvae(args) -> int:
 
 
 def cmd_train_diffusion(args) -> int:
-    from vqldm.stage2.train import train_diffusion
+    from vqldm.priors.diffusion.train import train_diffusion
 
     cfg = _load(args)
     res = train_diffusion(cfg, overwrite=args.overwrite, progress=not args.quiet)
@@ -95,7 +100,7 @@ def _finish_training(title: str, stage, res) -> None:
 
 
 def cmd_sample(args) -> int:
-    from vqldm.generate.pipeline import SampleOptions, sample_to_files
+    from vqldm.commands.sample import SampleOptions, sample_to_files
 
     cfg = _load(args, check_paths=False)
     opts = SampleOptions(num_samples=args.num_samples, out_dir=Path(args.out), scheduler=args.scheduler,
@@ -115,7 +120,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from vqldm.evaluate import evaluate
+    from vqldm.commands.evaluate import evaluate
 
     cfg = _load(args, check_paths=False)
     res = evaluate(cfg, Path(args.out), samples=Path(args.samples) if args.samples else None,
@@ -125,7 +130,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from vqldm.demo import run_demo
+    from vqldm.commands.demo import run_demo
 
     run_demo(Path(args.out), progress=not args.quiet, overwrite=args.overwrite, device=args.device,
              preset=args.preset)
@@ -133,25 +138,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from vqldm.benchmark import run_benchmark
+    from vqldm.commands.benchmark import run_benchmark
 
     run_benchmark(smoke=args.smoke, device=args.device, only=args.only, sweep=args.sweep, compile_=not args.no_compile)
     return 0
 
 
 # ------------------------------------------------------------------------------------ parser
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vqldm",
-        description="3D VQ-latent diffusion on MONAI: stage 1 compresses volumes into a VQ-VAE codebook latent, "
-                    "stage 2 learns that latent with a diffusion UNet; sampling decodes new volumes.",
-        epilog=EPILOG)
-    p.add_argument("--version", action="version", version=f"vqldm {__version__}")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def _add_synth(sub) -> None:
     s = sub.add_parser("synth", help="write synthetic SMLM microtubule volumes (the built-in data set)",
                        description="Synthesise 3D SMLM-like microtubule volumes: worm-like-chain filaments, "
                                    "localisations with anisotropic precision, voxelised to [0,1] density. Writes "
@@ -164,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="same seed, same files (default 0)")
     s.set_defaults(func=cmd_synth)
 
+
+def _add_check(sub) -> None:
     s = sub.add_parser("check", help="validate a config and its data; print latent shape and parameter counts",
                        description="Validate the config and the data (file count, shapes, dtypes, spacing, "
                                    "intensity range); print the latent shape (embedding_dim, x, y, z) and the "
@@ -172,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object (holds latent_shape)")
     s.set_defaults(func=cmd_check)
 
+
+def _add_train(sub) -> None:
     for name, fn, what, out in (
             ("train-vqvae", cmd_train_vqvae, "stage 1: train the VQ-VAE", "vqvae.checkpoints.output_dir"),
             ("train-diffusion", cmd_train_diffusion, "stage 2: train the latent diffusion UNet on the frozen VQ-VAE",
@@ -185,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start afresh in an output_dir that holds checkpoints (they are moved to previous_*/)")
         s.set_defaults(func=fn)
 
+
+def _add_sample(sub) -> None:
     s = sub.add_parser("sample", help="generate new volumes from the trained networks",
                        description="Denoise fresh noise with the stage-2 UNet (EMA weights) and decode it with the "
                                    "stage-1 VQ-VAE. Writes OUT/sample_0000.nii.gz ..., OUT/preview.png (MIP grid) "
@@ -192,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(s)
     s.add_argument("--num-samples", "-n", type=int, default=8, help="volumes to generate (default 8)")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--scheduler", choices=["ddpm", "ddim", "rflow"], default=None,
+    from vqldm.sampling.samplers import SAMPLERS
+
+    s.add_argument("--scheduler", choices=sorted(SAMPLERS), default=None,
                    help="sampler (default: ddim for a DDPM-trained model, rflow for a rectified-flow one)")
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default: logging.num_inference_steps)")
     s.add_argument("--seed", type=int, default=0, help="sample i's noise is seeded by (seed, i) (default 0)")
@@ -210,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace sample files already in --out")
     s.set_defaults(func=cmd_sample)
 
+
+def _add_evaluate(sub) -> None:
     s = sub.add_parser("evaluate", help="stage-1 reconstruction metrics and generation statistics with a report",
                        description="Stage 1 on the validation set: PSNR, SSIM, foreground Dice, codebook usage and "
                                    "perplexity. With --samples: compare generated with real volumes (foreground "
@@ -223,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "else vqvae.checkpoints.output_dir/best_model.pt)")
     s.set_defaults(func=cmd_evaluate)
 
+
+def _add_demo(sub) -> None:
     s = sub.add_parser("demo", help="the whole pipeline on built-in synthetic microtubules (CPU: under 10 min)",
                        description="Synthesise microtubule volumes, train stage 1 and stage 2 with a CPU-sized "
                                    "config, sample, evaluate, and print where the volumes, pictures and metrics are.")
@@ -233,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo: CPU-sized, 48x48x24 (default); microtubules: the 96x96x48 config, for a GPU")
     s.set_defaults(func=cmd_demo)
 
+
+def _add_benchmark(sub) -> None:
     s = sub.add_parser("benchmark", help="speed: the reference loops vs vqldm's, side by side",
                        description="Time the original-README-style reference loops and vqldm's own for the same "
                                    "networks and batches; print one JSON line per metric with reference, vqldm and "
@@ -249,6 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a GPU, also time vqldm's loops under each combination of the speed switches "
                         "(torch.compile, CUDA graphs, channels_last_3d): one 'sweep' line each")
     s.set_defaults(func=cmd_benchmark)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vqldm",
+        description="3D VQ-latent diffusion on MONAI: stage 1 compresses volumes into a VQ-VAE codebook latent, "
+                    "stage 2 learns that latent with a diffusion UNet; sampling decodes new volumes.",
+        epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"vqldm {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in (_add_synth, _add_check, _add_train, _add_sample, _add_evaluate, _add_demo, _add_benchmark):
+        add(sub)
     return p
 
 

@@ -42,17 +42,18 @@ def soft_dice_loss(rec, target, cfg: LossConfig, intensity_range) -> torch.Tenso
     return (1.0 - (2.0 * inter + d.smooth) / (denom + d.smooth)).mean()
 
 
-def _l1(rec, target, cfg, rng):
+def _l1(rec, target, cfg, intensity_range):
     return F.l1_loss(rec, target)
 
 
-def _mse(rec, target, cfg, rng):
+def _mse(rec, target, cfg, intensity_range):
     return F.mse_loss(rec, target)
 
 
-def _combined(rec, target, cfg, rng):
+def _combined(rec, target, cfg, intensity_range):
     c = cfg.combined
-    return c.dice_weight * soft_dice_loss(rec, target, cfg, rng) + c.weighted_weight * weighted_loss(rec, target, cfg, rng)
+    return (c.dice_weight * soft_dice_loss(rec, target, cfg, intensity_range)
+            + c.weighted_weight * weighted_loss(rec, target, cfg, intensity_range))
 
 
 RECONSTRUCTION_LOSSES = {

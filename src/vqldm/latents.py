@@ -1,24 +1,60 @@
-"""The stage-2 latent: frozen VQ-VAE encodings, their scale factor, and the latent cache.
+"""The latent every prior learns: a frozen stage-1 checkpoint, its encodings, the latent cache and
+the scale factor.
 
-Latents are the quantised embeddings (B, embedding_dim, x, y, z). The UNet sees them multiplied
-by ``scale_factor`` = 1 / std, measured over many training batches (Rombach et al., 2022, sec. 4.3
-and appendix G), so the diffusion prior N(0, I) matches their scale.
+Latents are the quantised embeddings (B, embedding_dim, x, y, z). A diffusion prior sees them
+multiplied by ``scale_factor`` = 1 / std, measured over many training batches (Rombach et al.,
+2022, sec. 4.3 and appendix G), so that its N(0, I) prior matches their scale.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
 from vqldm import distributed as dist
+from vqldm.autoencoder.model import build_vqvae, quantized_latent, vqvae_net_config
+from vqldm.checkpoint import load_checkpoint
+from vqldm.config import Config
+from vqldm.data.pipeline import to_unit
+from vqldm.errors import VqldmError
 from vqldm.runtime import Runtime
-from vqldm.stage1.model import quantized_latent
 
 log = logging.getLogger("vqldm")
 
 # whole-volume encoding for the cache is skipped above this many voxels per volume
 MAX_CACHE_VOXELS = 256**3
+
+
+def load_vqvae(path, rt: Runtime, what: str = "stage-1 checkpoint"):
+    """Rebuild a frozen VQ-VAE from a stage-1 checkpoint alone; returns (model, checkpoint dict)."""
+    ckpt = load_checkpoint(path, kind="vqvae", what=what)
+    try:
+        model = build_vqvae(ckpt["network"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise VqldmError(f"{what}: {path} does not hold a loadable VQ-VAE ({str(e).splitlines()[0][:200]})") from None
+    model = rt.prepare_module(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, ckpt
+
+
+def warn_config_differs(cfg: Config, net: dict, path) -> None:
+    """The checkpoint wins over the config file's vqvae section, with a warning naming the keys."""
+    mine = vqvae_net_config(cfg)
+    diff = [k for k in mine if k in net and mine[k] != net[k] and k not in ("decay", "commitment_cost")]
+    if diff:
+        log.warning("the stage-1 checkpoint %s was trained with a different vqvae config (%s); using the "
+                    "checkpoint's values", path, ", ".join(f"vqvae.{k}: config {mine[k]} vs checkpoint {net[k]}"
+                                                         for k in diff))
+
+
+def total_stride(net: dict) -> int:
+    """Image voxels per latent voxel along each axis, from a checkpoint's network."""
+    return math.prod(p[0] for p in net["downsample_parameters"])
 
 
 @torch.no_grad()
@@ -53,8 +89,6 @@ def encode_volumes(vqvae, volumes, rt: Runtime, stride: int, progress: bool = Fa
 def foreground_masks(volumes, latents: list[torch.Tensor], intensity_range, threshold: float,
                      stride: int) -> list[torch.Tensor]:
     """Per volume, the latent voxels whose image block holds foreground (image > threshold in [0,1])."""
-    from vqldm.data.pipeline import to_unit
-
     masks = []
     for i, z in enumerate(latents):
         x = torch.as_tensor(volumes[i]["image"]).as_subclass(torch.Tensor).float()[None]

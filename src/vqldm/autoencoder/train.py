@@ -10,7 +10,7 @@ from vqldm import distributed as dist
 from vqldm.engine import setup
 from vqldm.runtime import make_runtime
 from vqldm.engine.trainer import FitResult, Trainer
-from vqldm.stage1.task import Stage1Task
+from vqldm.autoencoder.task import VQVAETask
 
 log = logging.getLogger("vqldm")
 
@@ -29,7 +29,7 @@ def build_vqvae_trainer(cfg: Config, overwrite: bool = False, progress: bool = T
     val_ds = pipeline.val_dataset(cfg, val_info.files)
     train_loader, sampler = setup.train_loader(cfg, "vqvae", train_ds, rt)
     val_loader = setup.val_loader(cfg, "vqvae", val_ds, rt)
-    task = Stage1Task(cfg, rt, norm, train_info.spacing)
+    task = VQVAETask(cfg, rt, norm, train_info.spacing)
     task.train_forward = setup.wrap_for_training(task.train_forward, rt)
     if task.disc is not None:  # called three times a step: gradients averaged by hooks, not DDP
         setup.sync_gradients(task.disc)

@@ -13,8 +13,15 @@ from pathlib import Path
 
 import yaml
 
+from vqldm.autoencoder.train import train_vqvae
+from vqldm.commands.evaluate import evaluate
+from vqldm.commands.sample import SampleOptions, sample_to_files
 from vqldm.config import config_from_dict
-from vqldm.data.io import list_volumes
+from vqldm.data.io import check_data_dirs, list_volumes
+from vqldm.errors import VqldmError
+from vqldm.files import atomic_write_bytes
+from vqldm.priors.diffusion.train import train_diffusion
+from vqldm.synth import write_dataset
 
 log = logging.getLogger("vqldm")
 
@@ -43,60 +50,24 @@ def _under(out: Path, d: dict) -> dict:
     return d
 
 
-def run_demo(out: Path, progress: bool = True, overwrite: bool = False, device: str = "auto",
-             preset: str = "demo") -> dict:
-    from vqldm.evaluate import evaluate
-    from vqldm.generate.pipeline import SampleOptions, sample_to_files
-    from vqldm.stage1.train import train_vqvae
-    from vqldm.stage2.train import train_diffusion
-    from vqldm.synth import write_dataset
-
-    p = PRESETS[preset]
-    t0 = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    d = _under(out, preset_config_dict(preset))
+def _check_device(d: dict, device: str) -> None:
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            from vqldm.errors import VqldmError
-
             raise VqldmError("--device cuda: no CUDA GPU is visible (use --device cpu or auto)")
     if device != "auto":
         d.setdefault("device", {})["use_cuda"] = device == "cuda"
-    timings = {}
 
-    if list_volumes(out / "data" / "train"):
-        log.info("[1/5] reusing the synthetic volumes in %s", out / "data")
-    else:
-        log.info("[1/5] synthesising %d + %d microtubule volumes of %s voxels", p["num_train"], p["num_val"], p["shape"])
-        write_dataset(out / "data", p["num_train"], p["num_val"], p["shape"], seed=0, progress=progress)
-    timings["synth_s"] = time.perf_counter() - t0
-    (out / "config.yaml").write_text(yaml.safe_dump(d, sort_keys=False), encoding="utf-8")
-    cfg = config_from_dict(d, source=str(out / "config.yaml"), check_paths=True)
 
-    log.info("[2/5] stage 1: VQ-VAE")
+def _timed(timings: dict, key: str, fn):
     t = time.perf_counter()
-    r1 = train_vqvae(cfg, overwrite=overwrite, progress=progress)
-    timings["stage1_s"] = time.perf_counter() - t
-    log.info("[3/5] stage 2: latent diffusion")
-    cfg = config_from_dict(d, source=str(out / "config.yaml"), check_paths=True)
-    t = time.perf_counter()
-    r2 = train_diffusion(cfg, overwrite=overwrite, progress=progress)
-    timings["stage2_s"] = time.perf_counter() - t
-    log.info("[4/5] sampling %d volumes", p["samples"])
-    t = time.perf_counter()
-    samples = out / "samples"
-    sample_to_files(cfg, SampleOptions(num_samples=p["samples"], out_dir=samples, seed=0, batch_size=16,
-                                       progress=progress, overwrite=overwrite))
-    timings["sample_s"] = time.perf_counter() - t
-    log.info("[5/5] evaluating")
-    t = time.perf_counter()
-    ev = evaluate(cfg, out / "evaluation", samples=samples, progress=progress)
-    timings["evaluate_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t0
+    out = fn()
+    timings[key] = time.perf_counter() - t
+    return out
 
+
+def _print_summary(out: Path, preset: str, timings: dict, r1, r2, ev: dict, samples: Path) -> None:
     s1 = ev["metrics"]["stage1"]
     gen = ev["metrics"]["generation"]["summary"]
     print(f"\nvqldm demo finished in {timings['total_s']:.0f} s ({preset} preset)")
@@ -118,4 +89,37 @@ def run_demo(out: Path, progress: bool = True, overwrite: bool = False, device: 
     print(f"  generation: max distance ratio to the real-vs-real floor {gen['max_ratio']:.2f} "
           f"({'within' if gen['within_2x_floor'] else 'not within'} 2x)" if gen.get("max_ratio") is not None
           else "  generation: see the report")
+
+
+def run_demo(out: Path, progress: bool = True, overwrite: bool = False, device: str = "auto",
+             preset: str = "demo") -> dict:
+    p = PRESETS[preset]
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    d = _under(out, preset_config_dict(preset))
+    _check_device(d, device)
+    timings = {}
+    if list_volumes(out / "data" / "train"):
+        log.info("[1/5] reusing the synthetic volumes in %s", out / "data")
+    else:
+        log.info("[1/5] synthesising %d + %d microtubule volumes of %s voxels", p["num_train"], p["num_val"], p["shape"])
+        write_dataset(out / "data", p["num_train"], p["num_val"], p["shape"], seed=0, progress=progress)
+    timings["synth_s"] = time.perf_counter() - t0
+    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(d, sort_keys=False).encode("utf-8"))
+    cfg = config_from_dict(d, source=str(out / "config.yaml"))
+    check_data_dirs(cfg.data)
+    log.info("[2/5] stage 1: VQ-VAE")
+    r1 = _timed(timings, "stage1_s", lambda: train_vqvae(cfg, overwrite=overwrite, progress=progress))
+    log.info("[3/5] stage 2: latent diffusion")
+    r2 = _timed(timings, "stage2_s", lambda: train_diffusion(cfg, overwrite=overwrite, progress=progress))
+    log.info("[4/5] sampling %d volumes", p["samples"])
+    samples = out / "samples"
+    opts = SampleOptions(num_samples=p["samples"], out_dir=samples, seed=0, batch_size=16, progress=progress,
+                         overwrite=overwrite)
+    _timed(timings, "sample_s", lambda: sample_to_files(cfg, opts))
+    log.info("[5/5] evaluating")
+    ev = _timed(timings, "evaluate_s", lambda: evaluate(cfg, out / "evaluation", samples=samples, progress=progress))
+    timings["total_s"] = time.perf_counter() - t0
+    _print_summary(out, preset, timings, r1, r2, ev, samples)
     return {"timings": timings, "evaluation": ev["metrics"], "out": str(out)}

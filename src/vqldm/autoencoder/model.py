@@ -1,4 +1,4 @@
-"""The stage-1 network: MONAI's ``VQVAE``, built exactly as the config says."""
+"""The stage-1 network: MONAI's ``VQVAE``, built exactly as the config says, and its codebook operations."""
 
 from __future__ import annotations
 
@@ -70,21 +70,3 @@ def snap_to_codebook(model: VQVAE, z: torch.Tensor) -> torch.Tensor:
     q = model.quantizer.quantizer
     _, _, idx = q.quantize(z)
     return q.embed(idx).to(z.dtype)
-
-
-def load_vqvae(path, rt, what: str = "stage-1 checkpoint"):
-    """Rebuild a frozen VQ-VAE from a stage-1 checkpoint alone; returns (model, checkpoint dict)."""
-    from vqldm.checkpoint import load_checkpoint
-    from vqldm.errors import VqldmError
-
-    ckpt = load_checkpoint(path, kind="stage1", what=what)
-    try:
-        model = build_vqvae(ckpt["network"])
-        model.load_state_dict(ckpt["state_dict"])
-    except (KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise VqldmError(f"{what}: {path} does not hold a loadable VQ-VAE ({str(e).splitlines()[0][:200]})") from None
-    model = rt.prepare_module(model)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, ckpt

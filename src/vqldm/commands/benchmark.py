@@ -2,8 +2,8 @@
 
 The reference side trains and samples the way the original scripts do (MONAI networks in eager
 mode, fp16 autocast + GradScaler, Adam, the UNet called step by step). The vqldm side runs the
-real engine step (``Trainer._train_step`` of the stage tasks) and the real sampling pipeline
-(``generate``) with the config's speed switches. Both run in this process on the same device, so
+real engine step (``Trainer.step`` of the stage tasks) and the real sampling pipeline
+(``DiffusionPipeline.generate``) with the config's speed switches. Both run in this process on the same device, so
 only their ratio is meant to be compared. One JSON line per metric, then two checks of vqldm alone:
 the engine's overhead over a bare loop of the same task, and whether the data loader keeps up with
 the stage-1 step. ``--sweep`` (GPU) adds one line per setting of the speed switches.
@@ -20,7 +20,20 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vqldm.config import config_from_dict
+from vqldm.autoencoder.model import build_vqvae, vqvae_net_config
+from vqldm.autoencoder.task import VQVAETask
+from vqldm.config import config_from_dict, latent_shape
+from vqldm.data import pipeline
+from vqldm.data.pipeline import normalization_of
+from vqldm.engine.setup import wrap_for_training
+from vqldm.engine.trainer import StepContext, Trainer, make_optimizer
+from vqldm.errors import VqldmError
+from vqldm.priors.diffusion.objective import scheduler_config
+from vqldm.priors.diffusion.pipeline import DiffusionPipeline
+from vqldm.priors.diffusion.task import DiffusionTask
+from vqldm.priors.diffusion.unet import build_unet, unet_net_config
+from vqldm.runtime import make_runtime
+from vqldm.synth import write_dataset
 
 # The original README's networks (as in the shared reference loops) and a CPU-sized version.
 SPECS = {
@@ -56,7 +69,7 @@ def _config(spec: dict, device: str, compile_: bool = True):
         "data": {"patch_size": [p, p, p], "batch_size": spec["stage1_batch"], "num_workers": 0},
         "vqvae": {**spec["vqvae"], "training": {"ema": False}},
         "diffusion": {**spec["diffusion"], "training": {"batch_size": spec["stage2_batch"]}},
-    }, check_paths=False)
+    })
 
 
 def _sync(dev: torch.device) -> None:
@@ -96,8 +109,6 @@ def _ref_amp(dev):
 
 # ------------------------------------------------------------------------------ reference loops
 def ref_stage1(cfg, spec, dev):
-    from vqldm.stage1.model import build_vqvae, vqvae_net_config
-
     torch.manual_seed(0)
     m = build_vqvae(vqvae_net_config(cfg)).to(dev)
     x = torch.rand(spec["stage1_batch"], 1, *cfg.data.patch_size, device=dev)
@@ -118,13 +129,9 @@ def ref_stage1(cfg, spec, dev):
 def ref_stage2(cfg, spec, dev):
     from monai.networks.schedulers import DDPMScheduler
 
-    from vqldm.stage2.model import build_unet, unet_net_config
-
     torch.manual_seed(0)
     m = build_unet(unet_net_config(cfg)).to(dev)
     sched = DDPMScheduler(num_train_timesteps=1000, schedule="linear_beta", beta_start=0.0015, beta_end=0.0195)
-    from vqldm.config import latent_shape
-
     z = torch.randn(spec["stage2_batch"], *latent_shape(cfg), device=dev)
     opt = torch.optim.Adam(m.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda")
@@ -143,10 +150,6 @@ def ref_stage2(cfg, spec, dev):
 
 def ref_sample(cfg, spec, dev):
     from monai.networks.schedulers import DDIMScheduler
-
-    from vqldm.config import latent_shape
-    from vqldm.stage1.model import build_vqvae, vqvae_net_config
-    from vqldm.stage2.model import build_unet, unet_net_config
 
     vq = build_vqvae(vqvae_net_config(cfg)).to(dev).eval()
     unet = build_unet(unet_net_config(cfg)).to(dev).eval()
@@ -174,54 +177,37 @@ def _host_batch(x: torch.Tensor, rt) -> torch.Tensor:
 
 
 def vq_stage1(cfg, spec, rt):
-    from vqldm.data.pipeline import normalization_of
-    from vqldm.engine.setup import wrap_for_training
-    from vqldm.engine.trainer import Trainer
-    from vqldm.stage1.task import Stage1Task
-
     torch.manual_seed(0)
-    task = Stage1Task(cfg, rt, normalization_of(cfg), (1.0, 1.0, 1.0))
+    task = VQVAETask(cfg, rt, normalization_of(cfg), (1.0, 1.0, 1.0))
     task.train_forward = wrap_for_training(task.train_forward, rt)
     trainer = Trainer(cfg, task, None, None, rt, progress=False)
     task.train_mode()
     batch = {"image": _host_batch(torch.rand(spec["stage1_batch"], 1, *cfg.data.patch_size), rt)}
-    return _with(lambda: trainer._train_step(batch), trainer=trainer, batch=batch)
+    return _with(lambda: trainer.step(batch), trainer=trainer, batch=batch)
 
 
 def vq_stage2(cfg, spec, rt):
-    from vqldm.config import latent_shape
-    from vqldm.engine.setup import wrap_for_training
-    from vqldm.engine.trainer import Trainer
-    from vqldm.stage2.model import scheduler_config, unet_net_config
-    from vqldm.stage2.task import Stage2Task
-
     torch.manual_seed(0)
     lat = latent_shape(cfg)
-    task = Stage2Task(cfg, rt, None, unet_net_config(cfg), scheduler_config(cfg), 1.0,
-                      {"latent_shape": lat}, None, lambda x: x)
+    task = DiffusionTask(cfg, rt, None, unet_net_config(cfg), scheduler_config(cfg), 1.0, {"latent_shape": lat}, None)
     task.train_forward = wrap_for_training(task.model, rt)
     trainer = Trainer(cfg, task, None, None, rt, progress=False)
     task.train_mode()
     batch = {"latent": _host_batch(torch.randn(spec["stage2_batch"], *lat), rt)}
-    return _with(lambda: trainer._train_step(batch), trainer=trainer, batch=batch)
+    return _with(lambda: trainer.step(batch), trainer=trainer, batch=batch)
 
 
 def vq_sample(cfg, spec, rt):
-    from vqldm.config import latent_shape
-    from vqldm.generate.pipeline import Generator, generate
-    from vqldm.stage1.model import build_vqvae, vqvae_net_config
-    from vqldm.stage2.model import build_unet, scheduler_config, unet_net_config
-
     vq_net, unet_net = vqvae_net_config(cfg), unet_net_config(cfg)
     vq = rt.prepare_module(build_vqvae(vq_net)).eval()
     unet = rt.prepare_module(build_unet(unet_net, flash_attention=rt.is_cuda)).eval()
     diff_ckpt = {"scale_factor": 1.0, "scheduler": scheduler_config(cfg), "latent_shape": latent_shape(cfg),
                  "network": unet_net}
     vq_ckpt = {"network": vq_net, "normalization": {"intensity_range": [0.0, 1.0]}}
-    gen = Generator(unet, vq, diff_ckpt, vq_ckpt, rt, None, None)
+    pipe = DiffusionPipeline(unet, vq, diff_ckpt, vq_ckpt, rt, None, None)
     n = spec["sample_batch"]
-    return lambda: generate(gen, list(range(n)), seed=0, steps=spec["sample_steps"], kind="ddim",
-                            batch_size=n, snap=True)
+    return lambda: pipe.generate(list(range(n)), seed=0, steps=spec["sample_steps"], sampler="ddim", batch_size=n,
+                                 snap=True)
 
 
 def bare_steps(cfg, spec, rt, engine_step_fn):
@@ -229,9 +215,6 @@ def bare_steps(cfg, spec, rt, engine_step_fn):
     ``vq_stage2``), run as a hand-written loop would:
     forward and loss (the task's ``training_step``), backward, optimizer step. Nothing else: no
     clipping, non-finite watch, codebook tracking or restarts, EMA, CUDA graphs."""
-    from vqldm.engine.trainer import StepContext
-    from vqldm.stage1.task import make_optimizer
-
     engine_step = engine_step_fn(cfg, spec, dataclasses.replace(rt, cuda_graphs=False))
     trainer = engine_step.trainer
     task, batch = trainer.task, engine_step.batch
@@ -262,9 +245,6 @@ def data_loader_rate(cfg, spec, n_batches: int) -> tuple[float, int]:
     crops, augmentation, ``data.num_workers`` workers) from synthetic volumes of twice the patch."""
     import tempfile
     from pathlib import Path
-
-    from vqldm.data import pipeline
-    from vqldm.synth import write_dataset
 
     with tempfile.TemporaryDirectory(prefix="vqldm_bench_") as tmp:
         shape = [2 * p for p in cfg.data.patch_size]
@@ -308,51 +288,43 @@ def _emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
 
-def run_benchmark(smoke: bool = False, device: str | None = None, only: str = "", sweep: bool = False,
-                  compile_: bool = True) -> list[dict]:
-    from vqldm.runtime import make_runtime
+class _Bench:
+    """One benchmark run: its device, spec and config, the rows it has emitted, and its parts."""
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        from vqldm.errors import VqldmError
+    def __init__(self, spec: dict, cfg, smoke: bool, sweep: bool):
+        self.spec, self.cfg, self.sweep = spec, cfg, sweep
+        self.rt = make_runtime(cfg)
+        self.dev = self.rt.device
+        self.name = torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else "cpu"
+        self.n, self.warm = spec["steps"], spec["warmup"]
+        # compilation and CUDA-graph recording happen in the first steps: keep them out of the timing
+        self.extra_warm = 4 if self.rt.is_cuda else 0
+        self.rows: list[dict] = []
+        self.stage1_step_s: list[float] = []  # vqldm's stage-1 step time, once measured: the data check reuses it
+        _emit(what="device", device=self.name, torch=torch.__version__, runtime=self.rt.describe(),
+              spec="smoke" if smoke else "full")
 
-        raise VqldmError("--device cuda: no CUDA GPU is visible")
-    wanted = set(filter(None, only.split(",")))
-    unknown = sorted(wanted - set(PARTS))
-    if unknown:
-        from vqldm.errors import VqldmError
-
-        raise VqldmError(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
-    spec = SPECS["smoke" if smoke else "full"]
-    cfg = _config(spec, device, compile_)
-    rt = make_runtime(cfg)
-    dev = rt.device
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    n, warm = spec["steps"], spec["warmup"]
-    rows = []
-    _emit(what="device", device=name, torch=torch.__version__, runtime=rt.describe(),
-          spec="smoke" if smoke else "full")
-
-    def row(metric, ref, mine, unit, **extra):
-        r = {"metric": metric, "device": name, "reference": ref, "vqldm": mine,
+    def row(self, metric, ref, mine, unit, **extra) -> None:
+        r = {"metric": metric, "device": self.name, "reference": ref, "vqldm": mine,
              "ratio": (mine / ref) if ref else None, "unit": unit, **extra}
-        rows.append(r)
+        self.rows.append(r)
         _emit(**r)
 
-    def guarded(fn):
+    def guarded(self, fn) -> None:
         try:
             fn()
         except Exception as e:  # one failed metric must not lose the others
             _emit(what=fn.__name__, error=f"{e.__class__.__name__}: {str(e)[:300]}")
-        _release(dev)
+        _release(self.dev)
 
-    def measure(build, runs: int, warm_runs: int):
+    def measure(self, build, runs: int, warm_runs: int):
         """Build one side's step and time it: (median seconds, peak GiB or None).
 
         Peak memory counts only what this side allocates (network, optimizer state, activations,
         CUDA-graph pools): it is measured above what was allocated before the side was built, and
         the other side is freed first, so neither is charged for the other's tensors.
         """
+        dev = self.dev
         _release(dev)
         base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
         _peak_reset(dev)
@@ -363,87 +335,102 @@ def run_benchmark(smoke: bool = False, device: str | None = None, only: str = ""
         _release(dev)
         return t, peak
 
-    def side_by_side(metric, ref_build, vq_build, batch, unit, vq_warm, **extra) -> float:
+    def side_by_side(self, metric, ref_build, vq_build, batch, unit, vq_warm, **extra) -> float:
         """Median step time of each side (and peak memory on CUDA), one row each; returns vqldm's."""
-        t_ref, m_ref = measure(ref_build, n, warm)
-        t_vq, m_vq = measure(vq_build, n, warm + vq_warm)
-        row(metric, batch / t_ref, batch / t_vq, unit, batch=batch, **extra)
+        t_ref, m_ref = self.measure(ref_build, self.n, self.warm)
+        t_vq, m_vq = self.measure(vq_build, self.n, self.warm + vq_warm)
+        self.row(metric, batch / t_ref, batch / t_vq, unit, batch=batch, **extra)
         if m_ref is not None:
-            row(metric.split("_")[0] + "_peak_memory_gib", m_ref, m_vq, "GiB")
+            self.row(metric.split("_")[0] + "_peak_memory_gib", m_ref, m_vq, "GiB")
         return t_vq
 
-    # compilation and CUDA-graph recording happen in the first steps: keep them out of the timing
-    extra_warm = 4 if rt.is_cuda else 0
-
-    def variants(metric, build, batch, unit, timed_runs, warm_runs, which=SWEEP, **extra):
+    def variants(self, metric, build, batch, unit, timed_runs, warm_runs, which=SWEEP, **extra) -> None:
         """--sweep: vqldm's step under other combinations of the speed switches, one row each."""
-        if not (sweep and rt.is_cuda):
+        if not (self.sweep and self.rt.is_cuda):
             return
         for variant, comp, graphs, cl in which:
-            vrt = dataclasses.replace(rt, compile=comp, cuda_graphs=graphs, channels_last=cl)
+            vrt = dataclasses.replace(self.rt, compile=comp, cuda_graphs=graphs, channels_last=cl)
             try:
                 torch._dynamo.reset()
                 t0 = time.perf_counter()
-                t, peak = measure(lambda: build(vrt), timed_runs, warm_runs)
-                _emit(what="sweep", metric=metric, variant=variant, device=name, vqldm=batch / t, unit=unit,
+                t, peak = self.measure(lambda: build(vrt), timed_runs, warm_runs)
+                _emit(what="sweep", metric=metric, variant=variant, device=self.name, vqldm=batch / t, unit=unit,
                       peak_gib=peak, seconds_with_warmup=time.perf_counter() - t0, **extra)
             except Exception as e:  # one failed variant must not lose the others
                 _emit(what="sweep", metric=metric, variant=variant, error=f"{e.__class__.__name__}: {str(e)[:300]}")
 
-    stage1_step_s = []  # vqldm's stage-1 step time, once measured: the data check reuses it
+    # ---- the parts, in PARTS order
+    def stage1(self) -> None:
+        cfg, spec, rt = self.cfg, self.spec, self.rt
+        self.stage1_step_s.append(self.side_by_side(
+            "stage1_train_volumes_per_s", lambda: ref_stage1(cfg, spec, self.dev), lambda: vq_stage1(cfg, spec, rt),
+            spec["stage1_batch"], "volumes/s", self.extra_warm, patch=spec["patch"],
+            reference_style="eager fp16 autocast + GradScaler, Adam, L1"))
+        self.variants("stage1_train_volumes_per_s", lambda r: vq_stage1(cfg, spec, r), spec["stage1_batch"],
+                      "volumes/s", self.n, self.warm + self.extra_warm, SWEEP_STAGE1)
 
-    def stage1():
-        stage1_step_s.append(side_by_side("stage1_train_volumes_per_s", lambda: ref_stage1(cfg, spec, dev), lambda: vq_stage1(cfg, spec, rt),
-                     spec["stage1_batch"], "volumes/s", extra_warm, patch=spec["patch"],
-                     reference_style="eager fp16 autocast + GradScaler, Adam, L1"))
-        variants("stage1_train_volumes_per_s", lambda r: vq_stage1(cfg, spec, r), spec["stage1_batch"],
-                 "volumes/s", n, warm + extra_warm, SWEEP_STAGE1)
+    def stage2(self) -> None:
+        cfg, spec, rt = self.cfg, self.spec, self.rt
+        self.side_by_side("stage2_train_latents_per_s", lambda: ref_stage2(cfg, spec, self.dev),
+                          lambda: vq_stage2(cfg, spec, rt), spec["stage2_batch"], "latents/s", self.extra_warm,
+                          reference_style="eager fp16 autocast + GradScaler, Adam")
+        self.variants("stage2_train_latents_per_s", lambda r: vq_stage2(cfg, spec, r), spec["stage2_batch"],
+                      "latents/s", self.n, self.warm + self.extra_warm)
 
-    def stage2():
-        side_by_side("stage2_train_latents_per_s", lambda: ref_stage2(cfg, spec, dev), lambda: vq_stage2(cfg, spec, rt),
-                     spec["stage2_batch"], "latents/s", extra_warm,
-                     reference_style="eager fp16 autocast + GradScaler, Adam")
-        variants("stage2_train_latents_per_s", lambda r: vq_stage2(cfg, spec, r), spec["stage2_batch"],
-                 "latents/s", n, warm + extra_warm)
-
-    def sample():
+    def sample(self) -> None:
+        cfg, spec, rt = self.cfg, self.spec, self.rt
         n_ref, n_vq = spec["ref_sample_batch"], spec["sample_batch"]
-        runs = 1 if smoke else 3
-        t_ref, m_ref = measure(lambda: ref_sample(cfg, spec, dev), runs, 1)
-        t_vq, m_vq = measure(lambda: vq_sample(cfg, spec, rt), runs, 2 if rt.is_cuda else 1)
-        row("sample_volumes_per_s", n_ref / t_ref, n_vq / t_vq, "volumes/s", steps=spec["sample_steps"],
-            scheduler="ddim", decode_included=True, reference_batch=n_ref, vqldm_batch=n_vq)
+        runs = 1 if spec is SPECS["smoke"] else 3
+        t_ref, m_ref = self.measure(lambda: ref_sample(cfg, spec, self.dev), runs, 1)
+        t_vq, m_vq = self.measure(lambda: vq_sample(cfg, spec, rt), runs, 2 if rt.is_cuda else 1)
+        self.row("sample_volumes_per_s", n_ref / t_ref, n_vq / t_vq, "volumes/s", steps=spec["sample_steps"],
+                 scheduler="ddim", decode_included=True, reference_batch=n_ref, vqldm_batch=n_vq)
         if m_ref is not None:
-            row("sample_peak_memory_gib", m_ref, m_vq, "GiB", reference_batch=n_ref, vqldm_batch=n_vq)
-        variants("sample_volumes_per_s", lambda r: vq_sample(cfg, spec, r), n_vq, "volumes/s", runs, 2,
-                 steps=spec["sample_steps"], decode_included=True)
+            self.row("sample_peak_memory_gib", m_ref, m_vq, "GiB", reference_batch=n_ref, vqldm_batch=n_vq)
+        self.variants("sample_volumes_per_s", lambda r: vq_sample(cfg, spec, r), n_vq, "volumes/s", runs, 2,
+                      steps=spec["sample_steps"], decode_included=True)
 
-    def overhead():
+    def engine_overhead(self) -> None:
         """The engine's cost over a bare loop of the same task, network and batch (graphs off on
         both sides, so only the engine's own work differs)."""
-        runs = max(n, 30)  # a few per cent is the question: more steps than the speed rows
+        cfg, spec, rt = self.cfg, self.spec, self.rt
+        runs = max(self.n, 30)  # a few per cent is the question: more steps than the speed rows
+        warm = self.warm + self.extra_warm
         for stage, step_fn, batch in (("stage1", vq_stage1, spec["stage1_batch"]),
                                       ("stage2", vq_stage2, spec["stage2_batch"])):
-            t_bare, _ = measure(lambda: bare_steps(cfg, spec, rt, step_fn), runs, warm + extra_warm)
-            t_eng, _ = measure(lambda: step_fn(cfg, spec, dataclasses.replace(rt, cuda_graphs=False)), runs,
-                               warm + extra_warm)
-            _emit(what="engine_overhead", stage=stage, device=name, bare_steps_per_s=1 / t_bare,
+            t_bare, _ = self.measure(lambda: bare_steps(cfg, spec, rt, step_fn), runs, warm)
+            t_eng, _ = self.measure(lambda: step_fn(cfg, spec, dataclasses.replace(rt, cuda_graphs=False)), runs, warm)
+            _emit(what="engine_overhead", stage=stage, device=self.name, bare_steps_per_s=1 / t_bare,
                   engine_steps_per_s=1 / t_eng, overhead=t_eng / t_bare - 1, batch=batch,
                   engine_extras="gradient clipping, non-finite watch"
                   + (", codebook tracking + dead-code restart" if stage == "stage1" else ", weight EMA"))
 
-    def data():
+    def data_pipeline(self) -> None:
         """Is the data pipeline off the critical path? Loader patches/s against the step's volumes/s."""
-        t_step = stage1_step_s[0] if stage1_step_s else measure(lambda: vq_stage1(cfg, spec, rt), n,
-                                                                  warm + extra_warm)[0]
+        cfg, spec, rt = self.cfg, self.spec, self.rt
+        t_step = self.stage1_step_s[0] if self.stage1_step_s else self.measure(
+            lambda: vq_stage1(cfg, spec, rt), self.n, self.warm + self.extra_warm)[0]
         rate, workers = data_loader_rate(cfg, spec, spec["loader_batches"])
         consume = spec["stage1_batch"] / t_step
-        _emit(what="data_pipeline", device=name, loader_patches_per_s=rate, step_volumes_per_s=consume,
+        _emit(what="data_pipeline", device=self.name, loader_patches_per_s=rate, step_volumes_per_s=consume,
               headroom=rate / consume, num_workers=workers, patch=spec["patch"], augmentation=True)
 
-    parts = {"stage1_train_volumes_per_s": stage1, "stage2_train_latents_per_s": stage2,
-             "sample_volumes_per_s": sample, "engine_overhead": overhead, "data_pipeline": data}
+
+def run_benchmark(smoke: bool = False, device: str | None = None, only: str = "", sweep: bool = False,
+                  compile_: bool = True) -> list[dict]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise VqldmError("--device cuda: no CUDA GPU is visible")
+    wanted = set(filter(None, only.split(",")))
+    unknown = sorted(wanted - set(PARTS))
+    if unknown:
+        raise VqldmError(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    spec = SPECS["smoke" if smoke else "full"]
+    bench = _Bench(spec, _config(spec, device, compile_), smoke, sweep)
+    parts = {"stage1_train_volumes_per_s": bench.stage1, "stage2_train_latents_per_s": bench.stage2,
+             "sample_volumes_per_s": bench.sample, "engine_overhead": bench.engine_overhead,
+             "data_pipeline": bench.data_pipeline}
     for part in PARTS:
         if not wanted or part in wanted:
-            guarded(parts[part])
-    return rows
+            bench.guarded(parts[part])
+    return bench.rows

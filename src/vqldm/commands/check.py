@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from vqldm.autoencoder.model import build_vqvae, vqvae_net_config
 from vqldm.config import Config, latent_shape
 from vqldm.data.pipeline import scan_volumes
+from vqldm.priors.diffusion.unet import build_unet, unet_net_config
 
 
 def _param_count(module) -> int:
@@ -12,9 +14,6 @@ def _param_count(module) -> int:
 
 def check(cfg: Config, progress: bool = False) -> dict:
     """Validate data and networks; return a JSON-serialisable report."""
-    from vqldm.stage1.model import build_vqvae, vqvae_net_config
-    from vqldm.stage2.model import build_unet, unet_net_config
-
     data = {}
     for key in ("train_data_dir", "val_data_dir"):
         s = scan_volumes(getattr(cfg.data, key), key, cfg.data.skip_unreadable, progress)

@@ -11,11 +11,11 @@ from vqldm.config import Config, latent_shape
 from vqldm.data.pipeline import Normalization
 from vqldm.runtime import Runtime
 from vqldm.engine.tensorboard import Board
-from vqldm.engine.trainer import OptimizerSpec, StepContext, Task
+from vqldm.engine.trainer import OptimizerSpec, StepContext, Task, make_optimizer
 from vqldm.metrics.reconstruction import reconstruction_metrics
-from vqldm.stage1.codebook import CodebookTracker, code_counts, init_from_data, restart_codes, usage_and_perplexity
-from vqldm.stage1.losses import reconstruction_loss
-from vqldm.stage1.model import build_vqvae, reconstruct, vqvae_net_config
+from vqldm.autoencoder.codebook import CodebookTracker, code_counts, init_from_data, restart_codes, usage_and_perplexity
+from vqldm.autoencoder.losses import reconstruction_loss
+from vqldm.autoencoder.model import build_vqvae, reconstruct, vqvae_net_config
 
 
 class VQVAEForward(nn.Module):
@@ -29,27 +29,19 @@ class VQVAEForward(nn.Module):
         return reconstruct(self.vqvae, x)
 
 
-def make_optimizer(params, lr: float, weight_decay: float, rt: Runtime) -> torch.optim.Optimizer:
-    """AdamW; on CUDA the fused kernel (one launch for all parameters), capturable so that a CUDA
-    graph can record its step (its step counter lives on the GPU)."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=rt.is_cuda, capturable=rt.is_cuda)
-
-
-class Stage1Task(Task):
-    kind = "stage1"
-    stage_key = "vqvae"
-    val_loss_key = "loss"
+class VQVAETask(Task):
+    name = "vqvae"
     graph_safe = True  # the codebook's data initialisation runs in the eager warm-up steps
 
     def __init__(self, cfg: Config, rt: Runtime, norm: Normalization, spacing: tuple[float, float, float]):
         self.cfg, self.rt, self.norm, self.spacing = cfg, rt, norm, tuple(float(s) for s in spacing)
-        v, t = cfg.vqvae, cfg.vqvae.training
+        v, train_cfg = cfg.vqvae, cfg.vqvae.training
         self.net_config = vqvae_net_config(cfg)
         self.model = rt.prepare_module(build_vqvae(self.net_config))
         self.quantizer = self.model.quantizer.quantizer
         self.train_forward = VQVAEForward(self.model)
-        self.loss_fn = reconstruction_loss(t.loss, norm.intensity_range)
-        self.q_weight = t.loss.quantization_weight
+        self.loss_fn = reconstruction_loss(train_cfg.loss, norm.intensity_range)
+        self.q_weight = train_cfg.loss.quantization_weight
         cb = v.codebook
         self.tracker = CodebookTracker(v.num_embeddings, cb.restart_window_steps, cb.restart_threshold, rt.device)
         self.restarted_epoch = 0
@@ -59,7 +51,7 @@ class Stage1Task(Task):
             with torch.no_grad():
                 nn.init.kaiming_uniform_(self.quantizer.embedding.weight, mode="fan_in", nonlinearity="linear")
                 self.quantizer.ema_w.copy_(self.quantizer.embedding.weight)
-        self.adv = t.adversarial
+        self.adv = train_cfg.adversarial
         self.disc = None
         if self.adv.enabled:
             from monai.losses import PatchAdversarialLoss
@@ -72,9 +64,9 @@ class Stage1Task(Task):
 
     # -------------------------------------------------------------- engine hooks
     def optimizers(self) -> list[OptimizerSpec]:
-        t = self.cfg.vqvae.training
         params = [p for p in self.model.parameters() if p.requires_grad]
-        specs = [OptimizerSpec("vqvae", make_optimizer(params, self.cfg.learning_rate("vqvae"), t.weight_decay, self.rt),
+        decay = self.cfg.vqvae.training.weight_decay
+        specs = [OptimizerSpec("vqvae", make_optimizer(params, self.cfg.learning_rate("vqvae"), decay, self.rt),
                                "total_loss", params)]
         if self.disc is not None:
             dp = list(self.disc.parameters())

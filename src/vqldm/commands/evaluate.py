@@ -9,14 +9,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqldm.autoencoder.codebook import code_counts, usage_and_perplexity
+from vqldm.autoencoder.model import reconstruct
+from vqldm.commands.sample import read_samples
 from vqldm.config import Config
 from vqldm.data import pipeline
+from vqldm.data.io import read_volume
 from vqldm.errors import VqldmError
+from vqldm.files import atomic_write_bytes
+from vqldm.latents import load_vqvae
+from vqldm.metrics.generation import compare
 from vqldm.metrics.reconstruction import reconstruction_metrics
+from vqldm.metrics.report import write_report
 from vqldm.runtime import make_runtime, seed_everything
-from vqldm.data.pipeline import to_unit
-from vqldm.stage1.codebook import code_counts, usage_and_perplexity
-from vqldm.stage1.model import load_vqvae, reconstruct
 from vqldm.visuals import mip_grid, save_png
 
 log = logging.getLogger("vqldm")
@@ -26,9 +31,9 @@ log = logging.getLogger("vqldm")
 def stage1_metrics(cfg: Config, vqvae, vq_ckpt: dict, rt, out_dir: Path | None = None) -> dict:
     """PSNR, SSIM, foreground Dice on the validation tiles; codebook usage and perplexity over them."""
     val_info = pipeline.scan_volumes(cfg.data.val_data_dir, "val_data_dir", cfg.data.skip_unreadable)
-    tiles = pipeline.val_dataset(cfg, val_info.files)
+    norm = pipeline.normalization_of(cfg, vq_ckpt["normalization"]["intensity_range"])
+    tiles = pipeline.val_dataset(cfg, val_info.files, norm)
     loader = pipeline.make_loader(tiles, cfg.batch_size("vqvae"), False, 0, rt.is_cuda)
-    lo, hi = vq_ckpt["normalization"]["intensity_range"]
     k = vq_ckpt["network"]["num_embeddings"]
     counts = torch.zeros(k, dtype=torch.float64)
     sums: dict[str, float] = {}
@@ -38,7 +43,7 @@ def stage1_metrics(cfg: Config, vqvae, vq_ckpt: dict, rt, out_dir: Path | None =
         x = rt.to_device(batch["image"])
         with rt.autocast():
             rec, _, idx, _ = reconstruct(vqvae, x)
-        xu, ru = to_unit(x.float(), (lo, hi)), to_unit(rec.float(), (lo, hi)).clamp(0, 1)
+        xu, ru = norm.to_unit(x.float()), norm.to_unit(rec.float()).clamp(0, 1)
         m = reconstruction_metrics(ru, xu, cfg.data.foreground_threshold)
         b = x.shape[0]
         for key, v in m.items():
@@ -70,19 +75,17 @@ def _stage1_markdown(m: dict, vq_path: Path) -> str:
     ])
 
 
-def real_reference(cfg: Config, shape: tuple[int, ...], seed: int = 0) -> list[np.ndarray]:
+def real_reference(cfg: Config, shape: tuple[int, ...], norm: pipeline.Normalization,
+                   seed: int = 0) -> list[np.ndarray]:
     """Held-out real volumes shaped like the samples: whole val volumes when they match, else
     foreground-biased patches drawn the way training draws them (seeded)."""
     val_info = pipeline.scan_volumes(cfg.data.val_data_dir, "val_data_dir", cfg.data.skip_unreadable)
-    norm = pipeline.normalization_of(cfg)
     if all(tuple(s) == tuple(shape) for s in val_info.shapes):
-        from vqldm.data.io import read_volume
-
         return [pipeline.normalize_unit(read_volume(f).array, cfg.data.clip_percentiles) for f in val_info.files]
     if list(shape) != list(cfg.data.patch_size):
         raise VqldmError(f"--samples have shape {list(shape)}, neither the val volumes' nor data.patch_size "
                          f"{cfg.data.patch_size}; cannot pick matching real volumes")
-    ds = pipeline.train_dataset(cfg, val_info.files, augment=False)
+    ds = pipeline.train_dataset(cfg, val_info.files, augment=False, norm=norm)
     from monai.data.utils import set_rnd
 
     seed_everything(seed)
@@ -95,42 +98,46 @@ def real_reference(cfg: Config, shape: tuple[int, ...], seed: int = 0) -> list[n
     return out
 
 
+def _stage1_checkpoint(cfg: Config, vqvae_checkpoint: str | None) -> tuple[Path, str]:
+    if vqvae_checkpoint:
+        return Path(vqvae_checkpoint), "--vqvae-checkpoint"
+    if cfg.diffusion.checkpoints.vqvae_path and Path(cfg.diffusion.checkpoints.vqvae_path).is_file():
+        # the stage-1 model the samples were decoded with
+        return Path(cfg.diffusion.checkpoints.vqvae_path), "diffusion.checkpoints.vqvae_path"
+    return Path(cfg.vqvae.checkpoints.output_dir) / "best_model.pt", "vqvae.checkpoints.output_dir"
+
+
+def _generation(cfg: Config, samples: Path, norm: pipeline.Normalization, out_dir: Path, preamble: str):
+    """Generation statistics of ``samples`` against held-out real volumes, and the report."""
+    gen = read_samples(samples)
+    shapes = {g.shape for g in gen}
+    if len(shapes) != 1:
+        raise VqldmError(f"--samples {samples}: volumes of several shapes {sorted(shapes)}")
+    real = real_reference(cfg, gen[0].shape, norm, seed=cfg.seed)
+    if len(real) < 2:
+        raise VqldmError(f"data.val_data_dir: {cfg.data.val_data_dir} gives {len(real)} real volume(s) to "
+                         f"compare with; the real-vs-real floor needs at least 2 (4 or more for a stable one)")
+    log.info("comparing %d generated with %d real volumes", len(gen), len(real))
+    gen_metrics = compare(real, gen, threshold=cfg.data.foreground_threshold, seed=cfg.seed)
+    return gen_metrics, write_report(out_dir, gen_metrics, real, gen, preamble=preamble)
+
+
 def evaluate(cfg: Config, out_dir: Path, samples: Path | None = None, vqvae_checkpoint: str | None = None,
              progress: bool = True) -> dict:
-    from vqldm.generate.pipeline import read_samples
-    from vqldm.metrics.generation import compare
-    from vqldm.metrics.report import write_report
-
     out_dir.mkdir(parents=True, exist_ok=True)
     rt = make_runtime(cfg)
-    if vqvae_checkpoint:
-        vq_path, what = Path(vqvae_checkpoint), "--vqvae-checkpoint"
-    elif cfg.diffusion.checkpoints.vqvae_path and Path(cfg.diffusion.checkpoints.vqvae_path).is_file():
-        # the stage-1 model the samples were decoded with
-        vq_path, what = Path(cfg.diffusion.checkpoints.vqvae_path), "diffusion.checkpoints.vqvae_path"
-    else:
-        vq_path, what = Path(cfg.vqvae.checkpoints.output_dir) / "best_model.pt", "vqvae.checkpoints.output_dir"
+    vq_path, what = _stage1_checkpoint(cfg, vqvae_checkpoint)
     vqvae, vq_ckpt = load_vqvae(vq_path, rt, what=what)
-    cfg.data.intensity_range = list(vq_ckpt["normalization"]["intensity_range"])
+    norm = pipeline.normalization_of(cfg, vq_ckpt["normalization"]["intensity_range"])
     metrics: dict = {"stage1": stage1_metrics(cfg, vqvae, vq_ckpt, rt, out_dir), "vqvae_checkpoint": str(vq_path)}
     pre = _stage1_markdown(metrics["stage1"], vq_path)
     if samples is not None:
-        gen = read_samples(samples)
-        shapes = {g.shape for g in gen}
-        if len(shapes) != 1:
-            raise VqldmError(f"--samples {samples}: volumes of several shapes {sorted(shapes)}")
-        real = real_reference(cfg, gen[0].shape, seed=cfg.seed)
-        if len(real) < 2:
-            raise VqldmError(f"data.val_data_dir: {cfg.data.val_data_dir} gives {len(real)} real volume(s) to "
-                             f"compare with; the real-vs-real floor needs at least 2 (4 or more for a stable one)")
-        log.info("comparing %d generated with %d real volumes", len(gen), len(real))
-        gen_metrics = compare(real, gen, threshold=cfg.data.foreground_threshold, seed=cfg.seed)
-        metrics["generation"] = gen_metrics
+        metrics["generation"], report = _generation(cfg, samples, norm, out_dir, pre)
         metrics["samples"] = str(samples)
-        report = write_report(out_dir, gen_metrics, real, gen, preamble=pre)
     else:
         report = out_dir / "report.md"
-        report.write_text("# vqldm evaluation\n\n" + pre + "\n\nNo `--samples` given: generation not evaluated.\n")
+        atomic_write_bytes(report, ("# vqldm evaluation\n\n" + pre
+                                    + "\n\nNo `--samples` given: generation not evaluated.\n").encode("utf-8"))
     metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=2))
+    atomic_write_bytes(metrics_path, json.dumps(metrics, indent=2).encode("utf-8"))
     return {"metrics_path": metrics_path, "report_path": report, "metrics": metrics}

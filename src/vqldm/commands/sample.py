@@ -1,0 +1,156 @@
+"""``vqldm sample``: checkpoints -> noise -> latents -> volumes -> files.
+
+Sample ``i``'s noise is drawn from its own generator seeded by ``(seed, i)``
+(:class:`~vqldm.priors.diffusion.pipeline.DiffusionPipeline`), so which samples a run makes does
+not depend on the batch size or on the number of ranks. Under torchrun whole batches
+are dealt out to the ranks (:func:`shard_indices`), so the files are the same as one process
+writes with the same ``--batch-size``; rank 0 alone writes ``preview.png`` and ``samples.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vqldm import __version__
+from vqldm import distributed as dist
+from vqldm.checkpoint import file_sha256
+from vqldm.config import Config
+from vqldm.data.io import list_volumes, read_volume, write_volume
+from vqldm.errors import VqldmError
+from vqldm.files import archive_previous, atomic_write_bytes
+from vqldm.priors.diffusion.pipeline import DiffusionPipeline, load_pipeline
+from vqldm.sampling.samplers import check_sampler, default_sampler
+from vqldm.visuals import mip_grid, save_png
+
+log = logging.getLogger("vqldm")
+
+
+@dataclass
+class SampleOptions:
+    num_samples: int
+    out_dir: Path
+    scheduler: str | None = None  # a sampler of vqldm.sampling.samplers.SAMPLERS (default: by training objective)
+    steps: int | None = None  # default: diffusion.logging.num_inference_steps
+    seed: int = 0
+    batch_size: int = 8
+    fmt: str = "nifti"  # nifti | tiff
+    diffusion_checkpoint: str | None = None
+    vqvae_checkpoint: str | None = None
+    shape: list[int] | None = None  # output volume size (voxels); default: the training patch
+    snap: str | None = None  # "on" | "off" | None (config)
+    use_ema: bool = True
+    progress: bool = True
+    overwrite: bool = False
+
+
+def shard_indices(num_samples: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """The sample indices one rank generates under torchrun.
+
+    Samples are cut into the batches one process would run (``[0, batch_size)``, ``[batch_size,
+    2 batch_size)``, ...) and whole batches are dealt out round-robin: batch ``b`` goes to rank
+    ``b % world``. Every batch therefore holds the same samples as in a single process with the
+    same ``batch_size``, so the files are bit-identical to that run on the same hardware, even for
+    DDPM (its step noise is seeded per batch) and although a convolution's rounding depends on the
+    batch it runs in.
+    """
+    starts = range(0, num_samples, batch_size)
+    return [i for b, s in enumerate(starts) if b % world == rank for i in range(s, min(s + batch_size, num_samples))]
+
+
+def _settings(cfg: Config, opts: SampleOptions, pipe: DiffusionPipeline) -> tuple[str, int, bool]:
+    """The sampler, step count and snap of this run, each checked against the model."""
+    sampler = opts.scheduler or default_sampler(pipe.schedule)
+    steps = cfg.diffusion.logging.num_inference_steps if opts.steps is None else opts.steps
+    if not 1 <= steps <= pipe.schedule["num_train_timesteps"]:
+        raise VqldmError(f"--steps {steps}: must lie in [1, {pipe.schedule['num_train_timesteps']}]")
+    check_sampler(sampler, pipe.schedule)
+    snap = cfg.diffusion.snap_to_codebook if opts.snap is None else opts.snap == "on"
+    return sampler, steps, snap
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Rank 0 decides about the folder; every rank stops on its verdict (none waits for a rank that
+    gave up), and no rank writes before rank 0 has made the folder."""
+    problem = None
+    if dist.is_main():
+        existing = [p for p in list_volumes(out) if p.name.startswith("sample_")]
+        if existing and not overwrite:
+            problem = (f"--out {out}: already holds {len(existing)} sample file(s); choose another folder "
+                       f"or pass --overwrite")
+        else:
+            if existing:  # --overwrite: the earlier samples move aside whole, never mixed with new ones
+                moved = archive_previous(out, ("sample_*", "preview.png", "samples.json"))
+                log.info("moved the earlier samples to %s", moved)
+            out.mkdir(parents=True, exist_ok=True)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise VqldmError(problem)
+
+
+def _my_share(opts: SampleOptions) -> list[int]:
+    mine = shard_indices(opts.num_samples, opts.batch_size, dist.rank(), dist.world_size())
+    if dist.world_size() > 1:
+        log.info("%d samples in batches of %d over %d ranks (rank 0: %d)", opts.num_samples, opts.batch_size,
+                 dist.world_size(), len(mine))
+        n_batches = -(-opts.num_samples // opts.batch_size)
+        if n_batches < dist.world_size():
+            log.warning("%d batch(es) of %d for %d ranks: %d rank(s) have nothing to do; a smaller --batch-size "
+                        "spreads the work", n_batches, opts.batch_size, dist.world_size(),
+                        dist.world_size() - n_batches)
+    return mine
+
+
+def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
+    if opts.num_samples < 1:
+        raise VqldmError("--num-samples must be >= 1")
+    if opts.batch_size < 1:
+        raise VqldmError("--batch-size must be >= 1")
+    dist.init(cfg.device.use_cuda)
+    pipe = load_pipeline(cfg, opts.diffusion_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
+    sampler, steps, snap = _settings(cfg, opts, pipe)
+    suffix = "nii.gz" if opts.fmt == "nifti" else "tif"
+    out = Path(opts.out_dir)
+    _prepare_out(out, opts.overwrite)
+    mine = _my_share(opts)
+    t0 = time.perf_counter()
+    clip = cfg.diffusion.clip_to_codebook_range
+    vols = pipe.generate(mine, opts.seed, steps, sampler, opts.batch_size, snap, opts.shape,
+                         opts.progress and dist.is_main(), clip)
+    if pipe.rt.is_cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    for i, v in zip(mine, vols):
+        write_volume(out / f"sample_{i:04d}.{suffix}", v[0].numpy(), pipe.spacing)
+    # the slowest rank's time; the barrier inside also means every file is written before rank 0 reads
+    elapsed = float(dist.all_reduce_max(torch.tensor([elapsed], dtype=torch.float64)).item())
+    record = {
+        "vqldm_version": __version__, "num_samples": opts.num_samples, "seed": opts.seed, "scheduler": sampler,
+        "steps": steps, "snap_to_codebook": snap, "clip_to_codebook_range": clip and sampler != "rflow",
+        "ema": opts.use_ema and bool(pipe.diff_ckpt.get("ema")),
+        "shape": list(vols.shape[2:]) if len(vols) else opts.shape, "spacing": pipe.spacing, "format": opts.fmt,
+        "diffusion_checkpoint": str(pipe.diff_path), "diffusion_sha256": file_sha256(pipe.diff_path),
+        "vqvae_checkpoint": str(pipe.vq_path), "vqvae_sha256": pipe.vq_sha256,
+        "scale_factor": pipe.scale_factor, "device": pipe.rt.describe(), "world_size": dist.world_size(),
+        "seconds": elapsed,
+    }
+    preview, record_path = out / "preview.png", out / "samples.json"
+    if dist.is_main():
+        shown = [read_volume(out / f"sample_{i:04d}.{suffix}").array for i in range(min(opts.num_samples, 16))]
+        save_png(mip_grid([shown[i:i + 4] for i in range(0, len(shown), 4)]), preview)
+        atomic_write_bytes(record_path, json.dumps(record, indent=2).encode("utf-8"))
+    return {"num_samples": opts.num_samples, "suffix": suffix, "preview": preview, "record": record_path,
+            "seconds": elapsed}
+
+
+def read_samples(folder: Path) -> list[np.ndarray]:
+    files = list_volumes(folder)
+    if not files:
+        raise VqldmError(f"--samples: no volumes in {folder}")
+    return [read_volume(f).array for f in files]

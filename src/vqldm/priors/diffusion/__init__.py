@@ -1,0 +1,1 @@
+"""The latent-diffusion prior: UNet, objective (noising and targets), task, training, pipeline."""

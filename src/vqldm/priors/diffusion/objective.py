@@ -1,0 +1,58 @@
+"""The diffusion objective: the noise schedule, which timesteps training draws, how a latent is
+noised, and what the UNet learns to predict (ε, v, or the rectified-flow velocity)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
+
+from vqldm.config import Config
+from vqldm.sampling.samplers import schedule_kwargs
+
+
+def scheduler_config(cfg: Config) -> dict:
+    """The noise schedule as plain values; saved in every stage-2 checkpoint as ``scheduler``."""
+    s = cfg.diffusion.scheduler
+    return {"type": s.type, "num_train_timesteps": s.num_train_timesteps, "schedule": s.schedule,
+            "beta_start": s.beta_start, "beta_end": s.beta_end, "prediction_type": s.prediction_type}
+
+
+def build_train_scheduler(sc: dict):
+    """The MONAI scheduler that defines the training objective (noising and target)."""
+    if sc["type"] == "rflow":
+        return RFlowScheduler(num_train_timesteps=sc["num_train_timesteps"], use_discrete_timesteps=False,
+                              sample_method="logit-normal", use_timestep_transform=False)
+    return DDPMScheduler(**schedule_kwargs(sc), clip_sample=False)
+
+
+def training_target(scheduler, sc: dict, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict at (x_t, t)."""
+    if sc["type"] == "rflow":
+        return x0 - noise  # MONAI's RFlow step integrates v = x0 - noise
+    if sc["prediction_type"] == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return noise
+
+
+class Objective:
+    """Timesteps, noising and the loss of one saved noise schedule ``sc``.
+
+    Draws its random numbers on the latent's device, so a CUDA graph replay draws fresh ones.
+    """
+
+    def __init__(self, sc: dict):
+        self.sc = dict(sc)
+        self.scheduler = build_train_scheduler(sc)
+        self.num_train_timesteps = sc["num_train_timesteps"]
+
+    def sample_timesteps(self, z0: torch.Tensor) -> torch.Tensor:
+        if self.sc["type"] == "rflow":
+            return self.scheduler.sample_timesteps(z0).long()
+        return torch.randint(0, self.num_train_timesteps, (z0.shape[0],), device=z0.device)
+
+    def loss(self, denoiser, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, condition=None) -> torch.Tensor:
+        """Mean squared error of ``denoiser(x_t, t, condition)`` to the training target."""
+        x_t = self.scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
+        pred = denoiser(x_t, t, condition)
+        return F.mse_loss(pred.float(), training_target(self.scheduler, self.sc, z0, noise, t).float())

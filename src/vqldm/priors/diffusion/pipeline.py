@@ -1,0 +1,166 @@
+"""A trained diffusion prior and its stage 1, rebuilt from their checkpoints alone, turning seeded
+noise into volumes.
+
+Sample ``i``'s starting noise is drawn from its own generator seeded by ``(seed, i)``, so which
+samples a run makes does not depend on the batch size or on the number of ranks. Noise that a
+sampler draws along the way (DDPM) comes from a ``torch.Generator`` seeded per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vqldm.autoencoder.model import codebook_range
+from vqldm.checkpoint import file_sha256, load_checkpoint
+from vqldm.config import Config, check_latent_for_unet, decoded_spatial, latent_spatial, vqvae_from_network
+from vqldm.errors import VqldmError
+from vqldm.latents import load_vqvae
+from vqldm.priors.diffusion.unet import as_denoiser, build_unet
+from vqldm.runtime import Runtime, make_runtime
+from vqldm.sampling.decode import decode_latents
+from vqldm.sampling.samplers import Denoiser, sample_latents
+
+log = logging.getLogger("vqldm")
+
+
+@dataclass
+class DiffusionPipeline:
+    """Both networks, rebuilt from their checkpoints alone, ready to turn noise into volumes."""
+
+    unet: torch.nn.Module
+    vqvae: torch.nn.Module
+    diff_ckpt: dict
+    vq_ckpt: dict
+    rt: Runtime
+    diff_path: Path
+    vq_path: Path
+    vq_sha256: str | None = None  # of the stage-1 file actually loaded
+    _denoise: Denoiser | None = None  # the (possibly CUDA-graph-replayed) UNet call, built once
+
+    @property
+    def scale_factor(self) -> float:
+        return float(self.diff_ckpt["scale_factor"])
+
+    @property
+    def schedule(self) -> dict:
+        """The noise schedule the UNet was trained with (``scheduler`` in its checkpoint)."""
+        return self.diff_ckpt["scheduler"]
+
+    @property
+    def spacing(self) -> list[float]:
+        """Voxel spacing of the training data, written into every sample."""
+        return list(self.diff_ckpt.get("data", {}).get("spacing") or self.vq_ckpt["data"]["spacing"])
+
+    def latent_shape(self, shape: list[int] | None) -> list[int]:
+        """(D, x, y, z) of the latent that decodes to volumes of ``shape`` (default: the training patch)."""
+        net = self.vq_ckpt["network"]
+        if shape is None:
+            return list(self.diff_ckpt["latent_shape"])
+        vq = vqvae_from_network(net)
+        lat = latent_spatial(vq, shape)
+        if decoded_spatial(vq, lat) != list(shape):
+            raise VqldmError(f"--shape {shape}: the VQ-VAE cannot decode to that size (latent {lat}); use sizes "
+                             f"divisible by its total stride")
+        check_latent_for_unet(len(self.diff_ckpt["network"]["channels"]), lat, f"--shape {shape}")
+        return [net["embedding_dim"]] + lat
+
+    def noise(self, indices: list[int], seed: int, latent_shape: list[int]) -> torch.Tensor:
+        out = []
+        for i in indices:
+            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i))
+            out.append(torch.randn(latent_shape, generator=g))
+        return torch.stack(out).to(self.rt.device)
+
+    def decode(self, z: torch.Tensor, snap: bool) -> torch.Tensor:
+        """Scaled latent -> volumes in [0, 1], (B, 1, X, Y, Z) float32 on CPU."""
+        return decode_latents(self.vqvae, z, self.scale_factor, self.vq_ckpt["normalization"]["intensity_range"],
+                              snap, self.rt.autocast)
+
+    def denoiser(self) -> Denoiser:
+        """The UNet call, built once: compiled where ``device.compile`` is on, replayed from a CUDA
+        graph (one per batch shape) where ``device.cuda_graphs`` is on."""
+        if self._denoise is None:
+            net = self.unet
+            if self.rt.compile:
+                net = torch.compile(net, dynamic=False)
+            call = as_denoiser(net)
+            if self.rt.cuda_graphs:
+                from vqldm.graphs import CudaGraphed
+
+                graphed = CudaGraphed(lambda b: call(b["x"], b["t"]), self.rt.device, warmup=2,
+                                      name="UNet sampling call")
+                self._denoise = lambda x, t, condition=None: graphed({"x": x, "t": t})
+            else:
+                self._denoise = call
+        return self._denoise
+
+    @torch.no_grad()
+    def generate(self, indices: list[int], seed: int, steps: int, sampler: str, batch_size: int, snap: bool,
+                 shape: list[int] | None = None, progress: bool = False, clip: bool = True) -> torch.Tensor:
+        """Volumes (N, 1, X, Y, Z) in [0, 1] for sample ``indices``; batches the UNet."""
+        lat = self.latent_shape(shape)
+        clip_range = codebook_range(self.vqvae, self.scale_factor) if clip else None
+        outs = []
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start:start + batch_size]
+            noise = self.noise(idx, seed, lat)
+            # noise drawn during sampling (DDPM) is seeded per batch, for repeatable files
+            g = torch.Generator(device=noise.device).manual_seed(int(seed) * 7919 + idx[0])
+            z = sample_latents(sampler, self.denoiser(), noise, steps, self.schedule, generator=g,
+                               clip_range=clip_range, autocast=self.rt.autocast,
+                               desc=f"{sampler} sampling" if progress else None)
+            outs.append(self.decode(z, snap))
+        return torch.cat(outs) if outs else torch.zeros([0, 1] + (shape or []))
+
+
+def _unet_from(ckpt: dict, path: Path, what: str, use_ema: bool, rt: Runtime) -> torch.nn.Module:
+    state = ckpt["state_dict"]
+    if not use_ema and ckpt.get("ema"):
+        ts = ckpt.get("training_state")
+        if ts is None:
+            raise VqldmError(f"--no-ema: {path} holds only the EMA weights; the raw weights are in "
+                             f"latest_checkpoint.pt (pass it with --diffusion-checkpoint)")
+        state = ts["model"]
+    try:
+        unet = build_unet(ckpt["network"], flash_attention=rt.is_cuda)
+        unet.load_state_dict(state)
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise VqldmError(f"{what}: {path} does not hold a loadable diffusion UNet "
+                         f"({str(e).splitlines()[0][:200]})") from None
+    unet = rt.prepare_module(unet).eval()
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    return unet
+
+
+def load_pipeline(cfg: Config, diffusion_checkpoint: str | None = None, vqvae_checkpoint: str | None = None,
+                  use_ema: bool = True, rt: Runtime | None = None) -> DiffusionPipeline:
+    """The UNet of ``diffusion_checkpoint`` (default: ``diffusion.checkpoints.output_dir/best_model.pt``)
+    and the stage-1 checkpoint it was trained on (or ``vqvae_checkpoint``, with a warning if it differs)."""
+    rt = rt or make_runtime(cfg)
+    if diffusion_checkpoint:
+        diff_path, what = Path(diffusion_checkpoint), "--diffusion-checkpoint"
+    else:
+        diff_path, what = Path(cfg.diffusion.checkpoints.output_dir) / "best_model.pt", "diffusion.checkpoints.output_dir"
+    ckpt = load_checkpoint(diff_path, kind="diffusion", what=what)
+    unet = _unet_from(ckpt, diff_path, what, use_ema, rt)
+    if vqvae_checkpoint:
+        vq_path, vq_what = Path(vqvae_checkpoint), "--vqvae-checkpoint"
+    else:
+        vq_path, vq_what = Path(ckpt["vqvae_path"]), f"the stage-1 checkpoint recorded in {diff_path}"
+    vqvae, vq_ckpt = load_vqvae(vq_path, rt, what=vq_what)
+    sha = file_sha256(vq_path)
+    if sha != ckpt.get("vqvae_sha256"):
+        msg = (f"{vq_path} is not the stage-1 checkpoint that {diff_path} was trained on "
+               f"(sha256 {sha[:12]} vs {str(ckpt.get('vqvae_sha256'))[:12]})")
+        if not vqvae_checkpoint:
+            raise VqldmError(msg + "; pass the right one with --vqvae-checkpoint")
+        log.warning("%s; decoding with it anyway as --vqvae-checkpoint asks", msg)
+    if vq_ckpt["network"]["embedding_dim"] != ckpt["network"]["in_channels"]:
+        raise VqldmError(f"{vq_what}: {vq_path} has embedding_dim {vq_ckpt['network']['embedding_dim']} but the "
+                         f"diffusion UNet expects {ckpt['network']['in_channels']} channels")
+    return DiffusionPipeline(unet, vqvae, ckpt, vq_ckpt, rt, diff_path, vq_path, vq_sha256=sha)

@@ -1,0 +1,1 @@
+"""Sampling: the sampler registry (pure functions) and the one decode path."""

@@ -1,0 +1,30 @@
+"""The one decode path from a prior's latent to volumes: unscale -> snap to the codebook -> decode.
+
+Training previews and ``vqldm sample`` both call :func:`decode_latents`, so a preview shows exactly
+what sampling writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from vqldm.autoencoder.model import snap_to_codebook
+from vqldm.data.pipeline import to_unit
+
+
+@torch.no_grad()
+def decode_latents(vqvae: torch.nn.Module, z: torch.Tensor, scale_factor: float, intensity_range, snap: bool,
+                   autocast=None) -> torch.Tensor:
+    """Scaled latent (B, D, x, y, z) -> volumes in [0, 1], (B, 1, X, Y, Z) float32 on the CPU.
+
+    ``snap``: replace each latent vector by its nearest codebook entry first (the quantised decode
+    of VQ-LDM). ``intensity_range``: the network range the VQ-VAE was trained in (its checkpoint's).
+    """
+    z = z / scale_factor
+    if snap:
+        z = snap_to_codebook(vqvae, z)
+    with (autocast or contextlib.nullcontext)():
+        img = vqvae.decode(z)
+    return to_unit(img.float(), intensity_range).clamp(0, 1).cpu()
