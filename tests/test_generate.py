@@ -176,11 +176,33 @@ def test_evaluate_writes_metrics_and_report(trained_stage2, tmp_path):
     for key in ("foreground_fraction", "filament_length", "n_components", "orientation_azimuth", "intensity"):
         assert key in stats and "real_vs_real" in stats[key] and "generated_vs_real" in stats[key]
     assert "mmd" in m["generation"] and "diversity" in m["generation"]
+    # the three rows: real train, their reconstructions and the samples, each against the same floor
+    rows = m["stages"]["ratios"]
+    assert set(rows) == set(stats) | {"mmd"}
+    for name, r in rows.items():
+        assert set(r) == {"real_train", "reconstruction", "samples", "limited_by"}
+        assert r["samples"] == (stats[name]["ratio"] if name != "mmd" else m["generation"]["mmd"]["ratio"])
+        assert r["limited_by"] in ("none (passes)", "the data (train and val differ)", "stage 1 (autoencoder)",
+                                   "stage 2 (prior)")
     report = (tmp_path / "E" / "report.md").read_text()
     assert "Stage 1" in report and "real_vs_generated.png" in report
-    for png in ("reconstruction.png", "real_vs_generated.png", "histograms.png"):
+    assert "Which stage limits each statistic" in report and "stages.png" in report
+    for png in ("reconstruction.png", "real_vs_generated.png", "histograms.png", "stages.png"):
         with Image.open(tmp_path / "E" / png) as im:
             assert im.size[0] > 10
+
+
+@pytest.mark.parametrize("ratios,stage", [
+    ((0.9, 1.1, 1.5), "none (passes)"),
+    ((0.9, 1.1, 5.0), "stage 2 (prior)"),
+    ((0.9, 6.0, 9.0), "stage 1 (autoencoder)"),
+    ((0.9, None, 9.0), "stage 1 (autoencoder)"),
+    ((3.0, 6.0, 9.0), "the data (train and val differ)"),
+])
+def test_limiting_stage_reads_the_three_rows(ratios, stage):
+    from vqldm.commands.evaluate import limiting_stage
+
+    assert limiting_stage(*ratios) == stage
 
 
 def test_evaluate_without_samples_reports_stage1_only(trained_stage2, tmp_path):

@@ -247,11 +247,13 @@ def test_write_report(tmp_path, real_set, good_metrics):
         "| orientation azimuth |",
         "| orientation elevation |",
         "| foreground intensity |",
+        "| segment straightness |",
+        "| segment length |",
         "| MMD",
     ):
         assert row in text, row
     table_rows = [ln for ln in text.splitlines() if ln.startswith("| ") and ("PASS" in ln or "FAIL" in ln)]
-    assert len(table_rows) == 7
+    assert len(table_rows) == 9  # 8 statistics and MMD
     assert "](real_vs_generated.png)" in text and "](histograms.png)" in text
     assert "Diversity" in text and "MS-SSIM" in text
     for name in ("real_vs_generated.png", "histograms.png"):
@@ -269,3 +271,64 @@ def test_write_report_marks_failures_and_recomputes(tmp_path, real_set):
     assert "**Verdict: FAIL**" in text
     assert "| foreground intensity | intensity units | n/a |" in text and "undefined" in text
     assert (tmp_path / "histograms.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------ skeleton segments
+def test_segments_of_a_straight_line_a_bend_a_cross_and_a_loop():
+    from skimage.morphology import skeletonize
+
+    from vqldm.metrics.generation import skeleton_segments
+
+    line = np.zeros((32, 32, 8), bool)
+    line[5:25, 10, 4] = True
+    s, length = skeleton_segments(line)
+    assert s.tolist() == [1.0] and length.tolist() == [19.0]  # 20 voxels, 19 unit steps
+
+    diag = np.zeros((32, 32, 8), bool)
+    for i in range(20):
+        diag[5 + i, 5 + i, 4] = True
+    s, length = skeleton_segments(diag)
+    assert s == pytest.approx([1.0]) and length[0] == pytest.approx(19 * np.sqrt(2))
+
+    arc = np.zeros((64, 64, 8), bool)  # a half circle of radius 20: end-to-end / contour = 2 / pi
+    for a in np.linspace(0, np.pi, 400):
+        arc[int(round(32 + 20 * np.cos(a))), int(round(32 + 20 * np.sin(a))), 4] = True
+    s, length = skeleton_segments(skeletonize(arc) > 0)
+    assert len(s) == 1 and 0.55 < s[0] < 0.7 and 55 < length[0] < 75
+
+    cross = np.zeros((32, 32, 8), bool)  # two crossing filaments: four straight pieces, not bent ones
+    cross[4:28, 16, 4] = True
+    cross[16, 4:28, 4] = True
+    s, _ = skeleton_segments(cross)
+    assert len(s) == 4 and np.all(s == 1.0)
+
+    loop = np.zeros((32, 32, 8), bool)  # a closed ring has no ends: skipped
+    loop[8:20, 8, 4] = loop[8:20, 19, 4] = loop[8, 8:20, 4] = loop[19, 8:20, 4] = True
+    assert skeleton_segments(loop)[0].size == 0
+    assert skeleton_segments(np.zeros((8, 8, 8), bool))[0].size == 0
+
+
+def test_straightness_separates_stiff_from_curly_filaments():
+    """The statistic the eye uses: straight filaments pass against themselves, curly ones fail."""
+    from vqldm.metrics.generation import compare
+
+    def filament_volume(seed: int, curl: float) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        vol = np.zeros((48, 48, 12), np.float32)
+        for _ in range(3):
+            p, ang = rng.uniform(8, 40, 2), rng.uniform(0, np.pi)
+            for _ in range(60):
+                ang += curl * rng.normal()
+                p = p + 0.6 * np.array([np.cos(ang), np.sin(ang)])
+                x, y = int(p[0]), int(p[1])
+                if 0 <= x < 48 and 0 <= y < 48:
+                    vol[x, y, 6] = 1.0
+        return vol
+
+    stiff = [filament_volume(s, 0.02) for s in range(12)]
+    stiff_b = [filament_volume(100 + s, 0.02) for s in range(12)]
+    curly = [filament_volume(200 + s, 0.6) for s in range(12)]
+    same = compare(stiff, stiff_b, seed=0)["statistics"]["segment_straightness"]
+    other = compare(stiff, curly, seed=0)["statistics"]["segment_straightness"]
+    assert same["ratio"] < 2.0 < other["ratio"], (same["ratio"], other["ratio"])
+    assert other["generated_mean"] < same["generated_mean"]

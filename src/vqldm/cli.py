@@ -217,8 +217,11 @@ def _add_evaluate(sub) -> None:
     s = sub.add_parser("evaluate", help="stage-1 reconstruction metrics and generation statistics with a report",
                        description="Stage 1 on the validation set: PSNR, SSIM, foreground Dice, codebook usage and "
                                    "perplexity. With --samples: compare generated with real volumes (foreground "
-                                   "fraction, filament length, components, orientation, intensities) against the "
-                                   "real-vs-real floor, plus diversity and MMD. Writes OUT/metrics.json and OUT/report.md.")
+                                   "fraction, filament length, components, orientation, intensities, segment "
+                                   "straightness and length) against the real-vs-real floor, plus diversity and MMD; "
+                                   "then the same for real training volumes and their stage-1 reconstructions, "
+                                   "naming the stage that limits each statistic. Writes OUT/metrics.json, "
+                                   "OUT/report.md and pictures (stages.png: real | reconstruction | sample).")
     _add_config(s)
     s.add_argument("--out", required=True, help="output folder for metrics.json, report.md and pictures")
     s.add_argument("--samples", default=None, help="folder of generated volumes to compare with the real ones")

@@ -89,6 +89,14 @@ def _print_summary(out: Path, preset: str, timings: dict, r1, r2, ev: dict, samp
     print(f"  generation: max distance ratio to the real-vs-real floor {gen['max_ratio']:.2f} "
           f"({'within' if gen['within_2x_floor'] else 'not within'} 2x)" if gen.get("max_ratio") is not None
           else "  generation: see the report")
+    for name, r in ev["metrics"].get("stages", {}).get("ratios", {}).items():
+        if r["limited_by"] != "none (passes)":
+            print(f"    {name}: samples {_ratio(r['samples'])}, reconstructions {_ratio(r['reconstruction'])} "
+                  f"x floor; limited by {r['limited_by']}")
+
+
+def _ratio(r: float | None) -> str:
+    return "undefined" if r is None else f"{r:.2f}"
 
 
 def run_demo(out: Path, progress: bool = True, overwrite: bool = False, device: str = "auto",

@@ -18,7 +18,7 @@ from vqldm.data.io import read_volume
 from vqldm.errors import VqldmError
 from vqldm.files import atomic_write_bytes
 from vqldm.latents import load_vqvae
-from vqldm.metrics.generation import compare
+from vqldm.metrics.generation import PASS_RATIO, compare
 from vqldm.metrics.reconstruction import reconstruction_metrics
 from vqldm.metrics.report import write_report
 from vqldm.runtime import make_runtime, seed_everything
@@ -75,17 +75,17 @@ def _stage1_markdown(m: dict, vq_path: Path) -> str:
     ])
 
 
-def real_reference(cfg: Config, shape: tuple[int, ...], norm: pipeline.Normalization,
-                   seed: int = 0) -> list[np.ndarray]:
-    """Held-out real volumes shaped like the samples: whole val volumes when they match, else
-    foreground-biased patches drawn the way training draws them (seeded)."""
-    val_info = pipeline.scan_volumes(cfg.data.val_data_dir, "val_data_dir", cfg.data.skip_unreadable)
-    if all(tuple(s) == tuple(shape) for s in val_info.shapes):
-        return [pipeline.normalize_unit(read_volume(f).array, cfg.data.clip_percentiles) for f in val_info.files]
+def real_reference(cfg: Config, shape: tuple[int, ...], norm: pipeline.Normalization, seed: int = 0,
+                   key: str = "val_data_dir") -> list[np.ndarray]:
+    """Real volumes of ``data.<key>`` shaped like the samples, in [0, 1]: whole volumes when they
+    match, else foreground-biased patches drawn the way training draws them (seeded)."""
+    info = pipeline.scan_volumes(getattr(cfg.data, key), key, cfg.data.skip_unreadable)
+    if all(tuple(s) == tuple(shape) for s in info.shapes):
+        return [pipeline.normalize_unit(read_volume(f).array, cfg.data.clip_percentiles) for f in info.files]
     if list(shape) != list(cfg.data.patch_size):
-        raise VqldmError(f"--samples have shape {list(shape)}, neither the val volumes' nor data.patch_size "
+        raise VqldmError(f"--samples have shape {list(shape)}, neither the {key} volumes' nor data.patch_size "
                          f"{cfg.data.patch_size}; cannot pick matching real volumes")
-    ds = pipeline.train_dataset(cfg, val_info.files, augment=False, norm=norm)
+    ds = pipeline.train_dataset(cfg, info.files, augment=False, norm=norm)
     from monai.data.utils import set_rnd
 
     seed_everything(seed)
@@ -98,6 +98,67 @@ def real_reference(cfg: Config, shape: tuple[int, ...], norm: pipeline.Normaliza
     return out
 
 
+@torch.no_grad()
+def reconstruct_volumes(vqvae, vols: list[np.ndarray], norm: pipeline.Normalization, rt,
+                        batch_size: int = 8) -> list[np.ndarray]:
+    """Stage-1 reconstructions (encode -> quantise -> decode) of volumes in [0, 1], back in [0, 1]."""
+    lo, hi = norm.intensity_range
+    out = []
+    for start in range(0, len(vols), batch_size):
+        x = torch.from_numpy(np.stack(vols[start:start + batch_size])[:, None].astype(np.float32))
+        x = rt.to_device(x * (hi - lo) + lo)
+        with rt.autocast():
+            rec = reconstruct(vqvae, x)[0]
+        out.extend(norm.to_unit(rec.float()).clamp(0, 1).cpu().numpy()[:, 0])
+    return out
+
+
+def limiting_stage(train: float | None, recon: float | None, samples: float | None) -> str:
+    """Which part keeps a statistic from its goal, read from the three rows' ratios."""
+    def fails(r):
+        return r is None or r > PASS_RATIO
+
+    if not fails(samples):
+        return "none (passes)"
+    if fails(train):
+        return "the data (train and val differ)"
+    if fails(recon):
+        return "stage 1 (autoencoder)"
+    return "stage 2 (prior)"
+
+
+def stage_rows(real: list[np.ndarray], train: list[np.ndarray], recon: list[np.ndarray], gen_metrics: dict,
+               threshold: float, seed: int) -> dict:
+    """Each statistic's ratio for real train volumes, their reconstructions and the samples, all
+    against the same held-out volumes and floor, and the stage that limits it."""
+    rows = {"real_train": compare(real, train, threshold=threshold, seed=seed),
+            "reconstruction": compare(real, recon, threshold=threshold, seed=seed), "samples": gen_metrics}
+    names = list(gen_metrics["statistics"]) + ["mmd"]
+
+    def ratio(m: dict, name: str):
+        return m["mmd"]["ratio"] if name == "mmd" else m["statistics"][name]["ratio"]
+
+    table = {name: {row: ratio(m, name) for row, m in rows.items()} for name in names}
+    for name, r in table.items():
+        r["limited_by"] = limiting_stage(r["real_train"], r["reconstruction"], r["samples"])
+    return {"n_train": len(train), "ratios": table}
+
+
+def _stages_markdown(stages: dict) -> str:
+    lines = ["## Which stage limits each statistic", "",
+             f"Ratios to the real-vs-real floor of the held-out volumes, for {stages['n_train']} real training "
+             f"volumes, their stage-1 reconstructions, and the samples (<= {PASS_RATIO:g} passes). A statistic "
+             "the reconstructions already miss is stage 1's to fix; one only the samples miss is the prior's.", "",
+             "| statistic | real train vs val | reconstructions vs val | samples vs val | limited by |",
+             "|---|---|---|---|---|"]
+    for name, r in stages["ratios"].items():
+        cells = [f"{r[k]:.2f}" if r[k] is not None else "undefined" for k in ("real_train", "reconstruction", "samples")]
+        lines.append(f"| {name} | {' | '.join(cells)} | {r['limited_by']} |")
+    lines += ["", "Real training volumes (top), their reconstructions (middle) and samples (bottom), as "
+              "maximum-intensity projections:", "", "![real, reconstruction, sample](stages.png)"]
+    return "\n".join(lines)
+
+
 def _stage1_checkpoint(cfg: Config, vqvae_checkpoint: str | None) -> tuple[Path, str]:
     if vqvae_checkpoint:
         return Path(vqvae_checkpoint), "--vqvae-checkpoint"
@@ -107,8 +168,10 @@ def _stage1_checkpoint(cfg: Config, vqvae_checkpoint: str | None) -> tuple[Path,
     return Path(cfg.vqvae.checkpoints.output_dir) / "best_model.pt", "vqvae.checkpoints.output_dir"
 
 
-def _generation(cfg: Config, samples: Path, norm: pipeline.Normalization, out_dir: Path, preamble: str):
-    """Generation statistics of ``samples`` against held-out real volumes, and the report."""
+def _generation(cfg: Config, samples: Path, vqvae, norm: pipeline.Normalization, rt, out_dir: Path,
+                preamble: str) -> tuple[dict, dict, Path]:
+    """Generation statistics of ``samples`` against held-out real volumes, the three-row comparison
+    (real train, reconstructions, samples), and the report."""
     gen = read_samples(samples)
     shapes = {g.shape for g in gen}
     if len(shapes) != 1:
@@ -118,8 +181,14 @@ def _generation(cfg: Config, samples: Path, norm: pipeline.Normalization, out_di
         raise VqldmError(f"data.val_data_dir: {cfg.data.val_data_dir} gives {len(real)} real volume(s) to "
                          f"compare with; the real-vs-real floor needs at least 2 (4 or more for a stable one)")
     log.info("comparing %d generated with %d real volumes", len(gen), len(real))
-    gen_metrics = compare(real, gen, threshold=cfg.data.foreground_threshold, seed=cfg.seed)
-    return gen_metrics, write_report(out_dir, gen_metrics, real, gen, preamble=preamble)
+    thr = cfg.data.foreground_threshold
+    gen_metrics = compare(real, gen, threshold=thr, seed=cfg.seed)
+    train = real_reference(cfg, gen[0].shape, norm, seed=cfg.seed, key="train_data_dir")[:len(gen)]
+    recon = reconstruct_volumes(vqvae, train, norm, rt)
+    stages = stage_rows(real, train, recon, gen_metrics, thr, cfg.seed)
+    save_png(mip_grid([train[:4], recon[:4], gen[:4]]), out_dir / "stages.png")
+    preamble = preamble + "\n\n" + _stages_markdown(stages)
+    return gen_metrics, stages, write_report(out_dir, gen_metrics, real, gen, preamble=preamble)
 
 
 def evaluate(cfg: Config, out_dir: Path, samples: Path | None = None, vqvae_checkpoint: str | None = None,
@@ -132,7 +201,7 @@ def evaluate(cfg: Config, out_dir: Path, samples: Path | None = None, vqvae_chec
     metrics: dict = {"stage1": stage1_metrics(cfg, vqvae, vq_ckpt, rt, out_dir), "vqvae_checkpoint": str(vq_path)}
     pre = _stage1_markdown(metrics["stage1"], vq_path)
     if samples is not None:
-        metrics["generation"], report = _generation(cfg, samples, norm, out_dir, pre)
+        metrics["generation"], metrics["stages"], report = _generation(cfg, samples, vqvae, norm, rt, out_dir, pre)
         metrics["samples"] = str(samples)
     else:
         report = out_dir / "report.md"

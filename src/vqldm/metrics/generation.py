@@ -17,6 +17,12 @@ Units. Nothing is normalised silently:
 * ``orientation_elevation``: angle between the local direction and the xy plane,
   radians in [0, pi/2].
 * ``intensity``: voxel values of the foreground, in the volume's own units ([0,1]).
+* ``segment_straightness``: per skeleton segment (the skeleton cut at its branch points,
+  segments of at least ``MIN_SEGMENT_VOXELS``), end-to-end distance / contour length
+  (dimensionless, (0, 1]; 1 is a straight segment). Stiff microtubules score near 1; short,
+  curly pieces lower. A persistence-length proxy that azimuth and length do not see.
+* ``segment_length``: contour length of each such segment (voxels, steps of 1, sqrt 2 or
+  sqrt 3 along the skeleton): long filaments give long segments, broken ones short segments.
 
 Angles are measured in voxel-index space, axis order (X, Y, Z): on anisotropic voxels
 they are not physical angles, but real and generated are measured the same way.
@@ -40,7 +46,9 @@ from scipy import ndimage as ndi
 from scipy.stats import wasserstein_distance
 
 SCALAR_STATS = ("foreground_fraction", "filament_length", "n_components")
-POOLED_STATS = ("orientation_azimuth", "orientation_elevation", "intensity")
+POOLED_STATS = ("orientation_azimuth", "orientation_elevation", "intensity", "segment_straightness",
+                "segment_length")
+MIN_SEGMENT_VOXELS = 5  # shorter skeleton segments (spurs, specks) say nothing about stiffness
 UNITS = {
     "foreground_fraction": "fraction of voxels",
     "filament_length": "skeleton voxels",
@@ -48,6 +56,8 @@ UNITS = {
     "orientation_azimuth": "rad, [0, pi), circular W1",
     "orientation_elevation": "rad, [0, pi/2]",
     "intensity": "intensity units",
+    "segment_straightness": "end-to-end / contour length per skeleton segment",
+    "segment_length": "voxels (contour length per skeleton segment)",
 }
 PASS_RATIO = 2.0
 # Standard MS-SSIM weights (Wang et al. 2003), truncated to the scales that fit.
@@ -123,6 +133,7 @@ def volume_statistics(vol: np.ndarray, threshold: float = 0.1, min_component_siz
         n_comp = 0
     skel = skeletonize(mask) > 0 if mask.any() else np.zeros_like(mask)
     az, el = _orientation(vol, skel)
+    straight, seg_len = skeleton_segments(skel)
     return {
         "foreground_fraction": float(mask.mean()),
         "filament_length": int(skel.sum()),
@@ -131,7 +142,84 @@ def volume_statistics(vol: np.ndarray, threshold: float = 0.1, min_component_siz
         "orientation_azimuth": az,
         "orientation_elevation": el,
         "intensities": vol[mask].astype(np.float32),
+        "segment_straightness": straight,
+        "segment_length": seg_len,
     }
+
+
+# half of the 26 neighbour offsets (the other half are their negatives): each edge is found once
+_HALF = [np.array(d) for d in ((i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1))
+         if d > (0, 0, 0)]
+
+
+def _shortcuts(d: np.ndarray) -> list[np.ndarray]:
+    """Offsets e of the voxels through which a diagonal step d can also be made in two shorter steps."""
+    out = []
+    for e in (np.array(x) for x in np.ndindex(3, 3, 3)):
+        e = e - 1
+        rest = d - e
+        if e.any() and rest.any() and np.abs(rest).max() <= 1 and \
+                np.linalg.norm(e) < np.linalg.norm(d) and np.linalg.norm(rest) < np.linalg.norm(d):
+            out.append(e)
+    return out
+
+
+_SHORTCUTS = [_shortcuts(d) for d in _HALF]
+
+
+def _skeleton_edges(skel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Skeleton voxels and the 26-adjacency edges between them, without the diagonal edges that
+    cut a corner of a shorter path (so a staircase or a bend is one path, not a tangle of triangles).
+
+    Returns (points (N,3), edge start, edge end, edge length).
+    """
+    pts = np.argwhere(skel)
+    idx = -np.ones(np.add(skel.shape, 2), np.int64)
+    idx[tuple((pts + 1).T)] = np.arange(len(pts))
+    a, b, w = [], [], []
+    for d, cuts in zip(_HALF, _SHORTCUTS):
+        nb = idx[tuple((pts + 1 + d).T)]
+        keep = nb >= 0
+        for e in cuts:  # a corner of a shorter path: the diagonal edge is redundant
+            keep &= idx[tuple((pts + 1 + e).T)] < 0
+        a.append(np.nonzero(keep)[0])
+        b.append(nb[keep])
+        w.append(np.full(int(keep.sum()), float(np.linalg.norm(d))))
+    return pts, np.concatenate(a), np.concatenate(b), np.concatenate(w)
+
+
+def skeleton_segments(skel: np.ndarray, min_voxels: int = MIN_SEGMENT_VOXELS) -> tuple[np.ndarray, np.ndarray]:
+    """(straightness, contour length) of each segment of a 3D skeleton, in voxel-index space.
+
+    The skeleton becomes a graph (26-adjacency, corner-cutting diagonals dropped) and is cut at its
+    branch points (degree 3 or more), so crossing filaments count as separate pieces rather than
+    one bent one. Each remaining path of at least ``min_voxels`` voxels gives its contour length
+    (the sum of its steps: 1, sqrt 2, sqrt 3) and end-to-end distance; closed loops are skipped.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    skel = np.asarray(skel, bool)
+    if not skel.any():
+        return np.zeros(0), np.zeros(0)
+    pts, a, b, w = _skeleton_edges(skel)
+    n = len(pts)
+    junction = np.bincount(np.concatenate([a, b]), minlength=n) >= 3
+    keep = ~junction[a] & ~junction[b]
+    a, b, w = a[keep], b[keep], w[keep]
+    _, comp = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)
+    comp[junction] = -1
+    degree = np.bincount(np.concatenate([a, b]), minlength=n)
+    contour = np.bincount(comp[a], weights=w, minlength=comp.max() + 1)
+    size = np.bincount(comp[comp >= 0], minlength=comp.max() + 1)
+    straight, length = [], []
+    for c in np.nonzero(size >= min_voxels)[0]:
+        ends = np.nonzero((comp == c) & (degree <= 1))[0]
+        if len(ends) != 2 or contour[c] <= 0:
+            continue  # a closed loop has no ends
+        straight.append(min(float(np.linalg.norm(pts[ends[0]] - pts[ends[1]])) / contour[c], 1.0))
+        length.append(float(contour[c]))
+    return np.asarray(straight, np.float64), np.asarray(length, np.float64)
 
 
 def circular_wasserstein(u: np.ndarray, v: np.ndarray, period: float = np.pi) -> float:
@@ -294,8 +382,14 @@ def pooled_histogram(real: np.ndarray, gen: np.ndarray, lo: float, hi: float, bi
     return {"edges": edges.tolist(), "real": dens(real), "generated": dens(gen)}
 
 
-# pooled histograms' ranges (intensity: from the foreground threshold to 1)
-POOLED_RANGE = {"orientation_azimuth": (0.0, np.pi), "orientation_elevation": (0.0, np.pi / 2)}
+def pooled_range(name: str, threshold: float, real: np.ndarray, gen: np.ndarray) -> tuple[float, float]:
+    """The histogram range of a pooled statistic: its natural range, or the data's for lengths."""
+    fixed = {"orientation_azimuth": (0.0, np.pi), "orientation_elevation": (0.0, np.pi / 2),
+             "intensity": (threshold, 1.0), "segment_straightness": (0.0, 1.0)}
+    if name in fixed:
+        return fixed[name]
+    hi = max([float(x.max()) for x in (real, gen) if x.size] or [1.0])
+    return 0.0, hi
 
 
 def compare(
@@ -419,8 +513,7 @@ def _distances(rs, gs, splits, rng, max_pooled: int, threshold: float) -> tuple[
             entry["ratio_note"] = note
         statistics[name] = entry
         if name in POOLED_STATS:
-            lo, hi = POOLED_RANGE[name] if name != "intensity" else (threshold, 1.0)
-            histograms[name] = pooled_histogram(r_all, g_all, lo, hi)
+            histograms[name] = pooled_histogram(r_all, g_all, *pooled_range(name, threshold, r_all, g_all))
     return statistics, histograms
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from vqldm.files import atomic_write_bytes
-
 from vqldm.metrics.generation import (
     PASS_RATIO,
     POOLED_STATS,
     SCALAR_STATS,
     UNITS,
     pooled_histogram,
+    pooled_range,
     volume_statistics,
 )
 
@@ -30,6 +30,8 @@ _PRETTY = {
     "orientation_azimuth": "orientation azimuth",
     "orientation_elevation": "orientation elevation",
     "intensity": "foreground intensity",
+    "segment_straightness": "segment straightness",
+    "segment_length": "segment length",
     "mmd": "MMD",
 }
 
@@ -164,16 +166,11 @@ def _histogram_data(metrics: dict, real: list[np.ndarray], generated: list[np.nd
         gs = [volume_statistics(v, thr, mcs) for v in generated]
         for k in missing_scalar:
             per_volume[k] = {"real": [s[k] for s in rs], "generated": [s[k] for s in gs]}
-        ranges = {
-            "orientation_azimuth": (0.0, np.pi),
-            "orientation_elevation": (0.0, np.pi / 2),
-            "intensity": (thr, 1.0),
-        }
         for k in missing_pooled:
             key = "intensities" if k == "intensity" else k
             rv = np.concatenate([s[key] for s in rs]) if rs else np.zeros(0)
             gv = np.concatenate([s[key] for s in gs]) if gs else np.zeros(0)
-            hists[k] = pooled_histogram(rv, gv, *ranges[k])
+            hists[k] = pooled_histogram(rv, gv, *pooled_range(k, thr, rv, gv))
     for k in SCALAR_STATS:
         hists[k] = _hist_from_values(
             np.asarray(per_volume[k]["real"], np.float64),
@@ -199,6 +196,8 @@ def _draw_histograms(path: Path, metrics: dict, real, generated) -> Path:
         ("foreground_fraction", "foreground fraction (per volume)", "fraction of voxels > threshold", 1.0),
         ("filament_length", "filament length (per volume)", "skeleton voxels", 1.0),
         ("n_components", "connected components (per volume)", "components (26-connected)", 1.0),
+        ("segment_straightness", "segment straightness (skeleton segments)", "end-to-end / contour length", 1.0),
+        ("segment_length", "segment length (skeleton segments)", "contour length (voxels)", 1.0),
     ]
     pw, ph, cols = 440, 300, 3
     rows = (len(panels) + cols - 1) // cols
