@@ -110,6 +110,23 @@ def tiny_config_dict(tmp_path, data_dir, patch=(32, 32, 32)) -> dict:
                 "num_inference_steps": 2,
             },
         },
+        "prior": {
+            "attn_layers_dim": 16,
+            "attn_layers_depth": 1,
+            "attn_layers_heads": 2,
+            "learning_rate": 1.0e-3,
+            "training": {"n_epochs": 1, "val_interval": 1, "save_interval": 1, "ema_decay": 0.9},
+            "checkpoints": {
+                "output_dir": str(tmp_path / "prior_checkpoints"),
+                "vqvae_path": str(tmp_path / "vqvae_checkpoints" / "best_model.pt"),
+            },
+            "logging": {
+                "log_dir": str(tmp_path / "prior_logs"),
+                "log_interval": 1,
+                "visualize_interval": 1,
+                "num_visualize_samples": 1,
+            },
+        },
     }
 
 

@@ -18,7 +18,9 @@ def test_smoke_benchmark_prints_the_three_rows_and_the_cpu_checks(capsys):
     assert run_cli("benchmark", "--smoke", "--device", "cpu") == 0
     rows = _lines(capsys.readouterr().out)
     by_metric = {r["metric"]: r for r in rows if "metric" in r}
-    assert set(by_metric) == {"stage1_train_volumes_per_s", "stage2_train_latents_per_s", "sample_volumes_per_s"}
+    assert set(by_metric) == {"stage1_train_volumes_per_s", "stage2_train_latents_per_s", "sample_volumes_per_s",
+                              "token_sampling_tokens_per_s"}
+    assert by_metric["token_sampling_tokens_per_s"]["same_tokens"] is True
     for r in by_metric.values():
         assert r["device"] == "cpu"
         assert r["reference"] > 0 and r["vqldm"] > 0

@@ -28,7 +28,7 @@ FORMAT_VERSION = 1
 # a checkpoint's "kind" names the task that wrote it; the two first tasks keep the kinds they have
 # always written, so that every earlier checkpoint still loads
 STORED_KIND = {"vqvae": "stage1", "diffusion": "stage2"}
-DESCRIBED = {"stage1": "a stage-1 (VQ-VAE)", "stage2": "a stage-2 (diffusion)"}
+DESCRIBED = {"stage1": "a stage-1 (VQ-VAE)", "stage2": "a stage-2 (diffusion)", "prior": "a token-prior (transformer)"}
 
 
 def stored_kind(task: str) -> str:
@@ -90,6 +90,18 @@ def load_checkpoint(path: str | Path, kind: str | None = None, what: str = "chec
         raise VqldmError(f"{what}: {path} is {_describe(ckpt.get('kind'))} checkpoint, "
                          f"expected {_describe(stored_kind(kind))} one")
     return ckpt
+
+
+def inference_weights(ckpt: dict, path, use_ema: bool, flag: str) -> dict:
+    """The weights a sampler uses: the snapshot's (EMA where EMA was on), or with ``use_ema`` off the
+    raw ones, which only a ``latest_checkpoint.pt`` holds (``flag`` names the option to pass it with)."""
+    if use_ema or not ckpt.get("ema"):
+        return ckpt["state_dict"]
+    ts = ckpt.get("training_state")
+    if ts is None:
+        raise VqldmError(f"--no-ema: {path} holds only the EMA weights; the raw weights are in "
+                         f"latest_checkpoint.pt (pass it with {flag})")
+    return ts["model"]
 
 
 # torch names the global a weights-only load refused in one of these forms, by version:

@@ -86,6 +86,15 @@ def cmd_train_diffusion(args) -> int:
     return 0
 
 
+def cmd_train_prior(args) -> int:
+    from vqldm.priors.transformer.train import train_prior
+
+    cfg = _load(args)
+    res = train_prior(cfg, overwrite=args.overwrite, progress=not args.quiet)
+    _finish_training("token prior (transformer)", cfg.prior, res)
+    return 0
+
+
 def _finish_training(title: str, stage, res) -> None:
     from vqldm import distributed as dist
 
@@ -107,7 +116,8 @@ def cmd_sample(args) -> int:
                          steps=args.steps, seed=args.seed, batch_size=args.batch_size, fmt=args.format,
                          diffusion_checkpoint=args.diffusion_checkpoint, vqvae_checkpoint=args.vqvae_checkpoint,
                          shape=args.shape, snap=args.snap, use_ema=not args.no_ema, progress=not args.quiet,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, prior=args.prior, prior_checkpoint=args.prior_checkpoint,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     res = sample_to_files(cfg, opts)
     from vqldm import distributed as dist
 
@@ -173,7 +183,9 @@ def _add_train(sub) -> None:
     for name, fn, what, out in (
             ("train-vqvae", cmd_train_vqvae, "stage 1: train the VQ-VAE", "vqvae.checkpoints.output_dir"),
             ("train-diffusion", cmd_train_diffusion, "stage 2: train the latent diffusion UNet on the frozen VQ-VAE",
-             "diffusion.checkpoints.output_dir")):
+             "diffusion.checkpoints.output_dir"),
+            ("train-prior", cmd_train_prior, "stage 2, token prior: train a transformer on the frozen VQ-VAE's code "
+             "indices", "prior.checkpoints.output_dir")):
         s = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]}. Writes best_model.pt and "
                            f"latest_checkpoint.pt under {out}, TensorBoard logs under the stage's logging.log_dir. "
                            f"Resume with --set {out.split('.')[0]}.checkpoints.resume_from=PATH. Works under "
@@ -186,8 +198,9 @@ def _add_train(sub) -> None:
 
 def _add_sample(sub) -> None:
     s = sub.add_parser("sample", help="generate new volumes from the trained networks",
-                       description="Denoise fresh noise with the stage-2 UNet (EMA weights) and decode it with the "
-                                   "stage-1 VQ-VAE. Writes OUT/sample_0000.nii.gz ..., OUT/preview.png (MIP grid) "
+                       description="Denoise fresh noise with the stage-2 UNet (EMA weights), or with --prior "
+                                   "transformer draw code grids token by token from the token prior, and decode with "
+                                   "the stage-1 VQ-VAE. Writes OUT/sample_0000.nii.gz ..., OUT/preview.png (MIP grid) "
                                    "and OUT/samples.json. The same seed gives the same files.")
     _add_config(s)
     s.add_argument("--num-samples", "-n", type=int, default=8, help="volumes to generate (default 8)")
@@ -208,7 +221,16 @@ def _add_sample(sub) -> None:
                    help="output volume size in voxels (default: the training patch size)")
     s.add_argument("--snap", choices=["on", "off"], default=None,
                    help="snap the denoised latent to the codebook before decoding (default: diffusion.snap_to_codebook)")
-    s.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA UNet weights")
+    s.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA weights")
+    s.add_argument("--prior", choices=["diffusion", "transformer"], default="diffusion",
+                   help="which trained prior samples the latent (default diffusion)")
+    s.add_argument("--prior-checkpoint", default=None,
+                   help="transformer: token-prior checkpoint (default: prior.checkpoints.output_dir/best_model.pt)")
+    s.add_argument("--temperature", type=float, default=None,
+                   help="transformer: divide the logits by this (default: prior.temperature)")
+    s.add_argument("--top-k", type=int, default=None, help="transformer: keep the k likeliest codes (default: prior.top_k)")
+    s.add_argument("--top-p", type=float, default=None,
+                   help="transformer: keep the smallest set of codes holding this probability (default: prior.top_p)")
     s.add_argument("--overwrite", action="store_true", help="replace sample files already in --out")
     s.set_defaults(func=cmd_sample)
 
@@ -247,13 +269,15 @@ def _add_benchmark(sub) -> None:
     s = sub.add_parser("benchmark", help="speed: the reference loops vs vqldm's, side by side",
                        description="Time the original-README-style reference loops and vqldm's own for the same "
                                    "networks and batches; print one JSON line per metric with reference, vqldm and "
-                                   "ratio (peak GPU memory too), then the engine's overhead over a bare loop and the "
-                                   "data loader's patches/s against the stage-1 step's volumes/s.")
+                                   "ratio (peak GPU memory too), then the engine's overhead over a bare loop, the "
+                                   "data loader's patches/s against the stage-1 step's volumes/s, and the token "
+                                   "prior's cached sampler against a full-prefix rerun per token.")
     s.add_argument("--smoke", action="store_true", help="CPU-sized networks (minutes on a CPU)")
     s.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when present")
     s.add_argument("--only", default="",
                    help="comma-separated parts to run (default all): stage1_train_volumes_per_s, "
-                        "stage2_train_latents_per_s, sample_volumes_per_s, engine_overhead, data_pipeline")
+                        "stage2_train_latents_per_s, sample_volumes_per_s, engine_overhead, data_pipeline, "
+                        "token_sampling_tokens_per_s")
     s.add_argument("--no-compile", action="store_true",
                    help="vqldm's side without torch.compile (device.compile's default; no compilation minute)")
     s.add_argument("--sweep", action="store_true",

@@ -207,12 +207,36 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
+class PriorConfig:
+    """The token prior: an autoregressive transformer (MONAI ``DecoderOnlyTransformer``) on the code indices."""
+
+    ordering: str = "raster_scan"  # raster_scan | s_curve | random: the order in which tokens are generated
+    attn_layers_dim: int = 256
+    attn_layers_depth: int = 8
+    attn_layers_heads: int = 8
+    embedding_dropout_rate: float = 0.0
+    learning_rate: float = 5e-4
+    temperature: float = 1.0  # sampling: logits are divided by this (lower: more conservative samples)
+    top_k: int | None = None  # sampling: keep the k likeliest codes (null: all)
+    top_p: float | None = None  # sampling: keep the smallest set of codes holding this probability (null: all)
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(ema=True, n_epochs=100))
+    checkpoints: CheckpointConfig = field(
+        default_factory=lambda: CheckpointConfig(
+            output_dir="outputs/vq_ldm/prior_checkpoints",
+            vqvae_path="outputs/vq_ldm/vqvae_checkpoints/best_model.pt",
+        )
+    )
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_dir="outputs/vq_ldm/prior_logs"))
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 42
     device: DeviceConfig = field(default_factory=DeviceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
     source: str | None = None  # the YAML file this came from (not a YAML key)
 
     # ---- resolved values (the stage's training section overrides the shared ones) ----
@@ -224,8 +248,8 @@ class Config:
         s = self._stage(stage)
         return s.training.learning_rate if s.training.learning_rate is not None else s.learning_rate
 
-    def _stage(self, stage: str) -> VQVAEConfig | DiffusionConfig:
-        return {"vqvae": self.vqvae, "diffusion": self.diffusion}[stage]
+    def _stage(self, stage: str) -> VQVAEConfig | DiffusionConfig | PriorConfig:
+        return {"vqvae": self.vqvae, "diffusion": self.diffusion, "prior": self.prior}[stage]
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -444,10 +468,11 @@ def validate(cfg: Config) -> None:
     """Cross-field checks; each failure names the keys involved."""
     _validate_data(cfg.data)
     _validate_vqvae(cfg.vqvae, cfg.data)
-    for name in ("vqvae", "diffusion"):
+    for name in ("vqvae", "diffusion", "prior"):
         _validate_stage(name, getattr(cfg, name), cfg.learning_rate(name))
     _validate_unet(cfg.diffusion, cfg.vqvae, latent_spatial(cfg.vqvae, cfg.data.patch_size))
     _validate_scheduler(cfg.diffusion)
+    _validate_prior(cfg.prior)
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -584,6 +609,23 @@ def _validate_scheduler(u: DiffusionConfig) -> None:
     if u.scale_factor is not None:
         _require(u.scale_factor > 0 and math.isfinite(u.scale_factor), "diffusion.scale_factor must be > 0 or null")
     _require(u.scale_factor_batches >= 1, "diffusion.scale_factor_batches must be >= 1")
+
+
+ORDERINGS = ("raster_scan", "s_curve", "random")
+
+
+def _validate_prior(p: PriorConfig) -> None:
+    _require(p.ordering in ORDERINGS, f"prior.ordering must be one of {', '.join(ORDERINGS)}, got {p.ordering!r}")
+    _require(p.attn_layers_dim >= 1 and p.attn_layers_depth >= 1 and p.attn_layers_heads >= 1,
+             "prior.attn_layers_dim, attn_layers_depth and attn_layers_heads must be >= 1")
+    _require(p.attn_layers_dim % p.attn_layers_heads == 0,
+             f"prior.attn_layers_heads ({p.attn_layers_heads}) must divide prior.attn_layers_dim ({p.attn_layers_dim})")
+    _require(0.0 <= p.embedding_dropout_rate < 1.0, "prior.embedding_dropout_rate must lie in [0, 1)")
+    _require(p.temperature > 0 and math.isfinite(p.temperature), "prior.temperature must be > 0")
+    if p.top_k is not None:
+        _require(p.top_k >= 1, "prior.top_k must be >= 1 or null")
+    if p.top_p is not None:
+        _require(0.0 < p.top_p <= 1.0, "prior.top_p must lie in (0, 1] or null")
 
 
 def vqvae_from_network(net: dict) -> VQVAEConfig:

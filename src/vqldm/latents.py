@@ -15,8 +15,9 @@ import torch
 
 from vqldm import distributed as dist
 from vqldm.autoencoder.model import build_vqvae, quantized_latent, vqvae_net_config
-from vqldm.checkpoint import load_checkpoint
-from vqldm.config import Config
+from vqldm.checkpoint import file_sha256, load_checkpoint
+from vqldm.config import Config, latent_spatial, vqvae_from_network
+from vqldm.data import pipeline
 from vqldm.data.pipeline import to_unit
 from vqldm.errors import VqldmError
 from vqldm.runtime import Runtime
@@ -35,11 +36,7 @@ def load_vqvae(path, rt: Runtime, what: str = "stage-1 checkpoint"):
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise VqldmError(f"{what}: {path} does not hold a loadable VQ-VAE ({str(e).splitlines()[0][:200]})") from None
-    model = rt.prepare_module(model)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, ckpt
+    return rt.frozen(model), ckpt
 
 
 def warn_config_differs(cfg: Config, net: dict, path) -> None:
@@ -64,6 +61,24 @@ def encode(vqvae: torch.nn.Module, x: torch.Tensor, rt: Runtime) -> torch.Tensor
     return z.float()
 
 
+@torch.no_grad()
+def encode_indices(vqvae: torch.nn.Module, x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """The code index of every latent voxel, (B, 1, x, y, z) int64: what a token prior learns."""
+    with rt.autocast():
+        z = vqvae.encode(rt.to_device(x))
+    return vqvae.quantizer.quantizer.quantize(z.float())[2][:, None].long()
+
+
+def check_same_stage1(ckpt: dict, meta: dict, path, key: str, section: str) -> None:
+    """A prior learns one stage-1 model's latents: refuse to continue one trained on another file."""
+    theirs, mine = ckpt.get("vqvae_sha256"), meta.get("vqvae_sha256")
+    if theirs and mine and theirs != mine:
+        raise VqldmError(
+            f"{key}: {path} was trained on the stage-1 checkpoint {ckpt.get('vqvae_path')} (sha256 {theirs[:12]}), "
+            f"but {section}.checkpoints.vqvae_path is {meta.get('vqvae_path')} (sha256 {mine[:12]}); resume with "
+            f"the same stage-1 checkpoint, or start afresh")
+
+
 def _pad_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
     pads = []
     for n in reversed(x.shape[2:]):
@@ -72,8 +87,10 @@ def _pad_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_volumes(vqvae, volumes, rt: Runtime, stride: int, progress: bool = False) -> list[torch.Tensor]:
-    """Encode each whole (normalised, padded) volume once; latents are kept on the CPU."""
+def encode_volumes(vqvae, volumes, rt: Runtime, stride: int, progress: bool = False,
+                   encoder=encode) -> list[torch.Tensor]:
+    """Encode each whole (normalised, padded) volume once with ``encoder`` (:func:`encode` for
+    embeddings, :func:`encode_indices` for code indices); results are kept on the CPU."""
     out = []
     it = range(len(volumes))
     if progress:
@@ -82,7 +99,7 @@ def encode_volumes(vqvae, volumes, rt: Runtime, stride: int, progress: bool = Fa
         it = tqdm(it, desc="encoding latents", unit="vol", leave=False)
     for i in it:
         x = torch.as_tensor(volumes[i]["image"]).as_subclass(torch.Tensor).float()[None]
-        out.append(encode(vqvae, _pad_to_multiple(x, stride), rt)[0].cpu())
+        out.append(encoder(vqvae, _pad_to_multiple(x, stride), rt)[0].cpu())
     return out
 
 
@@ -110,8 +127,8 @@ class LatentCropDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, latents: list[torch.Tensor], latent_size: list[int], times: int,
-                 fg_masks: list[torch.Tensor] | None = None, fg_ratio: float = 0.0):
-        self.latents, self.size, self.times = latents, list(latent_size), times
+                 fg_masks: list[torch.Tensor] | None = None, fg_ratio: float = 0.0, key: str = "latent"):
+        self.latents, self.size, self.times, self.key = latents, list(latent_size), times, key
         self.fg = [m.nonzero() for m in fg_masks] if fg_masks is not None else None
         self.fg_ratio = fg_ratio
 
@@ -135,7 +152,7 @@ class LatentCropDataset(torch.utils.data.Dataset):
             starts = [int(torch.randint(0, n - s + 1, ()).item()) for n, s in zip(z.shape[1:], self.size)]
         sx, sy, sz = starts
         x, y, w = self.size
-        return {"latent": z[:, sx:sx + x, sy:sy + y, sz:sz + w].contiguous()}
+        return {self.key: z[:, sx:sx + x, sy:sy + y, sz:sz + w].contiguous()}
 
 
 class TensorDictDataset(torch.utils.data.Dataset):
@@ -178,3 +195,75 @@ def measure_scale_factor(batches, get_latent, n_batches: int) -> float:
     # the other ranks wait here while rank 0 measures; all of them then hold rank 0's value, bit for bit
     t = torch.tensor([value], dtype=torch.float64)
     return float(dist.broadcast(t, src=0).item())
+
+
+# ---------------------------------------------------------------------------- a prior's training data
+def frozen_stage1(cfg: Config, section: str, rt: Runtime):
+    """The frozen VQ-VAE of ``<section>.checkpoints.vqvae_path``, its checkpoint, and the latent grid
+    (x, y, z) of ``data.patch_size``."""
+    vq_path = getattr(cfg, section).checkpoints.vqvae_path
+    if not vq_path:
+        raise VqldmError(f"{section}.checkpoints.vqvae_path: no stage-1 checkpoint given")
+    vqvae, ckpt = load_vqvae(vq_path, rt, what=f"{section}.checkpoints.vqvae_path")
+    warn_config_differs(cfg, ckpt["network"], vq_path)
+    return vqvae, ckpt, latent_spatial(vqvae_from_network(ckpt["network"]), cfg.data.patch_size)
+
+
+def stage1_normalization(cfg: Config, vq_ckpt: dict) -> pipeline.Normalization:
+    """The data normalisation the stage-1 checkpoint was trained with (it wins over the config's)."""
+    rng = vq_ckpt["normalization"]["intensity_range"]
+    if list(rng) != list(cfg.data.intensity_range):
+        log.warning("data.intensity_range %s differs from the stage-1 checkpoint's %s; using the checkpoint's",
+                    cfg.data.intensity_range, rng)
+    return pipeline.normalization_of(cfg, rng)
+
+
+def encoded_tiles(cfg: Config, section: str, files, norm, vqvae, rt: Runtime, encoder=encode):
+    """The validation tiles (deterministic) and their encodings, (T, ...) on the CPU."""
+    tiles = pipeline.val_dataset(cfg, files, norm)
+    loader = pipeline.make_loader(tiles, cfg.batch_size(section), False, 0, rt.is_cuda)
+    return torch.cat([encoder(vqvae, b["image"], rt).cpu() for b in loader]), tiles
+
+
+def real_tiles(tiles, norm, n: int) -> torch.Tensor | None:
+    """The first ``n`` validation tiles in [0, 1], for the real row of a prior's pictures."""
+    if not n:
+        return None
+    return norm.to_unit(torch.stack([tiles[i]["image"] for i in range(min(n, len(tiles)))])).clamp(0, 1)
+
+
+def train_items(cfg: Config, section: str, files, norm, vqvae, rt: Runtime, lat_spatial: list[int], stride: int,
+                progress: bool, encoder=encode, key: str = "latent", latent_cache: bool = True):
+    """A prior's training items: cached whole-volume encodings (crops under ``key``) where an item's
+    encoding cannot change between epochs (``latent_cache`` on, augmentation off), else image patches
+    encoded on the fly. Returns (dataset, whether it is the cache)."""
+    use_cache = latent_cache and not cfg.data.augmentation
+    if use_cache:
+        vols = pipeline.val_dataset(cfg, files, norm).volumes  # deterministic load/normalise/pad
+        if any(math.prod(vols[i]["image"].shape[1:]) > MAX_CACHE_VOXELS for i in range(len(vols))):
+            use_cache = False
+            log.info("latent cache: volumes above %d voxels; encoding on the fly instead", MAX_CACHE_VOXELS)
+    if not use_cache:
+        why = "data.augmentation is on" if cfg.data.augmentation else f"{section}.latent_cache is off"
+        log.info("latents encoded on the fly each batch (%s)", why)
+        return pipeline.train_dataset(cfg, files, norm=norm), False
+    cached = encode_volumes(vqvae, vols, rt, stride, progress and dist.is_main(), encoder)
+    masks = foreground_masks(vols, cached, norm.intensity_range, cfg.data.foreground_threshold, stride)
+    log.info("latent cache: encoded %d training volumes once; training on cached latents", len(cached))
+    return LatentCropDataset(cached, lat_spatial, cfg.data.patches_per_volume, masks,
+                             cfg.data.foreground_crop_ratio, key), True
+
+
+def stage1_meta(cfg: Config, section: str, vq_ckpt: dict, spacing, lat_shape: list[int], cached: bool) -> dict:
+    """What a prior's checkpoints record of the stage 1 they learned (its hash is rank 0's, broadcast)."""
+    vq_path = getattr(cfg, section).checkpoints.vqvae_path
+    sha = file_sha256(vq_path) if dist.is_main() else ""
+    return {
+        "latent_shape": lat_shape,
+        "vqvae_sha256": dist.broadcast_object(sha),
+        "vqvae_path": str(vq_path),
+        "vqvae_network": vq_ckpt["network"],
+        "normalization": vq_ckpt["normalization"],
+        "data": {"patch_size": list(cfg.data.patch_size), "spacing": list(spacing)},
+        "latent_source": "cache" if cached else "on_the_fly",
+    }

@@ -49,6 +49,13 @@ class Runtime:
             m = m.to(memory_format=torch.channels_last_3d)
         return m
 
+    def frozen(self, m: torch.nn.Module) -> torch.nn.Module:
+        """``m`` on this device, in eval mode, without gradients: a network that is only run."""
+        m = self.prepare_module(m).eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        return m
+
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.is_cuda else "CPU"
         amp = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}[self.amp_dtype]

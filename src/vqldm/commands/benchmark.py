@@ -32,6 +32,8 @@ from vqldm.priors.diffusion.objective import scheduler_config
 from vqldm.priors.diffusion.pipeline import DiffusionPipeline
 from vqldm.priors.diffusion.task import DiffusionTask
 from vqldm.priors.diffusion.unet import build_unet, unet_net_config
+from vqldm.priors.transformer.model import build_transformer
+from vqldm.priors.transformer.sampler import gumbel_noise, sample_tokens
 from vqldm.runtime import make_runtime
 from vqldm.synth import write_dataset
 
@@ -48,6 +50,8 @@ SPECS = {
         "diffusion": {"in_channels": 32, "out_channels": 32, "num_channels": [64, 128, 256, 512],
                       "attention_levels": [False, False, True, True], "num_head_channels": [0, 0, 32, 32],
                       "num_res_blocks": 2},
+        # the demo config's token prior: 12 x 12 x 6 = 864 tokens over 64 codes
+        "prior": {"tokens": 864, "codes": 64, "dim": 64, "depth": 4, "heads": 4, "batch": 1},
     },
     "smoke": {
         "patch": 32, "stage1_batch": 2, "stage2_batch": 4, "sample_batch": 4, "sample_steps": 5,
@@ -57,6 +61,7 @@ SPECS = {
         "diffusion": {"in_channels": 8, "out_channels": 8, "num_channels": [32, 64],
                       "attention_levels": [False, True], "num_head_channels": [0, 32], "num_res_blocks": 1,
                       "norm_num_groups": 16},
+        "prior": {"tokens": 64, "codes": 16, "dim": 32, "depth": 2, "heads": 4, "batch": 1},
     },
 }
 
@@ -281,7 +286,7 @@ SWEEP_STAGE1 = SWEEP + [("compile_no_graphs", True, False, True)]
 # ------------------------------------------------------------------------------ driver
 # what --only can name, in the order they run
 PARTS = ("stage1_train_volumes_per_s", "stage2_train_latents_per_s", "sample_volumes_per_s", "engine_overhead",
-         "data_pipeline")
+         "data_pipeline", "token_sampling_tokens_per_s")
 
 
 def _emit(**kw) -> None:
@@ -405,6 +410,28 @@ class _Bench:
                   engine_extras="gradient clipping, non-finite watch"
                   + (", codebook tracking + dead-code restart" if stage == "stage1" else ", weight EMA"))
 
+    def token_sampling(self) -> None:
+        """The token prior's sampler with its key/value cache against the reference that reruns the
+        whole prefix for every token (MONAI's own sampler does), on the same weights and noise."""
+        q = self.spec["prior"]
+        torch.manual_seed(0)
+        model = build_transformer({"num_tokens": q["codes"] + 1, "max_seq_len": q["tokens"],
+                                   "attn_layers_dim": q["dim"], "attn_layers_depth": q["depth"],
+                                   "attn_layers_heads": q["heads"], "embedding_dropout_rate": 0.0})
+        model = self.rt.prepare_module(model).eval()
+        noise = gumbel_noise(list(range(q["batch"])), 0, q["tokens"], q["codes"])
+        out = {}
+
+        def run(cached: bool):
+            out[cached] = sample_tokens(model, noise, q["codes"], cached=cached, autocast=self.rt.autocast)
+
+        t_ref, _ = self.measure(lambda: lambda: run(False), 1, 0)
+        t_vq, _ = self.measure(lambda: lambda: run(True), 1, 1)
+        n = q["tokens"] * q["batch"]
+        self.row("token_sampling_tokens_per_s", n / t_ref, n / t_vq, "tokens/s", tokens=q["tokens"], batch=q["batch"],
+                 reference_style="whole prefix rerun per token (MONAI's sampler)", vqldm_style="key/value cache",
+                 same_tokens=bool(torch.equal(out[True], out[False])))
+
     def data_pipeline(self) -> None:
         """Is the data pipeline off the critical path? Loader patches/s against the step's volumes/s."""
         cfg, spec, rt = self.cfg, self.spec, self.rt
@@ -429,7 +456,7 @@ def run_benchmark(smoke: bool = False, device: str | None = None, only: str = ""
     bench = _Bench(spec, _config(spec, device, compile_), smoke, sweep)
     parts = {"stage1_train_volumes_per_s": bench.stage1, "stage2_train_latents_per_s": bench.stage2,
              "sample_volumes_per_s": bench.sample, "engine_overhead": bench.engine_overhead,
-             "data_pipeline": bench.data_pipeline}
+             "data_pipeline": bench.data_pipeline, "token_sampling_tokens_per_s": bench.token_sampling}
     for part in PARTS:
         if not wanted or part in wanted:
             bench.guarded(parts[part])

@@ -43,10 +43,12 @@ def _under(out: Path, d: dict) -> dict:
     d["data"]["train_data_dir"] = str(out / "data" / "train")
     d["data"]["val_data_dir"] = str(out / "data" / "val")
     for stage, ck, lg in (("vqvae", "vqvae_checkpoints", "vqvae_logs"),
-                          ("diffusion", "diffusion_checkpoints", "diffusion_logs")):
-        d[stage].setdefault("checkpoints", {})["output_dir"] = str(out / ck)
+                          ("diffusion", "diffusion_checkpoints", "diffusion_logs"),
+                          ("prior", "prior_checkpoints", "prior_logs")):
+        d.setdefault(stage, {}).setdefault("checkpoints", {})["output_dir"] = str(out / ck)
         d[stage].setdefault("logging", {})["log_dir"] = str(out / lg)
-    d["diffusion"]["checkpoints"]["vqvae_path"] = str(out / "vqvae_checkpoints" / "best_model.pt")
+    for stage in ("diffusion", "prior"):
+        d[stage]["checkpoints"]["vqvae_path"] = str(out / "vqvae_checkpoints" / "best_model.pt")
     return d
 
 

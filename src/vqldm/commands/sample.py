@@ -26,6 +26,7 @@ from vqldm.data.io import list_volumes, read_volume, write_volume
 from vqldm.errors import VqldmError
 from vqldm.files import archive_previous, atomic_write_bytes
 from vqldm.priors.diffusion.pipeline import DiffusionPipeline, load_pipeline
+from vqldm.priors.transformer.pipeline import load_token_pipeline
 from vqldm.sampling.samplers import check_sampler, default_sampler
 from vqldm.visuals import mip_grid, save_png
 
@@ -48,6 +49,11 @@ class SampleOptions:
     use_ema: bool = True
     progress: bool = True
     overwrite: bool = False
+    prior: str = "diffusion"  # diffusion | transformer
+    prior_checkpoint: str | None = None  # transformer: default prior.checkpoints.output_dir/best_model.pt
+    temperature: float | None = None  # transformer: default prior.temperature
+    top_k: int | None = None  # transformer: default prior.top_k
+    top_p: float | None = None  # transformer: default prior.top_p
 
 
 def shard_indices(num_samples: int, batch_size: int, rank: int, world: int) -> list[int]:
@@ -107,22 +113,66 @@ def _my_share(opts: SampleOptions) -> list[int]:
     return mine
 
 
+def _diffusion_run(cfg: Config, opts: SampleOptions):
+    """The diffusion prior: its pipeline, a function of the sample indices, and what samples.json records."""
+    pipe = load_pipeline(cfg, opts.diffusion_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
+    sampler, steps, snap = _settings(cfg, opts, pipe)
+    clip = cfg.diffusion.clip_to_codebook_range
+
+    def run(mine: list[int]) -> torch.Tensor:
+        return pipe.generate(mine, opts.seed, steps, sampler, opts.batch_size, snap, opts.shape,
+                             opts.progress and dist.is_main(), clip)
+
+    record = {"prior": "diffusion", "scheduler": sampler, "steps": steps, "snap_to_codebook": snap,
+              "clip_to_codebook_range": clip and sampler != "rflow", "ema": opts.use_ema and bool(pipe.diff_ckpt.get("ema")),
+              "diffusion_checkpoint": str(pipe.diff_path), "diffusion_sha256": file_sha256(pipe.diff_path),
+              "scale_factor": pipe.scale_factor}
+    return pipe, run, record
+
+
+def _token_run(cfg: Config, opts: SampleOptions):
+    """The token prior: its pipeline, a function of the sample indices, and what samples.json records."""
+    if opts.shape is not None:
+        raise VqldmError("--shape: the token prior samples the code grid it was trained on; omit --shape")
+    if opts.scheduler is not None or opts.steps is not None or opts.snap is not None:
+        raise VqldmError("--scheduler, --steps and --snap are diffusion sampling options; the token prior takes "
+                         "--temperature, --top-k and --top-p")
+    p = cfg.prior
+    knobs = {"temperature": p.temperature if opts.temperature is None else opts.temperature,
+             "top_k": p.top_k if opts.top_k is None else opts.top_k,
+             "top_p": p.top_p if opts.top_p is None else opts.top_p}
+    if not knobs["temperature"] > 0:
+        raise VqldmError(f"--temperature {knobs['temperature']}: must be > 0")
+    if knobs["top_k"] is not None and knobs["top_k"] < 1:
+        raise VqldmError(f"--top-k {knobs['top_k']}: must be >= 1")
+    if knobs["top_p"] is not None and not 0 < knobs["top_p"] <= 1:
+        raise VqldmError(f"--top-p {knobs['top_p']}: must lie in (0, 1]")
+    pipe = load_token_pipeline(cfg, opts.prior_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
+
+    def run(mine: list[int]) -> torch.Tensor:
+        return pipe.generate(mine, opts.seed, opts.batch_size, progress=opts.progress and dist.is_main(), **knobs)
+
+    record = {"prior": "transformer", **knobs, "ordering": pipe.ckpt["ordering"]["type"],
+              "ema": opts.use_ema and bool(pipe.ckpt.get("ema")), "prior_checkpoint": str(pipe.path),
+              "prior_sha256": file_sha256(pipe.path)}
+    return pipe, run, record
+
+
 def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
     if opts.num_samples < 1:
         raise VqldmError("--num-samples must be >= 1")
     if opts.batch_size < 1:
         raise VqldmError("--batch-size must be >= 1")
+    if opts.prior not in ("diffusion", "transformer"):
+        raise VqldmError(f"--prior {opts.prior}: choose diffusion or transformer")
     dist.init(cfg.device.use_cuda)
-    pipe = load_pipeline(cfg, opts.diffusion_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
-    sampler, steps, snap = _settings(cfg, opts, pipe)
+    pipe, run, prior_record = (_token_run if opts.prior == "transformer" else _diffusion_run)(cfg, opts)
     suffix = "nii.gz" if opts.fmt == "nifti" else "tif"
     out = Path(opts.out_dir)
     _prepare_out(out, opts.overwrite)
     mine = _my_share(opts)
     t0 = time.perf_counter()
-    clip = cfg.diffusion.clip_to_codebook_range
-    vols = pipe.generate(mine, opts.seed, steps, sampler, opts.batch_size, snap, opts.shape,
-                         opts.progress and dist.is_main(), clip)
+    vols = run(mine)
     if pipe.rt.is_cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
@@ -131,14 +181,10 @@ def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
     # the slowest rank's time; the barrier inside also means every file is written before rank 0 reads
     elapsed = float(dist.all_reduce_max(torch.tensor([elapsed], dtype=torch.float64)).item())
     record = {
-        "vqldm_version": __version__, "num_samples": opts.num_samples, "seed": opts.seed, "scheduler": sampler,
-        "steps": steps, "snap_to_codebook": snap, "clip_to_codebook_range": clip and sampler != "rflow",
-        "ema": opts.use_ema and bool(pipe.diff_ckpt.get("ema")),
+        "vqldm_version": __version__, "num_samples": opts.num_samples, "seed": opts.seed, **prior_record,
         "shape": list(vols.shape[2:]) if len(vols) else opts.shape, "spacing": pipe.spacing, "format": opts.fmt,
-        "diffusion_checkpoint": str(pipe.diff_path), "diffusion_sha256": file_sha256(pipe.diff_path),
         "vqvae_checkpoint": str(pipe.vq_path), "vqvae_sha256": pipe.vq_sha256,
-        "scale_factor": pipe.scale_factor, "device": pipe.rt.describe(), "world_size": dist.world_size(),
-        "seconds": elapsed,
+        "device": pipe.rt.describe(), "world_size": dist.world_size(), "seconds": elapsed,
     }
     preview, record_path = out / "preview.png", out / "samples.json"
     if dist.is_main():

@@ -28,3 +28,11 @@ def decode_latents(vqvae: torch.nn.Module, z: torch.Tensor, scale_factor: float,
     with (autocast or contextlib.nullcontext)():
         img = vqvae.decode(z)
     return to_unit(img.float(), intensity_range).clamp(0, 1).cpu()
+
+
+@torch.no_grad()
+def decode_codes(vqvae: torch.nn.Module, codes: torch.Tensor, intensity_range, autocast=None) -> torch.Tensor:
+    """Code indices (B, x, y, z) -> volumes in [0, 1], (B, 1, X, Y, Z) float32 on the CPU: each index
+    becomes its codebook vector, then the same decode as :func:`decode_latents`."""
+    z = vqvae.quantizer.quantizer.embed(codes.to(next(vqvae.parameters()).device).long())
+    return decode_latents(vqvae, z.float(), 1.0, intensity_range, snap=False, autocast=autocast)

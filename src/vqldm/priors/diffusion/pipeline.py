@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vqldm.autoencoder.model import codebook_range
-from vqldm.checkpoint import file_sha256, load_checkpoint
+from vqldm.checkpoint import file_sha256, inference_weights, load_checkpoint
 from vqldm.config import Config, check_latent_for_unet, decoded_spatial, latent_spatial, vqvae_from_network
 from vqldm.errors import VqldmError
 from vqldm.latents import load_vqvae
@@ -118,23 +118,14 @@ class DiffusionPipeline:
 
 
 def _unet_from(ckpt: dict, path: Path, what: str, use_ema: bool, rt: Runtime) -> torch.nn.Module:
-    state = ckpt["state_dict"]
-    if not use_ema and ckpt.get("ema"):
-        ts = ckpt.get("training_state")
-        if ts is None:
-            raise VqldmError(f"--no-ema: {path} holds only the EMA weights; the raw weights are in "
-                             f"latest_checkpoint.pt (pass it with --diffusion-checkpoint)")
-        state = ts["model"]
+    state = inference_weights(ckpt, path, use_ema, "--diffusion-checkpoint")
     try:
         unet = build_unet(ckpt["network"], flash_attention=rt.is_cuda)
         unet.load_state_dict(state)
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise VqldmError(f"{what}: {path} does not hold a loadable diffusion UNet "
                          f"({str(e).splitlines()[0][:200]})") from None
-    unet = rt.prepare_module(unet).eval()
-    for p in unet.parameters():
-        p.requires_grad_(False)
-    return unet
+    return rt.frozen(unet)
 
 
 def load_pipeline(cfg: Config, diffusion_checkpoint: str | None = None, vqvae_checkpoint: str | None = None,

@@ -11,8 +11,7 @@ from vqldm.autoencoder.model import codebook_range
 from vqldm.config import Config
 from vqldm.engine.tensorboard import Board
 from vqldm.engine.trainer import OptimizerSpec, StepContext, Task, make_optimizer
-from vqldm.errors import VqldmError
-from vqldm.latents import encode
+from vqldm.latents import check_same_stage1, encode
 from vqldm.priors.diffusion.objective import Objective
 from vqldm.priors.diffusion.unet import as_denoiser, build_unet
 from vqldm.runtime import Runtime
@@ -87,11 +86,4 @@ class DiffusionTask(Task):
         return {"network": self.net_config, "scheduler": dict(self.sc), "scale_factor": self.scale_factor, **self.meta}
 
     def check_resume(self, ckpt: dict, path: Path, key: str) -> None:
-        # the prior learns one stage-1 model's latents: another stage-1 file is another problem
-        theirs, mine = ckpt.get("vqvae_sha256"), self.meta.get("vqvae_sha256")
-        if theirs and mine and theirs != mine:
-            raise VqldmError(
-                f"{key}: {path} was trained on the stage-1 checkpoint "
-                f"{ckpt.get('vqvae_path')} (sha256 {theirs[:12]}), but diffusion.checkpoints.vqvae_path is "
-                f"{self.meta.get('vqvae_path')} (sha256 {mine[:12]}); resume with the same stage-1 checkpoint, "
-                f"or start afresh")
+        check_same_stage1(ckpt, self.meta, path, key, "diffusion")

@@ -1,0 +1,106 @@
+"""A trained token prior and its stage 1, rebuilt from their checkpoints alone, turning seeded
+Gumbel noise into code grids and volumes (``vqldm sample --prior transformer``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vqldm.checkpoint import file_sha256, inference_weights, load_checkpoint
+from vqldm.config import Config
+from vqldm.errors import VqldmError
+from vqldm.latents import load_vqvae
+from vqldm.priors.transformer.model import build_transformer, to_grid, without_masks
+from vqldm.priors.transformer.sampler import gumbel_noise, sample_tokens
+from vqldm.runtime import Runtime, make_runtime
+from vqldm.sampling.decode import decode_codes
+
+log = logging.getLogger("vqldm")
+
+
+@dataclass
+class TokenPipeline:
+    """The transformer and the VQ-VAE, ready to turn seeded noise into volumes."""
+
+    model: torch.nn.Module
+    vqvae: torch.nn.Module
+    ckpt: dict
+    vq_ckpt: dict
+    rt: Runtime
+    path: Path
+    vq_path: Path
+    vq_sha256: str | None = None
+
+    @property
+    def grid(self) -> list[int]:
+        return list(self.ckpt["latent_grid"])
+
+    @property
+    def num_codes(self) -> int:
+        return int(self.ckpt["network"]["num_tokens"]) - 1
+
+    @property
+    def spacing(self) -> list[float]:
+        """Voxel spacing of the training data, written into every sample."""
+        return list(self.ckpt.get("data", {}).get("spacing") or self.vq_ckpt["data"]["spacing"])
+
+    def codes(self, indices: list[int], seed: int, temperature: float = 1.0, top_k: int | None = None,
+              top_p: float | None = None, cached: bool = True, progress: bool = False) -> torch.Tensor:
+        """Code grids (B, x, y, z) for sample ``indices``; sample ``i`` is seeded by ``(seed, i)``."""
+        order = torch.tensor(self.ckpt["ordering"]["order"], dtype=torch.long, device=self.rt.device)
+        noise = gumbel_noise(indices, seed, len(order), self.num_codes)
+        seq = sample_tokens(self.model, noise, self.num_codes, temperature, top_k, top_p, cached=cached,
+                            autocast=self.rt.autocast, desc="token sampling" if progress else None)
+        return to_grid(seq, order, self.grid)
+
+    @torch.no_grad()
+    def generate(self, indices: list[int], seed: int, batch_size: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, progress: bool = False) -> torch.Tensor:
+        """Volumes (N, 1, X, Y, Z) in [0, 1] for sample ``indices``, in batches."""
+        outs = []
+        for start in range(0, len(indices), batch_size):
+            grid = self.codes(indices[start:start + batch_size], seed, temperature, top_k, top_p, progress=progress)
+            outs.append(decode_codes(self.vqvae, grid, self.vq_ckpt["normalization"]["intensity_range"],
+                                     self.rt.autocast))
+        return torch.cat(outs) if outs else torch.zeros([0, 1])
+
+
+def _model_from(ckpt: dict, path: Path, what: str, use_ema: bool, rt: Runtime) -> torch.nn.Module:
+    state = inference_weights(ckpt, path, use_ema, "--prior-checkpoint")
+    try:
+        if math.prod(ckpt["latent_grid"]) > int(ckpt["network"]["max_seq_len"]):
+            raise ValueError(f"its code grid {ckpt['latent_grid']} is longer than its "
+                             f"{ckpt['network']['max_seq_len']} positions")
+        model = build_transformer(ckpt["network"])
+        model.load_state_dict(without_masks(state))
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise VqldmError(f"{what}: {path} does not hold a loadable token prior "
+                         f"({str(e).splitlines()[0][:200]})") from None
+    return rt.frozen(model)
+
+
+def load_token_pipeline(cfg: Config, prior_checkpoint: str | None = None, vqvae_checkpoint: str | None = None,
+                        use_ema: bool = True, rt: Runtime | None = None) -> TokenPipeline:
+    """The transformer of ``prior_checkpoint`` (default: ``prior.checkpoints.output_dir/best_model.pt``)
+    and the stage-1 checkpoint it was trained on (or ``vqvae_checkpoint``, refused if its codebook differs)."""
+    rt = rt or make_runtime(cfg)
+    if prior_checkpoint:
+        path, what = Path(prior_checkpoint), "--prior-checkpoint"
+    else:
+        path, what = Path(cfg.prior.checkpoints.output_dir) / "best_model.pt", "prior.checkpoints.output_dir"
+    ckpt = load_checkpoint(path, kind="prior", what=what)
+    model = _model_from(ckpt, path, what, use_ema, rt)
+    vq_path = Path(vqvae_checkpoint) if vqvae_checkpoint else Path(ckpt["vqvae_path"])
+    vq_what = "--vqvae-checkpoint" if vqvae_checkpoint else f"the stage-1 checkpoint recorded in {path}"
+    vqvae, vq_ckpt = load_vqvae(vq_path, rt, what=vq_what)
+    sha = file_sha256(vq_path)
+    if sha != ckpt.get("vqvae_sha256"):
+        # code indices mean nothing under another codebook: unlike a diffusion latent, no decoding "anyway"
+        raise VqldmError(f"{vq_what}: {vq_path} is not the stage-1 checkpoint that {path} was trained on (sha256 "
+                         f"{sha[:12]} vs {str(ckpt.get('vqvae_sha256'))[:12]}); its code indices would mean "
+                         f"other codes")
+    return TokenPipeline(model, vqvae, ckpt, vq_ckpt, rt, path, vq_path, vq_sha256=sha)

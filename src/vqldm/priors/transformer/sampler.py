@@ -1,0 +1,105 @@
+"""Drawing code sequences from the token prior, one token at a time, with a key/value cache.
+
+Each new token attends to the keys and values of the tokens before it. MONAI's own sampler runs the
+whole prefix through the network for every token (O(N^2) token passes for N tokens); the cache keeps
+each block's keys and values, so a token costs one token's pass. Both paths use the same MONAI
+modules and weights, and :func:`sample_tokens` runs either (``cached=False`` is the reference).
+
+Sampling is a pure function of its inputs: the randomness arrives as Gumbel noise, one (N, K) array
+per sample drawn from that sample's own generator (:func:`gumbel_noise`), and a token is
+``argmax(logits / temperature + noise)`` over the codes kept by top-k / top-p: an exact draw from the
+tempered, truncated softmax (the Gumbel-max trick), independent of the batch a sample runs in.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def gumbel_noise(indices: list[int], seed: int, seq_len: int, num_codes: int) -> torch.Tensor:
+    """(B, N, K) standard Gumbel noise; sample ``i``'s from a generator seeded by ``(seed, i)``."""
+    out = []
+    for i in indices:
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i))
+        u = torch.rand(seq_len, num_codes, generator=g, dtype=torch.float64)
+        out.append(-torch.log(-torch.log(u.clamp(1e-12, 1.0 - 1e-12))).float())
+    return torch.stack(out)
+
+
+def choose(logits: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None) -> torch.Tensor:
+    """One token per row from (B, K) code logits and (B, K) Gumbel noise."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # codes after the first ones that reach top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
+    return torch.argmax(logits + noise, dim=-1)
+
+
+class _Cache:
+    """Keys and values of every block for the positions generated so far: (B, heads, N, head dim)."""
+
+    def __init__(self, model: nn.Module, batch: int, seq_len: int, device, dtype):
+        attn = model.blocks[0].attn
+        shape = (batch, attn.num_heads, seq_len, attn.dim_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in model.blocks]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in model.blocks]
+
+
+def _qkv(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values of MONAI's ``SABlock`` for ``h``, each (B, heads, T, head dim)."""
+    if attn.use_combined_linear:
+        q, k, v = attn.input_rearrange(attn.qkv(h))
+        return q, k, v
+    return (attn.input_rearrange(attn.to_q(h)), attn.input_rearrange(attn.to_k(h)),
+            attn.input_rearrange(attn.to_v(h)))
+
+
+def _cached_step(model: nn.Module, token: torch.Tensor, pos: int, cache: _Cache) -> torch.Tensor:
+    """Code logits (B, V) after ``token`` (B,) at position ``pos``, given the cache of positions < pos."""
+    x = model.token_embeddings(token[:, None]) + model.position_embeddings.embedding.weight[pos][None, None]
+    x = model.embedding_dropout(x)
+    for block, k_cache, v_cache in zip(model.blocks, cache.k, cache.v):
+        attn = block.attn
+        q, k, v = _qkv(attn, block.norm1(x))
+        k_cache[:, :, pos] = k[:, :, 0].to(k_cache.dtype)
+        v_cache[:, :, pos] = v[:, :, 0].to(v_cache.dtype)
+        keys, values = k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1]
+        att = (torch.einsum("blxd,blyd->blxy", q.to(keys.dtype), keys) * attn.scale).softmax(dim=-1)
+        out = attn.out_rearrange(torch.einsum("bhxy,bhyd->bhxd", att, values).to(x.dtype))
+        if attn.include_fc:
+            out = attn.out_proj(out)
+        x = x + attn.drop_output(out)
+        x = x + block.mlp(block.norm2(x))
+    return model.to_logits(x)[:, 0]
+
+
+@torch.no_grad()
+def sample_tokens(model: nn.Module, noise: torch.Tensor, bos: int, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, cached: bool = True,
+                  autocast=None, desc: str | None = None) -> torch.Tensor:
+    """(B, N) code sequences in prior order, from Gumbel ``noise`` (B, N, K); ``bos`` is the model's
+    begin-of-sequence token (= K, the number of codes). The model must be in eval mode."""
+    import contextlib
+
+    b, n, k = noise.shape
+    device = next(model.parameters()).device
+    noise = noise.to(device)
+    seq = torch.full((b, n + 1), bos, dtype=torch.long, device=device)
+    cache = _Cache(model, b, n, device, torch.float32) if cached else None
+    steps = range(n)
+    if desc:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc=desc, unit="token", leave=False, dynamic_ncols=True)
+    for pos in steps:
+        with (autocast or contextlib.nullcontext)():
+            logits = _cached_step(model, seq[:, pos], pos, cache) if cached else model(seq[:, :pos + 1])[:, -1]
+        seq[:, pos + 1] = choose(logits[:, :k], noise[:, pos], temperature, top_k, top_p)
+    return seq[:, 1:]

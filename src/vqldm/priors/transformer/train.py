@@ -1,0 +1,50 @@
+"""``vqldm train-prior``: the frozen stage 1, its code indices (cached or on the fly), the token prior task."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from vqldm import distributed as dist
+from vqldm import latents as L
+from vqldm.config import Config
+from vqldm.engine import setup
+from vqldm.engine.trainer import FitResult, Trainer
+from vqldm.priors.transformer.model import token_order, transformer_net_config
+from vqldm.priors.transformer.task import TransformerTask
+from vqldm.runtime import make_runtime
+
+log = logging.getLogger("vqldm")
+
+
+def build_prior_trainer(cfg: Config, overwrite: bool = False, progress: bool = True) -> Trainer:
+    """Everything ``train_prior`` runs, ready to ``fit()`` (under torchrun: this rank's share)."""
+    setup.start(cfg)
+    rt = make_runtime(cfg)
+    vqvae, vq_ckpt, grid = L.frozen_stage1(cfg, "prior", rt)
+    net = vq_ckpt["network"]
+    train_info, val_info = setup.scan_data(cfg, progress)
+    norm = L.stage1_normalization(cfg, vq_ckpt)
+    val_tokens, tiles = L.encoded_tiles(cfg, "prior", val_info.files, norm, vqvae, rt, L.encode_indices)
+    val_ds = L.TensorDictDataset(tokens=val_tokens)
+    vis_real = L.real_tiles(tiles, norm, cfg.prior.logging.num_visualize_samples)
+    train_ds, cached = L.train_items(cfg, "prior", train_info.files, norm, vqvae, rt, grid, L.total_stride(net),
+                                     progress, encoder=L.encode_indices, key="tokens")
+    train_loader, sampler = setup.train_loader(cfg, "prior", train_ds, rt)
+    val_loader = setup.val_loader(cfg, "prior", val_ds, rt)
+    seq_len = math.prod(grid)
+    net_cfg = transformer_net_config(cfg, net["num_embeddings"], seq_len)
+    meta = L.stage1_meta(cfg, "prior", vq_ckpt, train_info.spacing, [net["embedding_dim"]] + grid, cached)
+    task = TransformerTask(cfg, rt, vqvae, net_cfg, token_order(cfg.prior.ordering, grid, cfg.seed), grid, meta,
+                           vis_real)
+    task.train_forward = setup.wrap_for_training(task.model, rt)
+    bs, world = cfg.batch_size("prior"), dist.world_size()
+    log.info("token prior: %d tokens (%s grid, %s order) over %d codes, batch %d per rank x %d rank(s), lr %g",
+             seq_len, "x".join(map(str, grid)), cfg.prior.ordering, net["num_embeddings"], bs, world,
+             cfg.learning_rate("prior"))
+    return Trainer(cfg, task, train_loader, val_loader, rt, overwrite=overwrite, progress=progress,
+                   train_sampler=sampler)
+
+
+def train_prior(cfg: Config, overwrite: bool = False, progress: bool = True) -> FitResult:
+    return build_prior_trainer(cfg, overwrite, progress).fit()
