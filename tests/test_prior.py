@@ -163,3 +163,27 @@ def test_token_prior_bad_input_is_one_line(trained_prior, trained_stage1, traine
     bad["prior"]["ordering"] = "zigzag"
     assert run_cli("--quiet", "check", "--config", str(write_config(tmp_path / "bad.yaml", bad))) == 2
     assert "prior.ordering must be one of raster_scan, s_curve, random" in capsys.readouterr().err
+
+
+def test_score_writes_a_likelihood_map_per_volume_and_the_scores(trained_prior, data_dir, tmp_path, capsys):
+    from vqldm.data.io import write_volume
+
+    cfg = str(trained_prior["config_path"])
+    assert run_cli("--quiet", "score", "--config", cfg, "--volumes", str(data_dir / "val"),
+                   "--out", str(tmp_path / "S")) == 0
+    rows = json.loads((tmp_path / "S" / "scores.json").read_text())["volumes"]
+    names = [f.name for f in list_volumes(data_dir / "val")]
+    assert [r["file"] for r in rows] == names
+    for r in rows:
+        assert r["mean_nll_nats"] > 0 and r["bits_per_token"] == pytest.approx(r["mean_nll_nats"] / np.log(2))
+        nll = read_volume(tmp_path / "S" / f"nll_{r['file'].split('.')[0]}.nii.gz")
+        assert nll.array.shape == (32, 32, 32)  # the 8^3 token grid over the 32^3 volume
+        assert nll.array.mean() == pytest.approx(r["mean_nll_nats"], rel=1e-4)  # each token covers 4^3 voxels
+        assert nll.spacing == read_volume(data_dir / "val" / r["file"]).spacing
+    assert (tmp_path / "S" / "scores.csv").read_text().startswith("file,mean_nll_nats,bits_per_token")
+    # a volume of another size is refused with one line naming it
+    write_volume(tmp_path / "odd" / "odd.nii.gz", np.zeros((16, 16, 16), np.float32))
+    assert run_cli("--quiet", "score", "--config", cfg, "--volumes", str(tmp_path / "odd"),
+                   "--out", str(tmp_path / "S2")) == 2
+    err = capsys.readouterr().err
+    assert "odd.nii.gz has shape [16, 16, 16]" in err and "Traceback" not in err

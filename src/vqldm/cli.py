@@ -139,6 +139,16 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from vqldm.commands.score import score_volumes
+
+    cfg = _load(args, check_paths=False)
+    res = score_volumes(cfg, Path(args.volumes), Path(args.out), args.prior_checkpoint, progress=not args.quiet)
+    _print_paths(f"{len(res['scores'])} volumes scored:", {"scores": res["csv"], "record": res["json"],
+                                                          "maps": f"{args.out}/nll_*.nii.gz"})
+    return 0
+
+
 def cmd_demo(args) -> int:
     from vqldm.commands.demo import run_demo
 
@@ -253,6 +263,21 @@ def _add_evaluate(sub) -> None:
     s.set_defaults(func=cmd_evaluate)
 
 
+def _add_score(sub) -> None:
+    s = sub.add_parser("score", help="token-prior likelihood of each volume, with a per-voxel map (anomalies)",
+                       description="Encode each volume to its code grid and score every code with the token "
+                                   "prior: OUT/nll_<name>.nii.gz (negative log-likelihood in nats, each token's "
+                                   "value over its block of voxels) and OUT/scores.csv / scores.json (mean nats "
+                                   "and bits per token, 99th-percentile token). High scores mark regions unlike "
+                                   "the training data. Volumes must have the prior's patch size.")
+    _add_config(s)
+    s.add_argument("--volumes", required=True, help="folder of volumes to score")
+    s.add_argument("--out", required=True, help="output folder for the maps and scores")
+    s.add_argument("--prior-checkpoint", default=None,
+                   help="token-prior checkpoint (default: prior.checkpoints.output_dir/best_model.pt)")
+    s.set_defaults(func=cmd_score)
+
+
 def _add_demo(sub) -> None:
     s = sub.add_parser("demo", help="the whole pipeline on built-in synthetic microtubules (CPU: under 10 min)",
                        description="Synthesise microtubule volumes, train stage 1 and stage 2 with a CPU-sized "
@@ -297,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_synth, _add_check, _add_train, _add_sample, _add_evaluate, _add_demo, _add_benchmark):
+    for add in (_add_synth, _add_check, _add_train, _add_sample, _add_evaluate, _add_score, _add_demo,
+                _add_benchmark):
         add(sub)
     return p
 

@@ -50,8 +50,8 @@ SPECS = {
         "diffusion": {"in_channels": 32, "out_channels": 32, "num_channels": [64, 128, 256, 512],
                       "attention_levels": [False, False, True, True], "num_head_channels": [0, 0, 32, 32],
                       "num_res_blocks": 2},
-        # the demo config's token prior: 12 x 12 x 6 = 864 tokens over 64 codes
-        "prior": {"tokens": 864, "codes": 64, "dim": 64, "depth": 4, "heads": 4, "batch": 1},
+        # the demo config's token prior: 12 x 12 x 6 = 864 tokens over 64 codes, sampled 8 at a time (--batch-size)
+        "prior": {"tokens": 864, "codes": 64, "dim": 64, "depth": 4, "heads": 4, "batch": 8},
     },
     "smoke": {
         "patch": 32, "stage1_batch": 2, "stage2_batch": 4, "sample_batch": 4, "sample_steps": 5,

@@ -14,6 +14,7 @@ tempered, truncated softmax (the Gumbel-max trick), independent of the batch a s
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -43,36 +44,41 @@ def choose(logits: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0, 
 
 
 class _Cache:
-    """Keys and values of every block for the positions generated so far: (B, heads, N, head dim)."""
+    """Each block's keys and values for the positions generated so far, (B, heads, N, head dim), and
+    its query/key/value projections fused into one matrix (one matmul per block and token)."""
 
     def __init__(self, model: nn.Module, batch: int, seq_len: int, device, dtype):
         attn = model.blocks[0].attn
-        shape = (batch, attn.num_heads, seq_len, attn.dim_head)
+        self.heads, self.dim_head = attn.num_heads, attn.dim_head
+        shape = (batch, self.heads, seq_len, self.dim_head)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in model.blocks]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in model.blocks]
+        self.qkv = [_fused_qkv(block.attn) for block in model.blocks]
 
 
-def _qkv(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Queries, keys and values of MONAI's ``SABlock`` for ``h``, each (B, heads, T, head dim)."""
+def _fused_qkv(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of MONAI ``SABlock``'s query, key and value projections as one linear map, with
+    the outputs ordered query | key | value, each head by head (as ``input_rearrange`` splits them)."""
     if attn.use_combined_linear:
-        q, k, v = attn.input_rearrange(attn.qkv(h))
-        return q, k, v
-    return (attn.input_rearrange(attn.to_q(h)), attn.input_rearrange(attn.to_k(h)),
-            attn.input_rearrange(attn.to_v(h)))
+        return attn.qkv.weight, attn.qkv.bias
+    weight = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
+    biases = [attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]
+    return weight, (torch.cat(biases) if biases[0] is not None else None)
 
 
 def _cached_step(model: nn.Module, token: torch.Tensor, pos: int, cache: _Cache) -> torch.Tensor:
     """Code logits (B, V) after ``token`` (B,) at position ``pos``, given the cache of positions < pos."""
-    x = model.token_embeddings(token[:, None]) + model.position_embeddings.embedding.weight[pos][None, None]
+    b = token.shape[0]
+    x = model.token_embeddings(token[:, None]) + model.position_embeddings.embedding.weight[pos]
     x = model.embedding_dropout(x)
-    for block, k_cache, v_cache in zip(model.blocks, cache.k, cache.v):
+    for block, k_cache, v_cache, (w, bias) in zip(model.blocks, cache.k, cache.v, cache.qkv):
         attn = block.attn
-        q, k, v = _qkv(attn, block.norm1(x))
-        k_cache[:, :, pos] = k[:, :, 0].to(k_cache.dtype)
-        v_cache[:, :, pos] = v[:, :, 0].to(v_cache.dtype)
-        keys, values = k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1]
-        att = (torch.einsum("blxd,blyd->blxy", q.to(keys.dtype), keys) * attn.scale).softmax(dim=-1)
-        out = attn.out_rearrange(torch.einsum("bhxy,bhyd->bhxd", att, values).to(x.dtype))
+        qkv = F.linear(block.norm1(x), w, bias).view(b, 3, cache.heads, cache.dim_head)
+        k_cache[:, :, pos] = qkv[:, 1]
+        v_cache[:, :, pos] = qkv[:, 2]
+        out = F.scaled_dot_product_attention(qkv[:, 0, :, None], k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1],
+                                             scale=attn.scale)
+        out = out.reshape(b, 1, cache.heads * cache.dim_head)
         if attn.include_fc:
             out = attn.out_proj(out)
         x = x + attn.drop_output(out)
@@ -80,7 +86,7 @@ def _cached_step(model: nn.Module, token: torch.Tensor, pos: int, cache: _Cache)
     return model.to_logits(x)[:, 0]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_tokens(model: nn.Module, noise: torch.Tensor, bos: int, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, cached: bool = True,
                   autocast=None, desc: str | None = None) -> torch.Tensor:
