@@ -157,7 +157,7 @@ DUMP_SCRIPT = textwrap.dedent('''
         "model": {k: v.clone() for k, v in tr2.task.model.state_dict().items()},
         "ema": {k: v.clone() for k, v in tr2.ema.model.state_dict().items()},
         "optim": opt_state(tr2),
-        "scale_factor": tr2.task.scale_factor, "steps": res2.steps,
+        "scale_factor": tr2.task.norm.to_meta()["scale_factor"], "steps": res2.steps,
         "save_best": tr2.save_best(1.0), "save_latest": tr2.save_latest(1.0),
     }, out / f"stage2_rank{dist.rank()}.pt")
     sample_to_files(cfg, SampleOptions(num_samples=5, batch_size=2, steps=3, seed=7, scheduler="ddpm",
@@ -347,7 +347,7 @@ RESUME_SCRIPT = textwrap.dedent('''
         res = tr.fit()
         out[name] = {"epochs": res.epochs, "steps": res.steps,
                      "model": {k: v.clone() for k, v in tr.task.model.state_dict().items()},
-                     "scale_factor": getattr(tr.task, "scale_factor", None)}
+                     "scale_factor": tr.task.norm.to_meta()["scale_factor"] if hasattr(tr.task, "norm") else None}
         dist.barrier()  # rank 0's checkpoint is on disk before the next run reads it
     torch.save(out, sys.argv[6] + f"/resume_rank{dist.rank()}.pt")
     dist.shutdown()

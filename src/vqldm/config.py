@@ -190,6 +190,7 @@ class DiffusionConfig:
     learning_rate: float = 1e-4
     scale_factor: float | None = None  # null: 1/std of the latents, measured
     scale_factor_batches: int = 16  # training batches over which the latent std is measured
+    latent_norm: str = "global"  # global: one 1/std (scale_factor) for all channels | channel: per-channel mean and 1/std
     latent_cache: bool = True  # encode the training set once when augmentation is off
     snap_to_codebook: bool = True  # sampling: quantise the denoised latent before decoding
     clip_to_codebook_range: bool = True  # sampling: bound each predicted clean latent by the codebook's range
@@ -609,6 +610,8 @@ def _validate_scheduler(u: DiffusionConfig) -> None:
     if u.scale_factor is not None:
         _require(u.scale_factor > 0 and math.isfinite(u.scale_factor), "diffusion.scale_factor must be > 0 or null")
     _require(u.scale_factor_batches >= 1, "diffusion.scale_factor_batches must be >= 1")
+    _require(u.latent_norm in ("global", "channel"),
+             f"diffusion.latent_norm must be global or channel, got {u.latent_norm!r}")
 
 
 ORDERINGS = ("raster_scan", "s_curve", "random")

@@ -1,20 +1,23 @@
 """The latent every prior learns: a frozen stage-1 checkpoint, its encodings, the latent cache and
-the scale factor.
+the latent normalisation.
 
 Latents are the quantised embeddings (B, embedding_dim, x, y, z). A diffusion prior sees them
-multiplied by ``scale_factor`` = 1 / std, measured over many training batches (Rombach et al.,
-2022, sec. 4.3 and appendix G), so that its N(0, I) prior matches their scale.
+normalised (:class:`LatentNorm`): multiplied by ``scale_factor`` = 1 / std, measured over many
+training batches (Rombach et al., 2022, sec. 4.3 and appendix G), so that its N(0, I) prior matches
+their scale; or, with ``diffusion.latent_norm: channel``, each channel shifted by its own mean and
+scaled by its own 1 / std (the channels of a small codebook differ in spread several-fold).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
 from vqldm import distributed as dist
-from vqldm.autoencoder.model import build_vqvae, quantized_latent, vqvae_net_config
+from vqldm.autoencoder.model import build_vqvae, codebook_range, quantized_latent, vqvae_net_config
 from vqldm.checkpoint import file_sha256, load_checkpoint
 from vqldm.config import Config, latent_spatial, vqvae_from_network
 from vqldm.data import pipeline
@@ -267,3 +270,73 @@ def stage1_meta(cfg: Config, section: str, vq_ckpt: dict, spacing, lat_shape: li
         "data": {"patch_size": list(cfg.data.patch_size), "spacing": list(spacing)},
         "latent_source": "cache" if cached else "on_the_fly",
     }
+
+
+# ---------------------------------------------------------------------------- latent normalisation
+@dataclass(frozen=True)
+class LatentNorm:
+    """How a diffusion prior sees the latent: ``(z - shift) * scale``, per channel (lists) or with one
+    global ``scale`` (a float, no shift: the original README's scale factor)."""
+
+    scale: float | list[float]
+    shift: list[float] | None = None
+
+    def _per_channel(self, v, like: torch.Tensor):
+        if isinstance(v, list):
+            return torch.tensor(v, dtype=like.dtype, device=like.device).view(1, -1, *([1] * (like.ndim - 2)))
+        return v
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        if self.shift is None:
+            return z * self.scale
+        return (z - self._per_channel(self.shift, z)) * self._per_channel(self.scale, z)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        if self.shift is None:
+            return z / self.scale
+        return z / self._per_channel(self.scale, z) + self._per_channel(self.shift, z)
+
+    def codebook_range(self, vqvae: torch.nn.Module) -> tuple[float, float]:
+        """(min, max) over every normalised codebook vector: every normalised latent lies within."""
+        if self.shift is None:
+            return codebook_range(vqvae, self.scale)
+        w = vqvae.quantizer.quantizer.embedding.weight.detach().float().cpu()  # (K, C)
+        w = (w - torch.tensor(self.shift)) * torch.tensor(self.scale)
+        return float(w.min()), float(w.max())
+
+    def to_meta(self) -> dict:
+        """The checkpoint fields: ``scale_factor`` always (the global one, or the mean per-channel one
+        for readers that know only it), ``latent_shift`` / ``latent_scale`` when per channel."""
+        if self.shift is None:
+            return {"scale_factor": float(self.scale)}
+        return {"scale_factor": float(sum(self.scale) / len(self.scale)), "latent_shift": list(self.shift),
+                "latent_scale": list(self.scale)}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "LatentNorm":
+        if ckpt.get("latent_scale") is not None:
+            return cls([float(v) for v in ckpt["latent_scale"]], [float(v) for v in ckpt["latent_shift"]])
+        return cls(float(ckpt["scale_factor"]))
+
+
+@torch.no_grad()
+def measure_channel_norm(batches, get_latent, n_batches: int) -> LatentNorm:
+    """Per-channel mean and 1/std over ``n_batches`` batches, on rank 0 and broadcast (every rank
+    must call it; only rank 0 iterates ``batches``)."""
+    if dist.is_main():
+        s = s2 = None
+        n = 0
+        for i, batch in enumerate(batches):
+            if i >= n_batches:
+                break
+            z = get_latent(batch).double().transpose(0, 1).flatten(1).cpu()  # (C, B*x*y*z)
+            s = z.sum(1) if s is None else s + z.sum(1)
+            s2 = (z * z).sum(1) if s2 is None else s2 + (z * z).sum(1)
+            n += z.shape[1]
+        mean = s / max(n, 1)
+        std = (s2 / max(n, 1) - mean**2).clamp_min(1e-24).sqrt()
+        packed = torch.stack([mean, 1.0 / std])
+    else:
+        packed = None
+    packed = dist.broadcast_object(packed)
+    return LatentNorm([float(v) for v in packed[1]], [float(v) for v in packed[0]])

@@ -12,17 +12,19 @@ import torch
 
 from vqldm.autoencoder.model import snap_to_codebook
 from vqldm.data.pipeline import to_unit
+from vqldm.latents import LatentNorm
 
 
 @torch.no_grad()
-def decode_latents(vqvae: torch.nn.Module, z: torch.Tensor, scale_factor: float, intensity_range, snap: bool,
+def decode_latents(vqvae: torch.nn.Module, z: torch.Tensor, norm: LatentNorm, intensity_range, snap: bool,
                    autocast=None) -> torch.Tensor:
-    """Scaled latent (B, D, x, y, z) -> volumes in [0, 1], (B, 1, X, Y, Z) float32 on the CPU.
+    """Normalised latent (B, D, x, y, z) -> volumes in [0, 1], (B, 1, X, Y, Z) float32 on the CPU.
 
-    ``snap``: replace each latent vector by its nearest codebook entry first (the quantised decode
-    of VQ-LDM). ``intensity_range``: the network range the VQ-VAE was trained in (its checkpoint's).
+    ``norm``: how the prior saw the latent (undone first). ``snap``: replace each latent vector by its
+    nearest codebook entry (the quantised decode of VQ-LDM). ``intensity_range``: the network range
+    the VQ-VAE was trained in (its checkpoint's).
     """
-    z = z / scale_factor
+    z = norm.denormalize(z)
     if snap:
         z = snap_to_codebook(vqvae, z)
     with (autocast or contextlib.nullcontext)():
@@ -35,4 +37,4 @@ def decode_codes(vqvae: torch.nn.Module, codes: torch.Tensor, intensity_range, a
     """Code indices (B, x, y, z) -> volumes in [0, 1], (B, 1, X, Y, Z) float32 on the CPU: each index
     becomes its codebook vector, then the same decode as :func:`decode_latents`."""
     z = vqvae.quantizer.quantizer.embed(codes.to(next(vqvae.parameters()).device).long())
-    return decode_latents(vqvae, z.float(), 1.0, intensity_range, snap=False, autocast=autocast)
+    return decode_latents(vqvae, z.float(), LatentNorm(1.0), intensity_range, snap=False, autocast=autocast)

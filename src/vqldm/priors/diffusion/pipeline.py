@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 
-from vqldm.autoencoder.model import codebook_range
 from vqldm.checkpoint import file_sha256, inference_weights, load_checkpoint
 from vqldm.config import Config, check_latent_for_unet, decoded_spatial, latent_spatial, vqvae_from_network
 from vqldm.errors import VqldmError
-from vqldm.latents import load_vqvae
+from vqldm.latents import LatentNorm, load_vqvae
 from vqldm.priors.diffusion.unet import as_denoiser, build_unet
 from vqldm.runtime import Runtime, make_runtime
 from vqldm.sampling.decode import decode_latents
@@ -44,6 +43,11 @@ class DiffusionPipeline:
     @property
     def scale_factor(self) -> float:
         return float(self.diff_ckpt["scale_factor"])
+
+    @property
+    def norm(self) -> LatentNorm:
+        """How the UNet saw the latent (one global scale, or per channel)."""
+        return LatentNorm.from_checkpoint(self.diff_ckpt)
 
     @property
     def schedule(self) -> dict:
@@ -77,7 +81,7 @@ class DiffusionPipeline:
 
     def decode(self, z: torch.Tensor, snap: bool) -> torch.Tensor:
         """Scaled latent -> volumes in [0, 1], (B, 1, X, Y, Z) float32 on CPU."""
-        return decode_latents(self.vqvae, z, self.scale_factor, self.vq_ckpt["normalization"]["intensity_range"],
+        return decode_latents(self.vqvae, z, self.norm, self.vq_ckpt["normalization"]["intensity_range"],
                               snap, self.rt.autocast)
 
     def denoiser(self) -> Denoiser:
@@ -103,7 +107,7 @@ class DiffusionPipeline:
                  shape: list[int] | None = None, progress: bool = False, clip: bool = True) -> torch.Tensor:
         """Volumes (N, 1, X, Y, Z) in [0, 1] for sample ``indices``; batches the UNet."""
         lat = self.latent_shape(shape)
-        clip_range = codebook_range(self.vqvae, self.scale_factor) if clip else None
+        clip_range = self.norm.codebook_range(self.vqvae) if clip else None
         outs = []
         for start in range(0, len(indices), batch_size):
             idx = indices[start:start + batch_size]

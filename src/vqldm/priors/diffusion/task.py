@@ -7,11 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vqldm.autoencoder.model import codebook_range
 from vqldm.config import Config
 from vqldm.engine.tensorboard import Board
 from vqldm.engine.trainer import OptimizerSpec, StepContext, Task, make_optimizer
-from vqldm.latents import check_same_stage1, encode
+from vqldm.latents import LatentNorm, check_same_stage1, encode
 from vqldm.priors.diffusion.objective import Objective
 from vqldm.priors.diffusion.unet import as_denoiser, build_unet
 from vqldm.runtime import Runtime
@@ -24,9 +23,9 @@ class DiffusionTask(Task):
     graph_safe = True  # noise and timesteps are drawn on the device: each replay draws fresh ones
 
     def __init__(self, cfg: Config, rt: Runtime, vqvae: nn.Module, net_config: dict, scheduler_cfg: dict,
-                 scale_factor: float, meta: dict, vis_real: torch.Tensor | None):
+                 norm: LatentNorm, meta: dict, vis_real: torch.Tensor | None):
         self.cfg, self.rt, self.vqvae = cfg, rt, vqvae
-        self.net_config, self.sc, self.scale_factor = net_config, scheduler_cfg, float(scale_factor)
+        self.net_config, self.sc, self.norm = net_config, scheduler_cfg, norm
         self.meta, self.vis_real = meta, vis_real
         self.model = rt.prepare_module(build_unet(net_config, flash_attention=rt.is_cuda))
         self.train_forward = self.model
@@ -39,14 +38,14 @@ class DiffusionTask(Task):
         return [OptimizerSpec("unet", opt, "loss", params)]
 
     def latent_of(self, batch: dict) -> torch.Tensor:
-        """Scaled latent of a batch: cached (``latent``) or encoded on the fly (``image``)."""
+        """Normalised latent of a batch: cached (``latent``) or encoded on the fly (``image``)."""
         if "latent" in batch:
             z = self.rt.to_device(batch["latent"]).float()
         else:
             z = encode(self.vqvae, batch["image"], self.rt)
             if self.rt.channels_last:
                 z = z.contiguous(memory_format=torch.channels_last_3d)
-        return z * self.scale_factor
+        return self.norm.normalize(z)
 
     def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         z0 = self.latent_of(batch)
@@ -66,10 +65,10 @@ class DiffusionTask(Task):
         """Decoded volumes in [0,1] units (B,1,X,Y,Z) on CPU, from one seeded batch of noise."""
         shape = [n] + self.meta["latent_shape"]
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.rt.device)
-        clip = codebook_range(self.vqvae, self.scale_factor) if self.cfg.diffusion.clip_to_codebook_range else None
+        clip = self.norm.codebook_range(self.vqvae) if self.cfg.diffusion.clip_to_codebook_range else None
         z = sample_latents(sampler, as_denoiser(model), noise, steps, self.sc, autocast=self.rt.autocast,
                            clip_range=clip)
-        return decode_latents(self.vqvae, z, self.scale_factor, self.meta["normalization"]["intensity_range"],
+        return decode_latents(self.vqvae, z, self.norm, self.meta["normalization"]["intensity_range"],
                               self.cfg.diffusion.snap_to_codebook, self.rt.autocast)
 
     def visualize(self, board: Board, model: nn.Module, batch: dict, epoch: int, png_dir: Path) -> None:
@@ -83,7 +82,7 @@ class DiffusionTask(Task):
                    png_path=png_dir / f"generated_epoch{epoch:04d}.png")
 
     def checkpoint_meta(self) -> dict:
-        return {"network": self.net_config, "scheduler": dict(self.sc), "scale_factor": self.scale_factor, **self.meta}
+        return {"network": self.net_config, "scheduler": dict(self.sc), **self.norm.to_meta(), **self.meta}
 
     def check_resume(self, ckpt: dict, path: Path, key: str) -> None:
         check_same_stage1(ckpt, self.meta, path, key, "diffusion")

@@ -41,30 +41,39 @@ def _stage1(cfg: Config, rt: Runtime):
     return vqvae, vq_ckpt, lat_spatial
 
 
-def _scale_factor(cfg: Config, train_ds, train_loader, sampler, use_cache: bool, vqvae, rt: Runtime) -> float:
-    """The config's scale factor, the resumed run's, or 1/std measured (on rank 0, then broadcast)."""
+def _latent_norm(cfg: Config, train_ds, train_loader, sampler, use_cache: bool, vqvae, rt: Runtime) -> L.LatentNorm:
+    """The config's scale factor, the resumed run's normalisation, or measured from the training
+    latents (on rank 0, then broadcast): one 1/std, or per channel with ``diffusion.latent_norm: channel``."""
     u = cfg.diffusion
     resume = u.checkpoints.resume_from
     if u.scale_factor is not None:
-        scale = float(u.scale_factor)
-        log.info("scale_factor %.5g (from diffusion.scale_factor)", scale)
-    elif resume:
-        # the UNet being resumed learned latents at this scale: keep it, whatever the data or ranks now
-        scale = float(load_checkpoint(resume, kind="diffusion", what="diffusion.checkpoints.resume_from")
-                      ["scale_factor"])
-        log.info("scale_factor %.5g (from the resumed checkpoint %s)", scale, resume)
+        log.info("scale_factor %.5g (from diffusion.scale_factor)", u.scale_factor)
+        return L.LatentNorm(float(u.scale_factor))
+    if resume:
+        # the UNet being resumed learned latents normalised this way: keep it, whatever the data or ranks now
+        norm = L.LatentNorm.from_checkpoint(load_checkpoint(resume, kind="diffusion",
+                                                            what="diffusion.checkpoints.resume_from"))
+        log.info("latent normalisation from the resumed checkpoint %s: %s", resume, norm)
+        return norm
+    getter = (lambda b: b["latent"].float()) if use_cache else (lambda b: L.encode(vqvae, b["image"], rt))
+    # rank 0 reads the whole training set, not its shard: the same batches, hence the same value, as
+    # one process with this seed, for any number of ranks
+    measure = train_loader if sampler is None else pipeline.make_loader(
+        train_ds, cfg.batch_size("diffusion"), True, cfg.data.num_workers, rt.is_cuda)
+    if u.latent_norm == "channel":
+        norm = L.measure_channel_norm(measure, getter, u.scale_factor_batches)
+        log.info("latent normalisation per channel over up to %d training batches: 1/std %s", u.scale_factor_batches,
+                 ", ".join(f"{s:.3g}" for s in norm.scale))
+        scales = norm.scale
     else:
-        getter = (lambda b: b["latent"].float()) if use_cache else (lambda b: L.encode(vqvae, b["image"], rt))
-        # rank 0 reads the whole training set, not its shard: the same batches, hence the same value, as
-        # one process with this seed, for any number of ranks
-        measure = train_loader if sampler is None else pipeline.make_loader(
-            train_ds, cfg.batch_size("diffusion"), True, cfg.data.num_workers, rt.is_cuda)
-        scale = L.measure_scale_factor(measure, getter, u.scale_factor_batches)
-        log.info("scale_factor %.5g = 1/std of latents over up to %d training batches", scale, u.scale_factor_batches)
-    if not (math.isfinite(scale) and scale > 0):
-        raise VqldmError(f"the latents of {u.checkpoints.vqvae_path} have zero or non-finite spread (scale_factor "
-                         f"{scale}); is the stage-1 model trained?")
-    return scale
+        norm = L.LatentNorm(L.measure_scale_factor(measure, getter, u.scale_factor_batches))
+        log.info("scale_factor %.5g = 1/std of latents over up to %d training batches", norm.scale,
+                 u.scale_factor_batches)
+        scales = [norm.scale]
+    if not all(math.isfinite(s) and 0 < s < 1e6 for s in scales):
+        raise VqldmError(f"the latents of {u.checkpoints.vqvae_path} have zero or non-finite spread (scale "
+                         f"{scales}); is the stage-1 model trained?")
+    return norm
 
 
 def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool = True) -> Trainer:
@@ -85,9 +94,9 @@ def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool
                                         L.total_stride(net), progress, latent_cache=cfg.diffusion.latent_cache)
     train_loader, sampler = setup.train_loader(cfg, "diffusion", train_ds, rt)
     val_loader = setup.val_loader(cfg, "diffusion", val_ds, rt)
-    scale = _scale_factor(cfg, train_ds, train_loader, sampler, use_cache, vqvae, rt)
+    norm = _latent_norm(cfg, train_ds, train_loader, sampler, use_cache, vqvae, rt)
     meta = L.stage1_meta(cfg, "diffusion", vq_ckpt, train_info.spacing, lat_shape, use_cache)
-    task = DiffusionTask(cfg, rt, vqvae, unet_net_config(cfg), sc, scale, meta, vis_real)
+    task = DiffusionTask(cfg, rt, vqvae, unet_net_config(cfg), sc, norm, meta, vis_real)
     task.train_forward = setup.wrap_for_training(task.model, rt)
     bs, world = cfg.batch_size("diffusion"), dist.world_size()
     log.info("stage 2: latent %s, batch %d per rank x %d rank(s) = effective batch %d, lr %g%s, %s scheduler",
