@@ -44,11 +44,12 @@ def _stage1(cfg):
 def _stage2(cfg):
     from vqldm.priors.diffusion.objective import scheduler_config
     from vqldm.priors.diffusion.unet import unet_net_config
+    from vqldm.latents import LatentNorm
     from vqldm.priors.diffusion.task import DiffusionTask
 
     torch.manual_seed(0)
     rt = make_runtime(cfg)
-    task = DiffusionTask(cfg, rt, None, unet_net_config(cfg), scheduler_config(cfg), 1.0,
+    task = DiffusionTask(cfg, rt, None, unet_net_config(cfg), scheduler_config(cfg), LatentNorm(1.0),
                          {"latent_shape": latent_shape(cfg)}, None)
     trainer = Trainer(cfg, task, None, None, rt, progress=False)
     task.train_mode()

@@ -27,6 +27,7 @@ from vqldm.data import pipeline
 from vqldm.data.pipeline import normalization_of
 from vqldm.engine.setup import wrap_for_training
 from vqldm.engine.trainer import StepContext, Trainer, make_optimizer
+from vqldm.latents import LatentNorm
 from vqldm.errors import VqldmError
 from vqldm.priors.diffusion.objective import scheduler_config
 from vqldm.priors.diffusion.pipeline import DiffusionPipeline
@@ -194,7 +195,8 @@ def vq_stage1(cfg, spec, rt):
 def vq_stage2(cfg, spec, rt):
     torch.manual_seed(0)
     lat = latent_shape(cfg)
-    task = DiffusionTask(cfg, rt, None, unet_net_config(cfg), scheduler_config(cfg), 1.0, {"latent_shape": lat}, None)
+    task = DiffusionTask(cfg, rt, None, unet_net_config(cfg), scheduler_config(cfg), LatentNorm(1.0),
+                         {"latent_shape": lat}, None)
     task.train_forward = wrap_for_training(task.model, rt)
     trainer = Trainer(cfg, task, None, None, rt, progress=False)
     task.train_mode()
