@@ -347,7 +347,7 @@ RESUME_SCRIPT = textwrap.dedent('''
         res = tr.fit()
         out[name] = {"epochs": res.epochs, "steps": res.steps,
                      "model": {k: v.clone() for k, v in tr.task.model.state_dict().items()},
-                     "scale_factor": tr.task.norm.to_meta()["scale_factor"] if hasattr(tr.task, "norm") else None}
+                     "scale_factor": tr.task.norm.to_meta()["scale_factor"] if tr.task.name == "diffusion" else None}
         dist.barrier()  # rank 0's checkpoint is on disk before the next run reads it
     torch.save(out, sys.argv[6] + f"/resume_rank{dist.rank()}.pt")
     dist.shutdown()
