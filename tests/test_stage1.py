@@ -20,6 +20,7 @@ from vqldm.autoencoder.model import build_vqvae, vqvae_net_config
 from vqldm.latents import load_vqvae
 from vqldm.autoencoder.task import VQVAETask
 from vqldm.engine.trainer import StepContext
+from vqldm.checkpoint import load_checkpoint
 
 from conftest import copy_tree, run_cli, run_cli_subprocess, tiny_config_dict, write_config
 
@@ -469,3 +470,38 @@ def test_subprocess_train_vqvae_end_to_end(tmp_path, data_dir):
     assert best.is_file()
     model, _ = load_vqvae(best, CPU)
     assert model.quantizer.quantizer.num_embeddings == 16
+
+
+# ------------------------------------------------------------------------------ intensity calibration
+def test_calibration_maps_the_decoded_distribution_onto_the_real_one():
+    from vqldm.autoencoder.calibration import apply_calibration, fit_calibration
+
+    rng = np.random.default_rng(0)
+    real = rng.beta(0.3, 3.0, 200_000)  # sparse, bright tail
+    decoded = 0.8 * real**1.3 + 0.01  # a smoothed, darker decoder
+    table = fit_calibration(decoded, real)
+    assert all(np.diff(table["x"]) >= 0) and all(np.diff(table["y"]) >= 0)
+    mapped = apply_calibration(torch.from_numpy(decoded), table).numpy()
+    for q in (0.5, 0.9, 0.99, 0.999):
+        assert np.quantile(mapped, q) == pytest.approx(np.quantile(real, q), abs=2e-3)
+    ordered = np.sort(decoded[:1000])
+    assert np.all(np.diff(apply_calibration(torch.from_numpy(ordered), table).numpy()) >= 0)  # monotone
+    assert torch.equal(apply_calibration(torch.ones(3), None), torch.ones(3))  # no table: unchanged
+
+
+def test_train_vqvae_stores_the_calibration_and_decoding_applies_it(tmp_path, data_dir):
+    from vqldm.autoencoder.calibration import apply_calibration
+
+    cfg = tiny_config_dict(tmp_path, data_dir)
+    cfg["vqvae"]["intensity_calibration"] = True
+    assert run_cli("--quiet", "train-vqvae", "--config", str(write_config(tmp_path / "c.yaml", cfg))) == 0
+    best = load_checkpoint(tmp_path / "vqvae_checkpoints" / "best_model.pt", kind="vqvae")
+    latest = load_checkpoint(tmp_path / "vqvae_checkpoints" / "latest_checkpoint.pt", kind="vqvae")
+    table = best["intensity_calibration"]
+    assert table == latest["intensity_calibration"] and len(table["x"]) == len(table["y"]) > 100
+    assert table["y"][-1] == pytest.approx(1.0)  # the real training volumes reach 1 after min-max
+    # evaluate's stage-1 reconstruction metrics read the table too (and still run)
+    assert run_cli("--quiet", "evaluate", "--config", str(tmp_path / "c.yaml"), "--vqvae-checkpoint",
+                   str(tmp_path / "vqvae_checkpoints" / "best_model.pt"), "--out", str(tmp_path / "E")) == 0
+    u = torch.linspace(0, 1, 11)
+    assert not torch.equal(apply_calibration(u, table), u)

@@ -52,11 +52,6 @@ def warn_config_differs(cfg: Config, net: dict, path) -> None:
                                                          for k in diff))
 
 
-def total_stride(net: dict) -> int:
-    """Image voxels per latent voxel along each axis, from a checkpoint's network."""
-    return math.prod(p[0] for p in net["downsample_parameters"])
-
-
 @torch.no_grad()
 def encode(vqvae: torch.nn.Module, x: torch.Tensor, rt: Runtime) -> torch.Tensor:
     with rt.autocast():
@@ -267,6 +262,7 @@ def stage1_meta(cfg: Config, section: str, vq_ckpt: dict, spacing, lat_shape: li
         "vqvae_path": str(vq_path),
         "vqvae_network": vq_ckpt["network"],
         "normalization": vq_ckpt["normalization"],
+        "intensity_calibration": vq_ckpt.get("intensity_calibration"),
         "data": {"patch_size": list(cfg.data.patch_size), "spacing": list(spacing)},
         "latent_source": "cache" if cached else "on_the_fly",
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from monai.networks.nets import VQVAE
 
@@ -39,6 +41,11 @@ def build_vqvae(net: dict) -> VQVAE:
     if isinstance(kw["num_res_channels"], list):
         kw["num_res_channels"] = tuple(kw["num_res_channels"])
     return VQVAE(**kw)
+
+
+def total_stride(net: dict) -> int:
+    """Image voxels per latent voxel along each axis, from a checkpoint's network."""
+    return math.prod(p[0] for p in net["downsample_parameters"])
 
 
 def reconstruct(model: VQVAE, x: torch.Tensor):

@@ -10,7 +10,10 @@ from vqldm import distributed as dist
 from vqldm.engine import setup
 from vqldm.runtime import make_runtime
 from vqldm.engine.trainer import FitResult, Trainer
+from vqldm.autoencoder.calibration import calibration_of
+from vqldm.autoencoder.model import build_vqvae, total_stride
 from vqldm.autoencoder.task import VQVAETask
+from vqldm.checkpoint import load_checkpoint, save_atomic
 
 log = logging.getLogger("vqldm")
 
@@ -42,4 +45,29 @@ def build_vqvae_trainer(cfg: Config, overwrite: bool = False, progress: bool = T
 
 
 def train_vqvae(cfg: Config, overwrite: bool = False, progress: bool = True) -> FitResult:
-    return build_vqvae_trainer(cfg, overwrite, progress).fit()
+    trainer = build_vqvae_trainer(cfg, overwrite, progress)
+    res = trainer.fit()
+    if cfg.vqvae.intensity_calibration:
+        if dist.is_main() and res.best_path is not None:
+            calibrate_checkpoints(cfg, trainer, [res.best_path, res.latest_path])
+        dist.barrier()  # no rank reads the checkpoints before the table is in them
+    return res
+
+
+def calibrate_checkpoints(cfg: Config, trainer: Trainer, paths) -> dict:
+    """Fit the intensity calibration (:mod:`vqldm.autoencoder.calibration`) with the weights of
+    ``best_model.pt`` on the training volumes, and add it to each checkpoint in ``paths``."""
+    task = trainer.task
+    model = build_vqvae(task.net_config)
+    model.load_state_dict(load_checkpoint(paths[0], kind="vqvae")["state_dict"])
+    model = trainer.rt.frozen(model)
+    files = pipeline.scan_volumes(cfg.data.train_data_dir, "train_data_dir", cfg.data.skip_unreadable).files
+    volumes = pipeline.val_dataset(cfg, files, task.norm).volumes  # deterministic load / normalise / pad
+    table = calibration_of(model, volumes, task.norm.intensity_range, trainer.rt, total_stride(task.net_config))
+    for path in paths:
+        ckpt = load_checkpoint(path, kind="vqvae")
+        ckpt["intensity_calibration"] = table
+        save_atomic(ckpt, path)
+    log.info("intensity calibration fitted on %d training volumes and stored in %s", len(files),
+             ", ".join(str(p) for p in paths))
+    return table

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqldm.autoencoder.calibration import apply_calibration
 from vqldm.autoencoder.codebook import code_counts, usage_and_perplexity
 from vqldm.autoencoder.model import reconstruct
 from vqldm.commands.sample import read_samples
@@ -43,7 +44,8 @@ def stage1_metrics(cfg: Config, vqvae, vq_ckpt: dict, rt, out_dir: Path | None =
         x = rt.to_device(batch["image"])
         with rt.autocast():
             rec, _, idx, _ = reconstruct(vqvae, x)
-        xu, ru = norm.to_unit(x.float()), norm.to_unit(rec.float()).clamp(0, 1)
+        xu = norm.to_unit(x.float())
+        ru = apply_calibration(norm.to_unit(rec.float()), vq_ckpt.get("intensity_calibration")).clamp(0, 1)
         m = reconstruction_metrics(ru, xu, cfg.data.foreground_threshold)
         b = x.shape[0]
         for key, v in m.items():
@@ -99,9 +101,10 @@ def real_reference(cfg: Config, shape: tuple[int, ...], norm: pipeline.Normaliza
 
 
 @torch.no_grad()
-def reconstruct_volumes(vqvae, vols: list[np.ndarray], norm: pipeline.Normalization, rt,
+def reconstruct_volumes(vqvae, vols: list[np.ndarray], norm: pipeline.Normalization, rt, calibration: dict | None,
                         batch_size: int = 8) -> list[np.ndarray]:
-    """Stage-1 reconstructions (encode -> quantise -> decode) of volumes in [0, 1], back in [0, 1]."""
+    """Stage-1 reconstructions (encode -> quantise -> decode, then the checkpoint's intensity
+    calibration) of volumes in [0, 1], back in [0, 1]."""
     lo, hi = norm.intensity_range
     out = []
     for start in range(0, len(vols), batch_size):
@@ -109,7 +112,7 @@ def reconstruct_volumes(vqvae, vols: list[np.ndarray], norm: pipeline.Normalizat
         x = rt.to_device(x * (hi - lo) + lo)
         with rt.autocast():
             rec = reconstruct(vqvae, x)[0]
-        out.extend(norm.to_unit(rec.float()).clamp(0, 1).cpu().numpy()[:, 0])
+        out.extend(apply_calibration(norm.to_unit(rec.float()), calibration).clamp(0, 1).cpu().numpy()[:, 0])
     return out
 
 
@@ -168,7 +171,7 @@ def _stage1_checkpoint(cfg: Config, vqvae_checkpoint: str | None) -> tuple[Path,
     return Path(cfg.vqvae.checkpoints.output_dir) / "best_model.pt", "vqvae.checkpoints.output_dir"
 
 
-def _generation(cfg: Config, samples: Path, vqvae, norm: pipeline.Normalization, rt, out_dir: Path,
+def _generation(cfg: Config, samples: Path, vqvae, vq_ckpt: dict, norm: pipeline.Normalization, rt, out_dir: Path,
                 preamble: str) -> tuple[dict, dict, Path]:
     """Generation statistics of ``samples`` against held-out real volumes, the three-row comparison
     (real train, reconstructions, samples), and the report."""
@@ -184,7 +187,7 @@ def _generation(cfg: Config, samples: Path, vqvae, norm: pipeline.Normalization,
     thr = cfg.data.foreground_threshold
     gen_metrics = compare(real, gen, threshold=thr, seed=cfg.seed)
     train = real_reference(cfg, gen[0].shape, norm, seed=cfg.seed, key="train_data_dir")[:len(gen)]
-    recon = reconstruct_volumes(vqvae, train, norm, rt)
+    recon = reconstruct_volumes(vqvae, train, norm, rt, vq_ckpt.get("intensity_calibration"))
     stages = stage_rows(real, train, recon, gen_metrics, thr, cfg.seed)
     save_png(mip_grid([train[:4], recon[:4], gen[:4]]), out_dir / "stages.png")
     preamble = preamble + "\n\n" + _stages_markdown(stages)
@@ -201,7 +204,7 @@ def evaluate(cfg: Config, out_dir: Path, samples: Path | None = None, vqvae_chec
     metrics: dict = {"stage1": stage1_metrics(cfg, vqvae, vq_ckpt, rt, out_dir), "vqvae_checkpoint": str(vq_path)}
     pre = _stage1_markdown(metrics["stage1"], vq_path)
     if samples is not None:
-        metrics["generation"], metrics["stages"], report = _generation(cfg, samples, vqvae, norm, rt, out_dir, pre)
+        metrics["generation"], metrics["stages"], report = _generation(cfg, samples, vqvae, vq_ckpt, norm, rt, out_dir, pre)
         metrics["samples"] = str(samples)
     else:
         report = out_dir / "report.md"

@@ -72,7 +72,7 @@ def shard_indices(num_samples: int, batch_size: int, rank: int, world: int) -> l
 
 def _settings(cfg: Config, opts: SampleOptions, pipe: DiffusionPipeline) -> tuple[str, int, bool]:
     """The sampler, step count and snap of this run, each checked against the model."""
-    sampler = opts.scheduler or default_sampler(pipe.schedule)
+    sampler = opts.scheduler or default_sampler(pipe.schedule, cfg.diffusion.sampler)
     steps = cfg.diffusion.logging.num_inference_steps if opts.steps is None else opts.steps
     if not 1 <= steps <= pipe.schedule["num_train_timesteps"]:
         raise VqldmError(f"--steps {steps}: must lie in [1, {pipe.schedule['num_train_timesteps']}]")

@@ -24,7 +24,8 @@ from vqldm.data import pipeline
 from vqldm.data.io import list_volumes, read_volume, write_volume
 from vqldm.errors import VqldmError
 from vqldm.files import atomic_write_bytes
-from vqldm.latents import encode_indices, total_stride
+from vqldm.autoencoder.model import total_stride
+from vqldm.latents import encode_indices
 from vqldm.priors.transformer.model import to_grid, to_sequence
 from vqldm.priors.transformer.pipeline import TokenPipeline, load_token_pipeline
 from vqldm.priors.transformer.task import token_nll

@@ -131,8 +131,11 @@ def rflow(denoiser: Denoiser, noise: torch.Tensor, steps: int, schedule: dict, *
     return _loop(timesteps, step, denoiser, noise, condition, autocast, desc)
 
 
-def default_sampler(schedule: dict) -> str:
-    """The sampler a model trained with ``schedule`` uses unless told otherwise."""
+def default_sampler(schedule: dict, configured: str | None = None) -> str:
+    """The sampler a model trained with ``schedule`` uses unless told otherwise: ``configured``
+    (``diffusion.sampler``) where set, else ddim for a DDPM-trained model and rflow for rflow."""
+    if configured is not None:
+        return configured
     return "rflow" if schedule["type"] == "rflow" else "ddim"
 
 

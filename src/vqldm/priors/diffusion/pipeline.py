@@ -82,7 +82,7 @@ class DiffusionPipeline:
     def decode(self, z: torch.Tensor, snap: bool) -> torch.Tensor:
         """Scaled latent -> volumes in [0, 1], (B, 1, X, Y, Z) float32 on CPU."""
         return decode_latents(self.vqvae, z, self.norm, self.vq_ckpt["normalization"]["intensity_range"],
-                              snap, self.rt.autocast)
+                              snap, self.rt.autocast, self.vq_ckpt.get("intensity_calibration"))
 
     def denoiser(self) -> Denoiser:
         """The UNet call, built once: compiled where ``device.compile`` is on, replayed from a CUDA

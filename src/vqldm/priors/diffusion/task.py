@@ -67,14 +67,15 @@ class DiffusionTask(Task):
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.rt.device)
         clip = self.norm.codebook_range(self.vqvae) if self.cfg.diffusion.clip_to_codebook_range else None
         z = sample_latents(sampler, as_denoiser(model), noise, steps, self.sc, autocast=self.rt.autocast,
-                           clip_range=clip)
+                           clip_range=clip, generator=torch.Generator(device=noise.device).manual_seed(seed))
         return decode_latents(self.vqvae, z, self.norm, self.meta["normalization"]["intensity_range"],
-                              self.cfg.diffusion.snap_to_codebook, self.rt.autocast)
+                              self.cfg.diffusion.snap_to_codebook, self.rt.autocast,
+                              self.meta.get("intensity_calibration"))
 
     def visualize(self, board: Board, model: nn.Module, batch: dict, epoch: int, png_dir: Path) -> None:
         lg = self.cfg.diffusion.logging
         n = lg.num_visualize_samples
-        gen = self.generate(model, n, lg.num_inference_steps, seed=self.cfg.seed, sampler=default_sampler(self.sc))
+        gen = self.generate(model, n, lg.num_inference_steps, seed=self.cfg.seed, sampler=default_sampler(self.sc, self.cfg.diffusion.sampler))
         gen = gen.numpy()
         real = self.vis_real[:n].numpy() if self.vis_real is not None else gen[:0]
         rows = [list(real), list(gen)]

@@ -9,6 +9,7 @@ import torch
 
 from vqldm import distributed as dist
 from vqldm import latents as L
+from vqldm.autoencoder.model import total_stride
 from vqldm.checkpoint import load_checkpoint
 from vqldm.config import Config, check_latent_for_unet
 from vqldm.data import pipeline
@@ -91,7 +92,7 @@ def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool
     val_ds = L.TensorDictDataset(latent=val_z, noise=noise, t=t)
     vis_real = L.real_tiles(tiles, norm, cfg.diffusion.logging.num_visualize_samples)
     train_ds, use_cache = L.train_items(cfg, "diffusion", train_info.files, norm, vqvae, rt, lat_spatial,
-                                        L.total_stride(net), progress, latent_cache=cfg.diffusion.latent_cache)
+                                        total_stride(net), progress, latent_cache=cfg.diffusion.latent_cache)
     train_loader, sampler = setup.train_loader(cfg, "diffusion", train_ds, rt)
     val_loader = setup.val_loader(cfg, "diffusion", val_ds, rt)
     norm = _latent_norm(cfg, train_ds, train_loader, sampler, use_cache, vqvae, rt)

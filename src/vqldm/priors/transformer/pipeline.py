@@ -65,7 +65,7 @@ class TokenPipeline:
         for start in range(0, len(indices), batch_size):
             grid = self.codes(indices[start:start + batch_size], seed, temperature, top_k, top_p, progress=progress)
             outs.append(decode_codes(self.vqvae, grid, self.vq_ckpt["normalization"]["intensity_range"],
-                                     self.rt.autocast))
+                                     self.rt.autocast, self.vq_ckpt.get("intensity_calibration")))
         return torch.cat(outs) if outs else torch.zeros([0, 1])
 
 

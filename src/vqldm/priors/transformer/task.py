@@ -68,7 +68,8 @@ class TransformerTask(Task):
         noise = gumbel_noise(list(range(n)), seed, len(self.order_list), self.bos)
         seq = sample_tokens(model, noise, self.bos, p.temperature, p.top_k, p.top_p, autocast=self.rt.autocast)
         return decode_codes(self.vqvae, to_grid(seq, self.order, self.grid),
-                            self.meta["normalization"]["intensity_range"], self.rt.autocast)
+                            self.meta["normalization"]["intensity_range"], self.rt.autocast,
+                            self.meta.get("intensity_calibration"))
 
     def visualize(self, board: Board, model: nn.Module, batch: dict, epoch: int, png_dir: Path) -> None:
         n = self.cfg.prior.logging.num_visualize_samples

@@ -7,6 +7,7 @@ import math
 
 from vqldm import distributed as dist
 from vqldm import latents as L
+from vqldm.autoencoder.model import total_stride
 from vqldm.config import Config
 from vqldm.engine import setup
 from vqldm.engine.trainer import FitResult, Trainer
@@ -28,7 +29,7 @@ def build_prior_trainer(cfg: Config, overwrite: bool = False, progress: bool = T
     val_tokens, tiles = L.encoded_tiles(cfg, "prior", val_info.files, norm, vqvae, rt, L.encode_indices)
     val_ds = L.TensorDictDataset(tokens=val_tokens)
     vis_real = L.real_tiles(tiles, norm, cfg.prior.logging.num_visualize_samples)
-    train_ds, cached = L.train_items(cfg, "prior", train_info.files, norm, vqvae, rt, grid, L.total_stride(net),
+    train_ds, cached = L.train_items(cfg, "prior", train_info.files, norm, vqvae, rt, grid, total_stride(net),
                                      progress, encoder=L.encode_indices, key="tokens")
     train_loader, sampler = setup.train_loader(cfg, "prior", train_ds, rt)
     val_loader = setup.val_loader(cfg, "prior", val_ds, rt)
