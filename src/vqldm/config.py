@@ -534,31 +534,31 @@ def _validate_vqvae(v: VQVAEConfig, d: DataConfig) -> None:
              f"sizes divisible by the total stride")
 
 
-def _validate_stage(stage_key: str, stage: VQVAEConfig | DiffusionConfig, lr: float) -> None:
+def _validate_stage(section: str, stage: VQVAEConfig | DiffusionConfig | PriorConfig, lr: float) -> None:
     """What every trained stage's ``training`` and ``logging`` sections must satisfy."""
     t = stage.training
-    _require(t.n_epochs >= 1, f"{stage_key}.training.n_epochs must be >= 1")
-    _require(t.val_interval >= 1, f"{stage_key}.training.val_interval must be >= 1")
-    _require(t.save_interval >= 1, f"{stage_key}.training.save_interval must be >= 1")
-    _require(t.fast_dev_run_batches >= 1, f"{stage_key}.training.fast_dev_run_batches must be >= 1")
+    _require(t.n_epochs >= 1, f"{section}.training.n_epochs must be >= 1")
+    _require(t.val_interval >= 1, f"{section}.training.val_interval must be >= 1")
+    _require(t.save_interval >= 1, f"{section}.training.save_interval must be >= 1")
+    _require(t.fast_dev_run_batches >= 1, f"{section}.training.fast_dev_run_batches must be >= 1")
     if t.batch_size is not None:
-        _require(t.batch_size >= 1, f"{stage_key}.training.batch_size must be >= 1")
-    _require(lr > 0 and math.isfinite(lr), f"{stage_key}.learning_rate must be a positive number")
-    _require(0.0 < t.ema_decay < 1.0, f"{stage_key}.training.ema_decay must lie in (0, 1)")
+        _require(t.batch_size >= 1, f"{section}.training.batch_size must be >= 1")
+    _require(lr > 0 and math.isfinite(lr), f"{section}.learning_rate must be a positive number")
+    _require(0.0 < t.ema_decay < 1.0, f"{section}.training.ema_decay must lie in (0, 1)")
     if t.grad_clip_norm is not None:
-        _require(t.grad_clip_norm > 0, f"{stage_key}.training.grad_clip_norm must be > 0 or null")
+        _require(t.grad_clip_norm > 0, f"{section}.training.grad_clip_norm must be > 0 or null")
     _require(t.loss.reconstruction_loss_type in ("l1", "mse", "weighted", "dice", "combined"),
-             f"{stage_key}.training.loss.reconstruction_loss_type must be l1, mse, weighted, dice or "
+             f"{section}.training.loss.reconstruction_loss_type must be l1, mse, weighted, dice or "
              f"combined, got {t.loss.reconstruction_loss_type!r}")
     _require(t.loss.weighted.base in ("l1", "mse"),
-             f"{stage_key}.training.loss.weighted.base must be l1 or mse")
+             f"{section}.training.loss.weighted.base must be l1 or mse")
     lg = stage.logging
-    _require(lg.log_interval >= 1, f"{stage_key}.logging.log_interval must be >= 1")
-    _require(lg.visualize_interval >= 1, f"{stage_key}.logging.visualize_interval must be >= 1")
-    _require(lg.num_visualize_samples >= 0, f"{stage_key}.logging.num_visualize_samples must be >= 0")
-    _require(lg.num_inference_steps >= 1, f"{stage_key}.logging.num_inference_steps must be >= 1")
-    _require(bool(stage.checkpoints.output_dir), f"{stage_key}.checkpoints.output_dir must not be empty")
-    _require(bool(lg.log_dir), f"{stage_key}.logging.log_dir must not be empty")
+    _require(lg.log_interval >= 1, f"{section}.logging.log_interval must be >= 1")
+    _require(lg.visualize_interval >= 1, f"{section}.logging.visualize_interval must be >= 1")
+    _require(lg.num_visualize_samples >= 0, f"{section}.logging.num_visualize_samples must be >= 0")
+    _require(lg.num_inference_steps >= 1, f"{section}.logging.num_inference_steps must be >= 1")
+    _require(bool(stage.checkpoints.output_dir), f"{section}.checkpoints.output_dir must not be empty")
+    _require(bool(lg.log_dir), f"{section}.logging.log_dir must not be empty")
 
 
 def _validate_unet(u: DiffusionConfig, v: VQVAEConfig, lat: list[int]) -> None:

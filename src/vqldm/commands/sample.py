@@ -126,7 +126,8 @@ def _diffusion_run(cfg: Config, opts: SampleOptions):
     record = {"prior": "diffusion", "scheduler": sampler, "steps": steps, "snap_to_codebook": snap,
               "clip_to_codebook_range": clip and sampler != "rflow", "ema": opts.use_ema and bool(pipe.diff_ckpt.get("ema")),
               "diffusion_checkpoint": str(pipe.diff_path), "diffusion_sha256": file_sha256(pipe.diff_path),
-              "scale_factor": pipe.scale_factor}
+              "scale_factor": pipe.scale_factor, "latent_norm": "global" if pipe.norm.shift is None else "channel",
+              "intensity_calibration": bool(pipe.vq_ckpt.get("intensity_calibration"))}
     return pipe, run, record
 
 
@@ -153,6 +154,7 @@ def _token_run(cfg: Config, opts: SampleOptions):
         return pipe.generate(mine, opts.seed, opts.batch_size, progress=opts.progress and dist.is_main(), **knobs)
 
     record = {"prior": "transformer", **knobs, "ordering": pipe.ckpt["ordering"]["type"],
+              "intensity_calibration": bool(pipe.vq_ckpt.get("intensity_calibration")),
               "ema": opts.use_ema and bool(pipe.ckpt.get("ema")), "prior_checkpoint": str(pipe.path),
               "prior_sha256": file_sha256(pipe.path)}
     return pipe, run, record
