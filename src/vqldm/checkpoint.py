@@ -92,11 +92,22 @@ def load_checkpoint(path: str | Path, kind: str | None = None, what: str = "chec
     return ckpt
 
 
+def rebuild(make, state: dict, what: str, path, label: str):
+    """``make()`` (a network built from a checkpoint's constructor arguments) with ``state`` loaded;
+    a missing key, a wrong shape or bad arguments become one line naming ``what``, ``path`` and ``label``."""
+    try:
+        net = make()
+        net.load_state_dict(state)
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise VqldmError(f"{what}: {path} does not hold a loadable {label} ({str(e).splitlines()[0][:200]})") from None
+    return net
+
+
 def inference_weights(ckpt: dict, path, use_ema: bool, flag: str) -> dict:
     """The weights a sampler uses: the snapshot's (EMA where EMA was on), or with ``use_ema`` off the
     raw ones, which only a ``latest_checkpoint.pt`` holds (``flag`` names the option to pass it with)."""
     if use_ema or not ckpt.get("ema"):
-        return ckpt["state_dict"]
+        return ckpt.get("state_dict", {})  # none at all: the load that follows names the file
     ts = ckpt.get("training_state")
     if ts is None:
         raise VqldmError(f"--no-ema: {path} holds only the EMA weights; the raw weights are in "

@@ -18,7 +18,7 @@ import torch
 
 from vqldm import distributed as dist
 from vqldm.autoencoder.model import build_vqvae, codebook_range, quantized_latent, vqvae_net_config
-from vqldm.checkpoint import file_sha256, load_checkpoint
+from vqldm.checkpoint import file_sha256, load_checkpoint, rebuild
 from vqldm.config import Config, latent_spatial, vqvae_from_network
 from vqldm.data import pipeline
 from vqldm.data.pipeline import to_unit
@@ -34,11 +34,7 @@ MAX_CACHE_VOXELS = 256**3
 def load_vqvae(path, rt: Runtime, what: str = "stage-1 checkpoint"):
     """Rebuild a frozen VQ-VAE from a stage-1 checkpoint alone; returns (model, checkpoint dict)."""
     ckpt = load_checkpoint(path, kind="vqvae", what=what)
-    try:
-        model = build_vqvae(ckpt["network"])
-        model.load_state_dict(ckpt["state_dict"])
-    except (KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise VqldmError(f"{what}: {path} does not hold a loadable VQ-VAE ({str(e).splitlines()[0][:200]})") from None
+    model = rebuild(lambda: build_vqvae(ckpt["network"]), ckpt.get("state_dict", {}), what, path, "VQ-VAE")
     return rt.frozen(model), ckpt
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vqldm.checkpoint import file_sha256, inference_weights, load_checkpoint
+from vqldm.checkpoint import file_sha256, inference_weights, load_checkpoint, rebuild
 from vqldm.config import Config, check_latent_for_unet, decoded_spatial, latent_spatial, vqvae_from_network
 from vqldm.errors import VqldmError
 from vqldm.latents import LatentNorm, load_vqvae
@@ -123,12 +123,7 @@ class DiffusionPipeline:
 
 def _unet_from(ckpt: dict, path: Path, what: str, use_ema: bool, rt: Runtime) -> torch.nn.Module:
     state = inference_weights(ckpt, path, use_ema, "--diffusion-checkpoint")
-    try:
-        unet = build_unet(ckpt["network"], flash_attention=rt.is_cuda)
-        unet.load_state_dict(state)
-    except (KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise VqldmError(f"{what}: {path} does not hold a loadable diffusion UNet "
-                         f"({str(e).splitlines()[0][:200]})") from None
+    unet = rebuild(lambda: build_unet(ckpt["network"], flash_attention=rt.is_cuda), state, what, path, "diffusion UNet")
     return rt.frozen(unet)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from vqldm.checkpoint import file_sha256, inference_weights, load_checkpoint
+from vqldm.checkpoint import file_sha256, inference_weights, load_checkpoint, rebuild
 from vqldm.config import Config
 from vqldm.errors import VqldmError
 from vqldm.latents import load_vqvae
@@ -71,16 +71,14 @@ class TokenPipeline:
 
 def _model_from(ckpt: dict, path: Path, what: str, use_ema: bool, rt: Runtime) -> torch.nn.Module:
     state = inference_weights(ckpt, path, use_ema, "--prior-checkpoint")
-    try:
+
+    def make():
         if math.prod(ckpt["latent_grid"]) > int(ckpt["network"]["max_seq_len"]):
             raise ValueError(f"its code grid {ckpt['latent_grid']} is longer than its "
                              f"{ckpt['network']['max_seq_len']} positions")
-        model = build_transformer(ckpt["network"])
-        model.load_state_dict(without_masks(state))
-    except (KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise VqldmError(f"{what}: {path} does not hold a loadable token prior "
-                         f"({str(e).splitlines()[0][:200]})") from None
-    return rt.frozen(model)
+        return build_transformer(ckpt["network"])
+
+    return rt.frozen(rebuild(make, without_masks(state), what, path, "token prior"))
 
 
 def load_token_pipeline(cfg: Config, prior_checkpoint: str | None = None, vqvae_checkpoint: str | None = None,
