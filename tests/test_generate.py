@@ -118,6 +118,27 @@ def test_sample_writes_distinct_finite_volumes_and_is_repeatable(trained_stage2,
     assert np.allclose(vols[0].spacing, train.spacing)
 
 
+def test_sample_with_another_stage1_file_is_refused_unless_asked_for(trained_stage2, tmp_path, capsys, caplog):
+    """The recorded stage-1 file must be the one the UNet learned; one given explicitly is used with a warning."""
+    import shutil
+
+    vq_dir = Path(trained_stage2["config"]["vqvae"]["checkpoints"]["output_dir"])
+    diff_dir = Path(trained_stage2["config"]["diffusion"]["checkpoints"]["output_dir"])
+    other = tmp_path / "other_stage1.pt"  # another stage-1 checkpoint of the same network: its latest one
+    shutil.copy(vq_dir / "latest_checkpoint.pt", other)
+    with caplog.at_level("WARNING", logger="vqldm"):
+        assert _sample(trained_stage2, tmp_path / "A", "--vqvae-checkpoint", str(other)) == 0
+    assert "is not the stage-1 checkpoint that" in caplog.text and "decoding with it anyway" in caplog.text
+    moved = tmp_path / "moved"
+    shutil.copytree(diff_dir, moved)
+    ckpt = torch.load(moved / "best_model.pt", weights_only=True)
+    ckpt["vqvae_path"] = str(other)  # as if the recorded file had been replaced by another
+    torch.save(ckpt, moved / "best_model.pt")
+    assert _sample(trained_stage2, tmp_path / "B", "--diffusion-checkpoint", str(moved / "best_model.pt")) == 2
+    err = capsys.readouterr().err
+    assert "pass the right one with --vqvae-checkpoint" in err and "Traceback" not in err
+
+
 def test_sample_seed_changes_samples_and_tiff_output(trained_stage2, tmp_path):
     assert _sample(trained_stage2, tmp_path / "A") == 0
     assert run_cli("--quiet", "sample", "--config", str(trained_stage2["config_path"]), "--num-samples", "1",

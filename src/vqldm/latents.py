@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -36,6 +37,25 @@ def load_vqvae(path, rt: Runtime, what: str = "stage-1 checkpoint"):
     ckpt = load_checkpoint(path, kind="vqvae", what=what)
     model = rebuild(lambda: build_vqvae(ckpt["network"]), ckpt.get("state_dict", {}), what, path, "VQ-VAE")
     return rt.frozen(model), ckpt
+
+
+def recorded_stage1(ckpt: dict, path, vqvae_checkpoint: str | None, rt: Runtime):
+    """The stage-1 checkpoint a prior checkpoint (``ckpt`` at ``path``) was trained on, or
+    ``vqvae_checkpoint`` where given: (model, its checkpoint, its path, how to name it, whether it is
+    the very file the prior was trained on, by sha256, and a sentence saying so when it is not)."""
+    if vqvae_checkpoint:
+        vq_path, vq_what = Path(vqvae_checkpoint), "--vqvae-checkpoint"
+    elif ckpt.get("vqvae_path"):
+        vq_path, vq_what = Path(ckpt["vqvae_path"]), f"the stage-1 checkpoint recorded in {path}"
+    else:
+        raise VqldmError(f"{path} records no stage-1 checkpoint (vqvae_path); pass one with --vqvae-checkpoint")
+    vqvae, vq_ckpt = load_vqvae(vq_path, rt, what=vq_what)
+    sha = file_sha256(vq_path)
+    mismatch = None
+    if sha != ckpt.get("vqvae_sha256"):
+        mismatch = (f"{vq_path} is not the stage-1 checkpoint that {path} was trained on "
+                    f"(sha256 {sha[:12]} vs {str(ckpt.get('vqvae_sha256'))[:12]})")
+    return vqvae, vq_ckpt, vq_path, vq_what, sha, mismatch
 
 
 def warn_config_differs(cfg: Config, net: dict, path) -> None:

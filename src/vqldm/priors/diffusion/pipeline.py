@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from vqldm.checkpoint import file_sha256, inference_weights, load_checkpoint, rebuild
+from vqldm.checkpoint import inference_weights, load_checkpoint, rebuild
 from vqldm.config import Config, check_latent_for_unet, decoded_spatial, latent_spatial, vqvae_from_network
 from vqldm.errors import VqldmError
-from vqldm.latents import LatentNorm, load_vqvae
+from vqldm.latents import LatentNorm, recorded_stage1
 from vqldm.priors.diffusion.unet import as_denoiser, build_unet
 from vqldm.runtime import Runtime, make_runtime
 from vqldm.sampling.decode import decode_latents
@@ -138,18 +138,11 @@ def load_pipeline(cfg: Config, diffusion_checkpoint: str | None = None, vqvae_ch
         diff_path, what = Path(cfg.diffusion.checkpoints.output_dir) / "best_model.pt", "diffusion.checkpoints.output_dir"
     ckpt = load_checkpoint(diff_path, kind="diffusion", what=what)
     unet = _unet_from(ckpt, diff_path, what, use_ema, rt)
-    if vqvae_checkpoint:
-        vq_path, vq_what = Path(vqvae_checkpoint), "--vqvae-checkpoint"
-    else:
-        vq_path, vq_what = Path(ckpt["vqvae_path"]), f"the stage-1 checkpoint recorded in {diff_path}"
-    vqvae, vq_ckpt = load_vqvae(vq_path, rt, what=vq_what)
-    sha = file_sha256(vq_path)
-    if sha != ckpt.get("vqvae_sha256"):
-        msg = (f"{vq_path} is not the stage-1 checkpoint that {diff_path} was trained on "
-               f"(sha256 {sha[:12]} vs {str(ckpt.get('vqvae_sha256'))[:12]})")
+    vqvae, vq_ckpt, vq_path, vq_what, sha, mismatch = recorded_stage1(ckpt, diff_path, vqvae_checkpoint, rt)
+    if mismatch:
         if not vqvae_checkpoint:
-            raise VqldmError(msg + "; pass the right one with --vqvae-checkpoint")
-        log.warning("%s; decoding with it anyway as --vqvae-checkpoint asks", msg)
+            raise VqldmError(mismatch + "; pass the right one with --vqvae-checkpoint")
+        log.warning("%s; decoding with it anyway as --vqvae-checkpoint asks", mismatch)
     if vq_ckpt["network"]["embedding_dim"] != ckpt["network"]["in_channels"]:
         raise VqldmError(f"{vq_what}: {vq_path} has embedding_dim {vq_ckpt['network']['embedding_dim']} but the "
                          f"diffusion UNet expects {ckpt['network']['in_channels']} channels")

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from vqldm.checkpoint import file_sha256, inference_weights, load_checkpoint, rebuild
+from vqldm.checkpoint import inference_weights, load_checkpoint, rebuild
 from vqldm.config import Config
 from vqldm.errors import VqldmError
-from vqldm.latents import load_vqvae
+from vqldm.latents import recorded_stage1
 from vqldm.priors.transformer.model import build_transformer, to_grid, without_masks
 from vqldm.priors.transformer.sampler import gumbel_noise, sample_tokens
 from vqldm.runtime import Runtime, make_runtime
@@ -92,13 +92,8 @@ def load_token_pipeline(cfg: Config, prior_checkpoint: str | None = None, vqvae_
         path, what = Path(cfg.prior.checkpoints.output_dir) / "best_model.pt", "prior.checkpoints.output_dir"
     ckpt = load_checkpoint(path, kind="prior", what=what)
     model = _model_from(ckpt, path, what, use_ema, rt)
-    vq_path = Path(vqvae_checkpoint) if vqvae_checkpoint else Path(ckpt["vqvae_path"])
-    vq_what = "--vqvae-checkpoint" if vqvae_checkpoint else f"the stage-1 checkpoint recorded in {path}"
-    vqvae, vq_ckpt = load_vqvae(vq_path, rt, what=vq_what)
-    sha = file_sha256(vq_path)
-    if sha != ckpt.get("vqvae_sha256"):
+    vqvae, vq_ckpt, vq_path, vq_what, sha, mismatch = recorded_stage1(ckpt, path, vqvae_checkpoint, rt)
+    if mismatch:
         # code indices mean nothing under another codebook: unlike a diffusion latent, no decoding "anyway"
-        raise VqldmError(f"{vq_what}: {vq_path} is not the stage-1 checkpoint that {path} was trained on (sha256 "
-                         f"{sha[:12]} vs {str(ckpt.get('vqvae_sha256'))[:12]}); its code indices would mean "
-                         f"other codes")
+        raise VqldmError(f"{vq_what}: {mismatch}; its code indices would mean other codes")
     return TokenPipeline(model, vqvae, ckpt, vq_ckpt, rt, path, vq_path, vq_sha256=sha)
