@@ -45,13 +45,43 @@ def _print_paths(title: str, items: dict[str, object]) -> None:
 def cmd_synth(args) -> int:
     from vqldm.synth import write_dataset
 
-    s = write_dataset(args.out, args.num_train, args.num_val, tuple(args.shape), args.seed, progress=not args.quiet)
-    _print_paths("synthetic microtubules written:", {
+    s = write_dataset(args.out, args.num_train, args.num_val, tuple(args.shape), args.seed, progress=not args.quiet,
+                      locs=args.locs)
+    lines = {
         "train": f"{Path(args.out) / 'train'} ({s['num_train']} volumes)",
         "val": f"{Path(args.out) / 'val'} ({s['num_val']} volumes)",
         "ground truth": s["ground_truth"],
         "foreground fraction": f"{s['mean_foreground_fraction']:.4f} (mean, voxels > 0.1)",
-    })
+    }
+    if args.locs:
+        lines["localisations"] = f"{s['locs_dir']}/train, {s['locs_dir']}/val (x [nm],y [nm],z [nm])"
+    _print_paths("synthetic microtubules written:", lines)
+    return 0
+
+
+def cmd_voxelize(args) -> int:
+    from vqldm.commands.voxelize import VoxelizeOptions, summary_lines, voxelize_tables
+
+    opts = VoxelizeOptions(inputs=args.input, out_dir=Path(args.out), method=args.method, sigma_nm=args.sigma_nm,
+                           fov_nm=args.fov, origin_nm=args.origin, padding_nm=args.padding,
+                           voxel_nm=args.voxel_size, shape=args.shape, per_file_origin=args.per_file_origin,
+                           drop_outside=args.drop_outside, scale=args.scale, val_fraction=args.val_fraction,
+                           seed=args.seed, key=args.key, progress=not args.quiet)
+    info = voxelize_tables(opts)
+    _print_paths(f"{len(info['files'])} localisation tables voxelised:", summary_lines(Path(args.out), info))
+    return 0
+
+
+def cmd_points(args) -> int:
+    from vqldm.commands.points import PointsOptions, volumes_to_tables
+
+    res = volumes_to_tables(PointsOptions(volumes=Path(args.volumes), out_dir=Path(args.out), info=args.info,
+                                          n_points=args.points, threshold=args.threshold, seed=args.seed,
+                                          progress=not args.quiet))
+    n = sum(t["n_localisations"] for t in res["tables"])
+    _print_paths(f"{len(res['tables'])} localisation tables written ({n} localisations):", {
+        "tables": f"{args.out}/*.csv (x [nm],y [nm],z [nm])", "record": Path(args.out) / "points.json",
+        "geometry from": res["source"]})
     return 0
 
 
@@ -133,6 +163,15 @@ def cmd_evaluate(args) -> int:
     from vqldm.commands.evaluate import evaluate
 
     cfg = _load(args, check_paths=False)
+    if args.points:
+        from vqldm.commands.evaluate_points import evaluate_points
+
+        res = evaluate_points(cfg, Path(args.out), Path(args.points),
+                              Path(args.real_points) if args.real_points else None)
+        _print_paths("localisation evaluation written:", {"metrics": res["metrics_path"],
+                                                          "report": res["report_path"]})
+        if not args.samples:
+            return 0
     res = evaluate(cfg, Path(args.out), samples=Path(args.samples) if args.samples else None,
                    vqvae_checkpoint=args.vqvae_checkpoint, progress=not args.quiet)
     _print_paths("evaluation written:", {"metrics": res["metrics_path"], "report": res["report_path"]})
@@ -176,7 +215,61 @@ def _add_synth(sub) -> None:
     s.add_argument("--shape", type=int, nargs=3, default=[64, 64, 64], metavar=("X", "Y", "Z"),
                    help="volume size in voxels (default 64 64 64)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same files (default 0)")
+    s.add_argument("--locs", action="store_true",
+                   help="also write each volume's ground-truth localisations (inside the field of view) as "
+                        "OUT/locs/train/*.csv and OUT/locs/val/*.csv")
     s.set_defaults(func=cmd_synth)
+
+
+def _add_voxelize(sub) -> None:
+    s = sub.add_parser("voxelize", help="localisation tables (CSV x [nm],y [nm],z [nm] or HDF5) to volumes",
+                       description="Voxelise SMLM localisation tables onto one grid defined in nm. Writes "
+                                   "OUT/train/*.nii.gz and OUT/val/*.nii.gz (spacing in micron) and "
+                                   "OUT/dataset_info.json (grid, method, density scale, per-file records). "
+                                   "Intensities share one density scale across the data set, so "
+                                   "`vqldm points` restores localisations at the real density.")
+    s.add_argument("--input", required=True, help="a table, or a folder of *.csv / *.h5 / *.hdf5 tables")
+    s.add_argument("--out", required=True, help="output folder (must not already hold a data set)")
+    s.add_argument("--method", default="gaussian", choices=["occupancy", "counts", "gaussian"],
+                   help="voxel value: any localisation (occupancy), localisations per voxel (counts) or "
+                        "counts blurred by a Gaussian (gaussian; default)")
+    s.add_argument("--sigma-nm", type=float, nargs="+", default=None, metavar="NM",
+                   help="gaussian: blur sigma in nm, one value or x y z (default: 1.5 voxels per axis)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--voxel-size", type=float, nargs=3, metavar=("X", "Y", "Z"), help="voxel size in nm")
+    g.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="grid shape in voxels")
+    s.add_argument("--fov", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="field of view in nm from --origin (default: the bounding box of all tables)")
+    s.add_argument("--origin", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="corner of the field of view in nm (default: 0 0 0 with --fov, else the tables' minimum)")
+    s.add_argument("--padding", type=float, nargs=3, default=[0.0, 0.0, 0.0], metavar=("X", "Y", "Z"),
+                   help="margin in nm added on each side of the field of view (default 0 0 0)")
+    s.add_argument("--per-file-origin", action="store_true",
+                   help="shift each table so its own minimum is the origin (recorded; `vqldm points` undoes it)")
+    s.add_argument("--drop-outside", action="store_true",
+                   help="drop localisations outside the field of view (counted) instead of refusing the table")
+    s.add_argument("--scale", type=float, default=None, metavar="COUNTS",
+                   help="localisations per unit intensity (default: the data set's peak, so nothing is clipped)")
+    s.add_argument("--val-fraction", type=float, default=0.2, help="share of tables for val/ (default 0.2)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    s.add_argument("--key", default=None, help="HDF5 dataset name (default: the file's only dataset)")
+    s.set_defaults(func=cmd_voxelize)
+
+
+def _add_points(sub) -> None:
+    s = sub.add_parser("points", help="volumes (real or generated) back to localisation tables in nm",
+                       description="Draw localisations from each volume in proportion to voxel intensity, with "
+                                   "uniform sub-voxel jitter, on the grid of the data set's dataset_info.json "
+                                   "(or a samples.json that recorded it). Writes OUT/<name>.csv (x [nm],y [nm],"
+                                   "z [nm]) and OUT/points.json. The number of points per volume comes from "
+                                   "the recorded density scale unless --points is given.")
+    s.add_argument("--volumes", required=True, help="folder of volumes")
+    s.add_argument("--out", required=True, help="output folder for the tables (earlier ones are archived)")
+    s.add_argument("--info", default=None, help="the dataset_info.json of the data set (default: looked up)")
+    s.add_argument("--points", type=int, default=None, metavar="N", help="a fixed number of points per volume")
+    s.add_argument("--threshold", type=float, default=0.0, help="voxels at or below this are empty (default 0)")
+    s.add_argument("--seed", type=int, default=0, help="volume i draws from seed (seed, i) (default 0)")
+    s.set_defaults(func=cmd_points)
 
 
 def _add_check(sub) -> None:
@@ -254,10 +347,18 @@ def _add_evaluate(sub) -> None:
                                    "straightness and length) against the real-vs-real floor, plus diversity and MMD; "
                                    "then the same for real training volumes and their stage-1 reconstructions, "
                                    "naming the stage that limits each statistic. Writes OUT/metrics.json, "
-                                   "OUT/report.md and pictures (stages.png: real | reconstruction | sample).")
+                                   "OUT/report.md and pictures (stages.png: real | reconstruction | sample). "
+                                   "With --points: compare generated with real localisation tables (counts per "
+                                   "region, nearest-neighbour distances, Chamfer distance) against their floor; "
+                                   "writes OUT/points_metrics.json, OUT/points_report.md and OUT/points.png "
+                                   "(alone, --points skips the stage-1 part).")
     _add_config(s)
     s.add_argument("--out", required=True, help="output folder for metrics.json, report.md and pictures")
     s.add_argument("--samples", default=None, help="folder of generated volumes to compare with the real ones")
+    s.add_argument("--points", default=None, help="folder of generated localisation CSVs to compare with real ones")
+    s.add_argument("--real-points", default=None,
+                   help="folder of real localisation CSVs (default: data.val_data_dir's volumes through "
+                        "`vqldm points`, with their dataset_info.json)")
     s.add_argument("--vqvae-checkpoint", default=None,
                    help="stage-1 checkpoint (default: diffusion.checkpoints.vqvae_path if it exists, "
                         "else vqvae.checkpoints.output_dir/best_model.pt)")
@@ -323,8 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_synth, _add_check, _add_train, _add_sample, _add_evaluate, _add_score, _add_demo,
-                _add_benchmark):
+    for add in (_add_synth, _add_voxelize, _add_points, _add_check, _add_train, _add_sample, _add_evaluate,
+                _add_score, _add_demo, _add_benchmark):
         add(sub)
     return p
 

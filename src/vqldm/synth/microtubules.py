@@ -30,8 +30,10 @@ from scipy import ndimage, signal
 from vqldm.files import atomic_write_bytes
 from vqldm.data.io import nifti_bytes as _nifti_bytes
 from vqldm.errors import VqldmError
+from vqldm.smlm.tables import write_table
 
-__all__ = ["MicrotubuleParams", "synth_volume", "write_dataset", "voxel_size_nm", "nifti_bytes", "FOREGROUND_THRESHOLD"]
+__all__ = ["MicrotubuleParams", "synth_volume", "synth_volume_and_locs",
+           "write_dataset", "voxel_size_nm", "nifti_bytes", "FOREGROUND_THRESHOLD"]
 
 FOREGROUND_THRESHOLD = 0.1  # a voxel above this (normalised) counts as foreground in summaries
 _SPLITS = ("train", "val")
@@ -262,6 +264,12 @@ def synth_volume(
         dict with n_filaments, lengths_nm, persistence_nm, label_density_per_nm,
         n_localisations, n_background, voxel_size_nm and foreground_fraction.
     """
+    vol, truth, _ = synth_volume_and_locs(shape, rng, params)
+    return vol, truth
+
+
+def synth_volume_and_locs(shape, rng: np.random.Generator, params: MicrotubuleParams = MicrotubuleParams()):
+    """:func:`synth_volume`, plus the ``(N, 3)`` localisations (nm) inside the field of view that made it."""
     shape = _check_shape(shape)
     p = params
     vox = np.asarray(voxel_size_nm(shape, p))
@@ -279,7 +287,8 @@ def synth_volume(
         "voxel_size_nm": [float(v) for v in vox],
         "foreground_fraction": float(np.mean(vol > FOREGROUND_THRESHOLD)),
     }
-    return vol, truth
+    inside = np.all((locs >= 0) & (locs < vox * np.asarray(shape)), axis=1)
+    return vol, truth, locs[inside]
 
 
 def _volume_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -304,6 +313,7 @@ def write_dataset(
     seed: int,
     params: MicrotubuleParams = MicrotubuleParams(),
     progress: bool = True,
+    locs: bool = False,
 ) -> dict:
     """Writes a synthetic microtubule data set as NIfTI volumes plus ground truth.
 
@@ -320,6 +330,8 @@ def write_dataset(
         seed: Base seed.
         params: Generator parameters.
         progress: Show a tqdm progress bar.
+        locs: Also write each volume's ground-truth localisations (those inside the field of view)
+            as ``out_dir/locs/<split>/mt_0000.csv`` (``x [nm],y [nm],z [nm]``).
 
     Returns:
         Summary dict: out_dir, counts, shape, voxel_size_nm, file paths, ground_truth path and
@@ -334,17 +346,18 @@ def write_dataset(
     seed = int(seed)
     out = Path(out_dir)
     gt_path = out / "ground_truth.json"
-    _check_target(out, gt_path, counts, seed)
+    _check_target(out, gt_path, counts, seed, locs)
     vox = voxel_size_nm(shape, params)
     jobs = [(split, i) for split in _SPLITS for i in range(counts[split])]
     for split in _SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
-    truth, files, fg = _write_volumes(out, jobs, shape, seed, params, vox, progress)
+    truth, files, fg = _write_volumes(out, jobs, shape, seed, params, vox, progress, locs)
     gt = {
         "seed": seed,
         "shape": list(shape),
         "voxel_size_nm": list(vox),
         "spacing_unit_in_files": "micron",
+        "locs_dir": str(out / "locs") if locs else None,
         "foreground_threshold": FOREGROUND_THRESHOLD,
         "params": _jsonable(asdict(params)),
         "train": truth["train"],
@@ -360,11 +373,12 @@ def write_dataset(
         "train_files": files["train"],
         "val_files": files["val"],
         "ground_truth": str(gt_path),
+        "locs_dir": str(out / "locs") if locs else None,
         "mean_foreground_fraction": float(np.mean(fg)) if fg else 0.0,
     }
 
 
-def _check_target(out: Path, gt_path: Path, counts: dict, seed: int) -> None:
+def _check_target(out: Path, gt_path: Path, counts: dict, seed: int, locs: bool = False) -> None:
     """Refuse bad counts and seeds, and any folder that already holds a data set (nothing is overwritten)."""
     if min(counts.values()) < 0:
         raise VqldmError(f"synth: num_train and num_val must be >= 0, got {counts['train']}, {counts['val']}")
@@ -376,11 +390,15 @@ def _check_target(out: Path, gt_path: Path, counts: dict, seed: int) -> None:
         d = out / split
         if d.is_dir() and any(d.glob("*.nii.gz")):
             raise VqldmError(f"synth: {d} already holds .nii.gz volumes; refusing to overwrite (choose a new out_dir)")
+        t = out / "locs" / split
+        if locs and t.is_dir() and any(t.glob("*.csv")):
+            raise VqldmError(f"synth: {t} already holds localisation tables; refusing to overwrite "
+                             f"(choose a new out_dir)")
     if gt_path.exists():
         raise VqldmError(f"synth: {gt_path} already exists; refusing to overwrite (choose a new out_dir)")
 
 
-def _write_volumes(out: Path, jobs, shape, seed: int, params, vox, progress: bool):
+def _write_volumes(out: Path, jobs, shape, seed: int, params, vox, progress: bool, locs: bool = False):
     """Synthesise and write each (split, i) volume; returns (ground truth, file paths, foreground fractions)."""
     bar = None
     if progress:
@@ -392,9 +410,13 @@ def _write_volumes(out: Path, jobs, shape, seed: int, params, vox, progress: boo
     fg = []
     try:
         for split, i in jobs:
-            vol, t = synth_volume(shape, _volume_rng(seed, split, i), params)
+            vol, t, points = synth_volume_and_locs(shape, _volume_rng(seed, split, i), params)
             name = f"mt_{i:04d}.nii.gz"
             path = out / split / name
+            if locs:
+                (out / "locs" / split).mkdir(parents=True, exist_ok=True)
+                write_table(out / "locs" / split / f"mt_{i:04d}.csv", points)
+                t["n_localisations_in_fov"] = int(len(points))
             atomic_write_bytes(path, nifti_bytes(vol, vox))
             truth[split][name] = t
             files[split].append(str(path))

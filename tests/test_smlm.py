@@ -1,0 +1,212 @@
+"""SMLM localisations in and out: tables, the nm grid, voxelize, points, and the round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, tiny_config_dict, write_config
+from vqldm.errors import VqldmError
+from vqldm.metrics.pointclouds import chamfer, compare_points, nn_distances, roundtrip
+from vqldm.smlm.grid import Grid
+from vqldm.smlm.points import point_count, volume_to_points
+from vqldm.smlm.tables import read_table, table_bytes, write_table
+from vqldm.smlm.voxelize import raw_density
+
+SHAPE = (24, 24, 12)
+FOV = (8000.0, 8000.0, 300.0)
+
+
+@pytest.fixture(scope="module")
+def synth_locs(tmp_path_factory):
+    """Synthetic volumes with their ground-truth localisation tables (``vqldm synth --locs``)."""
+    out = tmp_path_factory.mktemp("smlm") / "data"
+    assert run_cli("--quiet", "synth", "--out", out, "--num-train", 3, "--num-val", 1,
+                   "--shape", *SHAPE, "--locs") == 0
+    return out
+
+
+def _csv(path, text: str):
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------------ tables
+def test_csv_with_extra_and_quoted_columns(tmp_path):
+    p = _csv(tmp_path / "t.csv", '"id","frame","x [nm]","y [nm]","z [nm]","uncertainty [nm]"\n'
+                                  '1,5,10.5,20.25,-3.0,7\n2,6,11,21,4,8\n')
+    np.testing.assert_allclose(read_table(p), [[10.5, 20.25, -3.0], [11, 21, 4]])
+
+
+def test_written_table_reads_back(tmp_path):
+    pts = np.random.default_rng(0).uniform(0, 1000, (50, 3))
+    back = read_table(write_table(tmp_path / "w.csv", pts))
+    assert table_bytes(pts).startswith(b"x [nm],y [nm],z [nm]\n")
+    np.testing.assert_allclose(back, pts, atol=1e-3)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("x [nm],y [nm]\n1,2\n", "missing column(s) 'z [nm]'"),
+    ("x,y,z\n1,2,3\n", "missing column(s) 'x [nm]'"),
+    ("x [nm],y [nm],z [nm]\n", "holds no localisations"),
+    ("x [nm],y [nm],z [nm]\n1,2,3\n4,nan,6\n", "NaN or infinite"),
+    ("x [nm],y [nm],z [nm]\n1,2,inf\n", "NaN or infinite"),
+    ("x [nm],y [nm],z [nm]\n1,2,abc\n", "not a numeric"),
+])
+def test_bad_csv_is_one_line_naming_the_file(tmp_path, text, message):
+    p = _csv(tmp_path / "bad.csv", text)
+    with pytest.raises(VqldmError) as e:
+        read_table(p)
+    assert str(p) in str(e.value) and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hdf5_tables(tmp_path):
+    import h5py
+
+    pts = np.arange(30, dtype=np.float64).reshape(10, 3)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f["locs"] = pts
+        f["other"] = pts[:2]
+        f.create_dataset("um", data=pts / 1000.0).attrs["unit"] = "um"
+        rec = np.zeros(10, dtype=[("x", "f8"), ("y", "f8"), ("z", "f8"), ("frame", "i4")])
+        rec["x"], rec["y"], rec["z"] = pts.T
+        f["rec"] = rec
+    np.testing.assert_allclose(read_table(tmp_path / "a.h5", "locs"), pts)
+    np.testing.assert_allclose(read_table(tmp_path / "a.h5", "um"), pts)
+    np.testing.assert_allclose(read_table(tmp_path / "a.h5", "rec"), pts)
+    with pytest.raises(VqldmError, match="no dataset 'nope'"):
+        read_table(tmp_path / "a.h5", "nope")
+    with pytest.raises(VqldmError, match="choose one with --key"):
+        read_table(tmp_path / "a.h5")
+    (tmp_path / "fake.h5").write_bytes(b"not hdf5")
+    with pytest.raises(VqldmError, match="not a readable HDF5"):
+        read_table(tmp_path / "fake.h5")
+    (tmp_path / "t.txt").write_text("x")
+    with pytest.raises(VqldmError, match="not a localisation table"):
+        read_table(tmp_path / "t.txt")
+
+
+# ------------------------------------------------------------------------------------ grid, voxels, points
+def test_grid_maps_points_to_voxels_and_back_exactly():
+    g = Grid.from_box([100.0, 200.0, 0.0], [900.0, 1000.0, 60.0], padding=[50, 50, 10], voxel_nm=[100, 100, 20])
+    assert g.origin_nm == (50.0, 150.0, -10.0) and g.shape == (9, 9, 4)
+    pts = np.array([[50.0, 150.0, -10.0], [949.9, 1049.9, 69.9]])
+    np.testing.assert_allclose(g.to_nm(g.to_voxel(pts)), pts)
+    assert g.inside(pts).all() and not g.inside(np.array([[949.9, 1049.9, 70.0]])).any()
+    by_shape = Grid.from_box([0, 0, 0], FOV, shape=SHAPE)
+    assert by_shape.voxel_nm == pytest.approx((8000 / 24, 8000 / 24, 25.0))
+
+
+def test_voxelize_methods_keep_the_count():
+    g = Grid.from_box([0, 0, 0], FOV, shape=SHAPE)
+    pts = np.random.default_rng(1).uniform([0, 0, 0], FOV, (500, 3))
+    assert raw_density(pts, g, "counts").sum() == 500
+    assert raw_density(pts, g, "gaussian", [300.0, 300.0, 30.0]).sum() == pytest.approx(500)
+    occ = raw_density(pts, g, "occupancy")
+    assert set(np.unique(occ)) <= {0.0, 1.0} and occ.sum() <= 500
+
+
+def test_points_follow_intensity_inside_their_voxels():
+    g = Grid((0.0, 0.0, 0.0), (10.0, 10.0, 2.0), (4, 4, 2))
+    vol = np.zeros(g.shape, np.float32)
+    vol[1, 2, 0], vol[3, 0, 1] = 3.0, 1.0
+    pts = volume_to_points(vol, g, point_count(vol, 10.0), np.random.default_rng(0))
+    assert len(pts) == 40
+    vox = np.floor(g.to_voxel(pts)).astype(int)
+    hits = {tuple(v): int(n) for v, n in zip(*np.unique(vox, axis=0, return_counts=True))}
+    assert hits == {(1, 2, 0): 30, (3, 0, 1): 10}
+
+
+def test_roundtrip_reproduces_the_localisations(synth_locs, tmp_path):
+    """synth --locs -> voxelize (counts) -> points: the issue's goals, table by table."""
+    assert run_cli("--quiet", "voxelize", "--input", synth_locs / "locs" / "train", "--out", tmp_path / "v",
+                   "--fov", *FOV, "--shape", *SHAPE, "--method", "counts", "--val-fraction", 0) == 0
+    assert run_cli("--quiet", "points", "--volumes", tmp_path / "v" / "train", "--out", tmp_path / "p") == 0
+    info = json.loads((tmp_path / "v" / "dataset_info.json").read_text())
+    assert info["grid"]["voxel_nm"] == pytest.approx([8000 / 24, 8000 / 24, 25.0])
+    for rel, rec in info["files"].items():
+        truth = read_table(rec["source"])
+        r = roundtrip(truth, read_table(tmp_path / "p" / rel.split("/")[1].replace(".nii.gz", ".csv")),
+                      info["grid"]["voxel_nm"])
+        assert abs(r["count_error"]) <= 0.05
+        assert max(abs(v) for v in r["mean_offset_voxels"]) < 0.05
+        assert r["chamfer_diagonals"] <= 0.5
+
+
+def test_per_file_origin_is_undone(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(2)
+    for i, off in enumerate(([10000.0, 20000.0, 500.0], [-3000.0, 0.0, 100.0])):
+        write_table(src / f"r{i}.csv", off + rng.uniform([0, 0, 0], [2000, 2000, 200], (400, 3)))
+    assert run_cli("--quiet", "voxelize", "--input", src, "--out", tmp_path / "v", "--per-file-origin",
+                   "--fov", 2000, 2000, 200, "--voxel-size", 50, 50, 10, "--method", "counts",
+                   "--val-fraction", 0) == 0
+    assert run_cli("--quiet", "points", "--volumes", tmp_path / "v" / "train", "--out", tmp_path / "p") == 0
+    for i in range(2):
+        truth, back = read_table(src / f"r{i}.csv"), read_table(tmp_path / "p" / f"r{i}.csv")
+        assert len(back) == len(truth)
+        np.testing.assert_allclose(back.min(axis=0), truth.min(axis=0), atol=60)
+
+
+# ------------------------------------------------------------------------------------ bad input, no partial output
+def test_points_outside_the_field_are_refused_without_output(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    write_table(src / "a.csv", np.array([[10.0, 10.0, 10.0], [50.0, 50.0, 5.0]]))
+    write_table(src / "b.csv", np.array([[10.0, 10.0, 10.0], [5000.0, 50.0, 5.0]]))
+    capsys.readouterr()
+    rc = run_cli("--quiet", "voxelize", "--input", src, "--out", tmp_path / "v", "--fov", 100, 100, 20,
+                 "--shape", 4, 4, 2)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "b.csv" in err and "outside the field of view" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "v" / "dataset_info.json").exists() and not list((tmp_path / "v").rglob("*.nii.gz"))
+    assert run_cli("--quiet", "voxelize", "--input", src, "--out", tmp_path / "v", "--fov", 100, 100, 20,
+                   "--shape", 4, 4, 2, "--drop-outside", "--method", "counts") == 0
+    info = json.loads((tmp_path / "v" / "dataset_info.json").read_text())
+    assert sum(r["n_outside_dropped"] for r in info["files"].values()) == 1
+    rc = run_cli("voxelize", "--input", src, "--out", tmp_path / "v", "--shape", 4, 4, 2)
+    assert rc != 0 and "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_points_without_geometry_is_one_line(tmp_path, data_dir, capsys):
+    rc = run_cli("points", "--volumes", data_dir / "val", "--out", tmp_path / "p")
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "--info" in err and str(data_dir / "val") in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------ point statistics
+def test_point_statistics_separate_wrong_clouds():
+    rng = np.random.default_rng(3)
+    line = lambda n: np.stack([rng.uniform(0, 5000, n), 2500 + rng.normal(0, 10, n), rng.normal(150, 10, n)], 1)
+    real = [line(int(rng.integers(900, 1100))) for _ in range(8)]
+    good = [line(int(rng.integers(900, 1100))) for _ in range(4)]
+    blob = [rng.uniform(0, 5000, (1000, 3)) * [1, 1, 0.06] for _ in range(4)]
+    assert chamfer(real[0], real[0]) == 0.0 and nn_distances(real[0]).min() >= 0
+    ok, bad = compare_points(real, good), compare_points(real, blob)
+    assert ok["summary"]["within_2x_floor"], ok["statistics"]
+    assert bad["statistics"]["chamfer"]["ratio"] > 3 * ok["statistics"]["chamfer"]["ratio"]
+    assert "nn_distance" in bad["summary"]["failed"]
+
+
+def test_evaluate_points_writes_metrics_report_and_picture(synth_locs, tmp_path, capsys):
+    """`evaluate --points`: generated tables vs real ones (default: the val volumes through `points`)."""
+    v = tmp_path / "v"
+    assert run_cli("--quiet", "voxelize", "--input", synth_locs / "locs" / "train", "--out", v, "--fov", *FOV,
+                   "--shape", *SHAPE, "--val-fraction", 0.0) == 0
+    (v / "val").mkdir()
+    for f in sorted((v / "train").glob("*.nii.gz"))[:2]:  # two held-out volumes on the same grid
+        (v / "val" / f.name).write_bytes(f.read_bytes())
+    assert run_cli("--quiet", "points", "--volumes", v / "train", "--out", tmp_path / "gen") == 0
+    cfg = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path, v))
+    assert run_cli("--quiet", "evaluate", "-c", cfg, "--points", tmp_path / "gen", "--out", tmp_path / "e") == 0
+    res = json.loads((tmp_path / "e" / "points_metrics.json").read_text())
+    assert res["n_real"] == 2 and res["n_generated"] == 3 and "via points" in res["real_source"]
+    assert set(res["statistics"]) == {"n_localisations", "nn_distance", "chamfer"}
+    assert (tmp_path / "e" / "points.png").stat().st_size > 0
+    assert "| chamfer |" in (tmp_path / "e" / "points_report.md").read_text()
+    rc = run_cli("evaluate", "-c", cfg, "--points", tmp_path / "nothing", "--out", tmp_path / "e2")
+    assert rc != 0 and "--points" in capsys.readouterr().err
