@@ -38,6 +38,9 @@ class DeviceConfig:
     cuda_graphs: bool = True  # record each training step (optimizer and EMA included) and the sampling UNet call once as CUDA graphs, then replay them (CUDA, single process, bf16/fp32)
 
 
+NORMALIZE_METHODS = ("auto", "per_volume", "fixed")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     train_data_dir: str = "data/microtubules/nifti/train"
@@ -50,6 +53,7 @@ class DataConfig:
     augmentation: bool = True  # random flips and in-plane rot90 of training patches
     intensity_range: list[float] = field(default_factory=lambda: [0.0, 1.0])  # [0,1] or [-1,1]
     clip_percentiles: list[float] | None = None  # e.g. [0.5, 99.9]: clip before scaling
+    normalize: str = "auto"  # per_volume (min-max each volume), fixed (keep intensities, clip to [0,1]) or auto
     foreground_threshold: float = 0.1  # in [0,1] intensity units: what counts as filament
     foreground_crop_ratio: float = 0.75  # fraction of training patches centred on foreground
     patches_per_volume: int = 4  # random patches drawn from each volume per epoch
@@ -491,6 +495,8 @@ def _validate_data(d: DataConfig) -> None:
     _require(d.num_workers >= 0, "data.num_workers must be >= 0")
     _require(d.intensity_range in ([0.0, 1.0], [-1.0, 1.0]),
              f"data.intensity_range must be [0, 1] or [-1, 1], got {d.intensity_range}")
+    _require(d.normalize in NORMALIZE_METHODS,
+             f"data.normalize must be one of {', '.join(NORMALIZE_METHODS)}, got {d.normalize!r}")
     if d.clip_percentiles is not None:
         lo_hi = d.clip_percentiles
         _require(len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 100,

@@ -229,7 +229,7 @@ def stage1_normalization(cfg: Config, vq_ckpt: dict) -> pipeline.Normalization:
     if list(rng) != list(cfg.data.intensity_range):
         log.warning("data.intensity_range %s differs from the stage-1 checkpoint's %s; using the checkpoint's",
                     cfg.data.intensity_range, rng)
-    return pipeline.normalization_of(cfg, rng)
+    return pipeline.normalization_of(cfg, vq_ckpt["normalization"])
 
 
 def encoded_tiles(cfg: Config, section: str, files, norm, vqvae, rt: Runtime, encoder=encode):

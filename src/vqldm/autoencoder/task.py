@@ -13,6 +13,7 @@ from vqldm.runtime import Runtime
 from vqldm.engine.tensorboard import Board
 from vqldm.engine.trainer import OptimizerSpec, StepContext, Task, make_optimizer
 from vqldm.metrics.reconstruction import reconstruction_metrics
+from vqldm.smlm.dataset import info_for_volumes
 from vqldm.autoencoder.codebook import CodebookTracker, code_counts, init_from_data, restart_codes, usage_and_perplexity
 from vqldm.autoencoder.losses import reconstruction_loss
 from vqldm.autoencoder.model import build_vqvae, reconstruct, vqvae_net_config
@@ -148,7 +149,8 @@ class VQVAETask(Task):
             "network": self.net_config,
             "normalization": self.norm.to_dict(),
             "data": {"patch_size": list(self.cfg.data.patch_size), "spacing": list(self.spacing),
-                     "foreground_threshold": self.cfg.data.foreground_threshold},
+                     "foreground_threshold": self.cfg.data.foreground_threshold,
+                     "smlm": info_for_volumes(self.cfg.data.train_data_dir, self.cfg.data.voxel_resize)},
             "latent_shape": latent_shape(self.cfg),
             "codebook": {"restarted_total": self.restarted_total},
         }

@@ -32,7 +32,7 @@ log = logging.getLogger("vqldm")
 def stage1_metrics(cfg: Config, vqvae, vq_ckpt: dict, rt, out_dir: Path | None = None) -> dict:
     """PSNR, SSIM, foreground Dice on the validation tiles; codebook usage and perplexity over them."""
     val_info = pipeline.scan_volumes(cfg.data.val_data_dir, "val_data_dir", cfg.data.skip_unreadable)
-    norm = pipeline.normalization_of(cfg, vq_ckpt["normalization"]["intensity_range"])
+    norm = pipeline.normalization_of(cfg, vq_ckpt["normalization"])
     tiles = pipeline.val_dataset(cfg, val_info.files, norm)
     loader = pipeline.make_loader(tiles, cfg.batch_size("vqvae"), False, 0, rt.is_cuda)
     k = vq_ckpt["network"]["num_embeddings"]
@@ -83,7 +83,7 @@ def real_reference(cfg: Config, shape: tuple[int, ...], norm: pipeline.Normaliza
     match, else foreground-biased patches drawn the way training draws them (seeded)."""
     info = pipeline.scan_volumes(getattr(cfg.data, key), key, cfg.data.skip_unreadable)
     if all(tuple(s) == tuple(shape) for s in info.shapes):
-        return [pipeline.normalize_unit(read_volume(f).array, cfg.data.clip_percentiles) for f in info.files]
+        return [norm.unit(read_volume(f).array) for f in info.files]
     if list(shape) != list(cfg.data.patch_size):
         raise VqldmError(f"--samples have shape {list(shape)}, neither the {key} volumes' nor data.patch_size "
                          f"{cfg.data.patch_size}; cannot pick matching real volumes")
@@ -200,7 +200,7 @@ def evaluate(cfg: Config, out_dir: Path, samples: Path | None = None, vqvae_chec
     rt = make_runtime(cfg)
     vq_path, what = _stage1_checkpoint(cfg, vqvae_checkpoint)
     vqvae, vq_ckpt = load_vqvae(vq_path, rt, what=what)
-    norm = pipeline.normalization_of(cfg, vq_ckpt["normalization"]["intensity_range"])
+    norm = pipeline.normalization_of(cfg, vq_ckpt["normalization"])
     metrics: dict = {"stage1": stage1_metrics(cfg, vqvae, vq_ckpt, rt, out_dir), "vqvae_checkpoint": str(vq_path)}
     pre = _stage1_markdown(metrics["stage1"], vq_path)
     if samples is not None:

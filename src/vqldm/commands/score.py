@@ -34,10 +34,11 @@ log = logging.getLogger("vqldm")
 
 
 @torch.no_grad()
-def token_nll_grid(pipe: TokenPipeline, volume: np.ndarray, clip_percentiles) -> torch.Tensor:
+def token_nll_grid(pipe: TokenPipeline, volume: np.ndarray) -> torch.Tensor:
     """Negative log-likelihood (nats) of each code of one raw volume, as its code grid (x, y, z)."""
-    lo, hi = pipe.vq_ckpt["normalization"]["intensity_range"]
-    x = torch.from_numpy(pipeline.normalize_unit(volume, clip_percentiles) * (hi - lo) + lo)[None, None]
+    norm = pipeline.Normalization.from_dict(pipe.vq_ckpt["normalization"])
+    lo, hi = norm.intensity_range
+    x = torch.from_numpy(norm.unit(volume) * (hi - lo) + lo)[None, None]
     grid = encode_indices(pipe.vqvae, x, pipe.rt)
     order = torch.tensor(pipe.ckpt["ordering"]["order"], dtype=torch.long, device=pipe.rt.device)
     with pipe.rt.autocast():
@@ -74,7 +75,7 @@ def score_volumes(cfg: Config, volumes: Path, out: Path, prior_checkpoint: str |
     for f in it:
         vol = read_volume(f)
         _check_shape(f, vol.array.shape, patch)
-        nll = token_nll_grid(pipe, vol.array, cfg.data.clip_percentiles)
+        nll = token_nll_grid(pipe, vol.array)
         name = f.name.split(".")[0]
         write_volume(out / f"nll_{name}.nii.gz", voxel_map(nll, stride), vol.spacing)
         rows.append({"file": f.name, "mean_nll_nats": float(nll.mean()),

@@ -24,6 +24,7 @@ from monai.data import CacheDataset, DataLoader, Dataset
 from vqldm.config import Config
 from vqldm.data.io import Volume, list_volumes, read_volume
 from vqldm.errors import VqldmError
+from vqldm.smlm.dataset import find_info
 
 log = logging.getLogger("vqldm")
 
@@ -43,19 +44,42 @@ class Normalization:
 
     intensity_range: list[float]  # [0, 1] or [-1, 1]
     clip_percentiles: list[float] | None
+    method: str = "per_volume"  # per_volume: min-max each volume; fixed: keep intensities, clip to [0, 1]
 
     def to_dict(self) -> dict:
         return {"intensity_range": list(self.intensity_range), "clip_percentiles": self.clip_percentiles,
-                "method": "per-volume min-max"}
+                "method": self.method}
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> Normalization:
+        """The normalisation a checkpoint recorded (older checkpoints: per-volume min-max)."""
+        method = "fixed" if stored.get("method") == "fixed" else "per_volume"
+        return cls(list(stored["intensity_range"]), stored.get("clip_percentiles"), method)
+
+    def unit(self, arr: np.ndarray) -> np.ndarray:
+        """A raw volume -> [0, 1] float32, by this normalisation's method."""
+        if self.method == "fixed":
+            return np.clip(np.asarray(arr, np.float32), 0.0, 1.0)
+        return normalize_unit(arr, self.clip_percentiles)
 
     def to_unit(self, x):
         """Network range -> [0, 1] (for metrics, pictures and written volumes)."""
         return to_unit(x, self.intensity_range)
 
 
-def normalization_of(cfg: Config, intensity_range: list[float] | None = None) -> Normalization:
-    """The config's normalisation; ``intensity_range`` where a checkpoint dictates it."""
-    return Normalization(list(intensity_range or cfg.data.intensity_range), cfg.data.clip_percentiles)
+def normalize_method(cfg: Config) -> str:
+    """``data.normalize`` resolved: ``auto`` is ``fixed`` for a data set that ``vqldm voxelize`` wrote (its
+    intensities share one density scale, which per-volume min-max would throw away), else ``per_volume``."""
+    if cfg.data.normalize != "auto":
+        return cfg.data.normalize
+    return "fixed" if find_info(cfg.data.train_data_dir) is not None else "per_volume"
+
+
+def normalization_of(cfg: Config, stored: dict | None = None) -> Normalization:
+    """The config's normalisation, or the one a checkpoint recorded (``stored``), which wins."""
+    if stored is None:
+        return Normalization(list(cfg.data.intensity_range), cfg.data.clip_percentiles, normalize_method(cfg))
+    return Normalization.from_dict(stored)
 
 
 def normalize_unit(arr: np.ndarray, clip_percentiles: Sequence[float] | None = None) -> np.ndarray:
@@ -90,7 +114,7 @@ class NormalizeVolumed(mt.MapTransform):
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            x = normalize_unit(np.asarray(d[key]), self.norm.clip_percentiles)
+            x = self.norm.unit(np.asarray(d[key]))
             if self.fg_threshold is not None:
                 d[FG_KEY] = (x > self.fg_threshold).astype(np.uint8)
             lo, hi = self.norm.intensity_range

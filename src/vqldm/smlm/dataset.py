@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from vqldm.errors import VqldmError
 from vqldm.smlm.grid import Grid
 
@@ -50,7 +52,21 @@ def density_meta(info: dict) -> dict:
             "counts_per_intensity": float(info["counts_per_intensity"])}
 
 
-def info_for_volumes(directory: str | Path) -> dict | None:
-    """The density meta of a volume folder, or None when it was not made by ``vqldm voxelize``."""
+def info_for_volumes(directory: str | Path, resize=None) -> dict | None:
+    """The density meta of a volume folder, or None when it was not made by ``vqldm voxelize``.
+
+    With ``resize`` (``data.voxel_resize``: every volume resampled to that grid first) the voxel size
+    grows by the old over the new shape, and ``counts_per_intensity`` by the old over the new voxel
+    count, since resampling keeps the mean intensity and so scales the sum by the voxel count.
+    """
     path = find_info(directory)
-    return density_meta(load_info(path)) if path else None
+    if path is None:
+        return None
+    meta = density_meta(load_info(path))
+    if resize is not None:
+        g = Grid.from_dict(meta["grid"])
+        new = tuple(int(n) for n in resize)
+        vox = tuple(v * s / n for v, s, n in zip(g.voxel_nm, g.shape, new))
+        meta["grid"] = Grid(g.origin_nm, vox, new).to_dict()
+        meta["counts_per_intensity"] *= float(np.prod(g.shape)) / float(np.prod(new))
+    return meta
