@@ -32,7 +32,7 @@ def build_vqvae_trainer(cfg: Config, overwrite: bool = False, progress: bool = T
     val_ds = pipeline.val_dataset(cfg, val_info.files)
     train_loader, sampler = setup.train_loader(cfg, "vqvae", train_ds, rt)
     val_loader = setup.val_loader(cfg, "vqvae", val_ds, rt)
-    task = VQVAETask(cfg, rt, norm, train_info.spacing)
+    task = VQVAETask(cfg, rt, norm, train_info.grid)
     task.train_forward = setup.wrap_for_training(task.train_forward, rt)
     if task.disc is not None:  # called three times a step: gradients averaged by hooks, not DDP
         setup.sync_gradients(task.disc)

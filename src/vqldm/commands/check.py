@@ -16,11 +16,12 @@ def check(cfg: Config, progress: bool = False) -> dict:
     """Validate data and networks; return a JSON-serialisable report."""
     data = {}
     for key in ("train_data_dir", "val_data_dir"):
-        s = scan_volumes(getattr(cfg.data, key), key, cfg.data.skip_unreadable, progress)
+        s = scan_volumes(getattr(cfg.data, key), key, cfg.data.skip_unreadable, progress, cfg.data.voxel_resize)
         shapes = sorted(set(s.shapes))
         data[key] = {
             "path": getattr(cfg.data, key), "files": len(s.files), "shapes": [list(x) for x in shapes],
-            "dtype_after_load": "float32", "spacing": list(s.spacing), "intensity_min": s.min,
+            "dtype_after_load": "float32", "spacing": list(s.spacing), "spacing_unit": s.unit,
+            "intensity_min": s.min,
             "intensity_max": s.max, "skipped_unreadable": s.skipped, "constant_volumes": s.constant,
             "smaller_than_patch": sum(1 for x in s.shapes if any(a < b for a, b in zip(x, cfg.data.patch_size))),
         }
@@ -46,7 +47,7 @@ def format_report(r: dict) -> str:
              f"  diffusion UNet    {r['diffusion_parameters']:,} parameters"]
     for key, d in r["data"].items():
         lines.append(f"  data.{key:<15} {d['files']} volumes in {d['path']}; shapes {d['shapes']}; "
-                     f"spacing {d['spacing']}; intensities [{d['intensity_min']:.4g}, {d['intensity_max']:.4g}]")
+                     f"spacing {d['spacing']} {d['spacing_unit']}; intensities [{d['intensity_min']:.4g}, {d['intensity_max']:.4g}]")
         if d["smaller_than_patch"]:
             lines.append(f"    {d['smaller_than_patch']} volume(s) smaller than the patch: they are zero-padded")
         if d["constant_volumes"]:

@@ -41,7 +41,7 @@ class SampleOptions:
     steps: int | None = None  # default: diffusion.logging.num_inference_steps
     seed: int = 0
     batch_size: int = 8
-    fmt: str = "nifti"  # nifti | tiff
+    fmt: str = "nifti"  # nifti | tiff | ome-tiff (FORMATS)
     diffusion_checkpoint: str | None = None
     vqvae_checkpoint: str | None = None
     shape: list[int] | None = None  # output volume size (voxels); default: the training patch
@@ -54,6 +54,9 @@ class SampleOptions:
     temperature: float | None = None  # transformer: default prior.temperature
     top_k: int | None = None  # transformer: default prior.top_k
     top_p: float | None = None  # transformer: default prior.top_p
+
+
+FORMATS = {"nifti": "nii.gz", "tiff": "tif", "ome-tiff": "ome.tif"}  # --format -> file suffix
 
 
 def shard_indices(num_samples: int, batch_size: int, rank: int, world: int) -> list[int]:
@@ -167,9 +170,11 @@ def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
         raise VqldmError("--batch-size must be >= 1")
     if opts.prior not in ("diffusion", "transformer"):
         raise VqldmError(f"--prior {opts.prior}: choose diffusion or transformer")
+    if opts.fmt not in FORMATS:
+        raise VqldmError(f"--format {opts.fmt}: choose {', '.join(FORMATS)}")
     dist.init(cfg.device.use_cuda)
     pipe, run, prior_record = (_token_run if opts.prior == "transformer" else _diffusion_run)(cfg, opts)
-    suffix = "nii.gz" if opts.fmt == "nifti" else "tif"
+    suffix = FORMATS[opts.fmt]
     out = Path(opts.out_dir)
     _prepare_out(out, opts.overwrite)
     mine = _my_share(opts)
@@ -178,13 +183,15 @@ def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
     if pipe.rt.is_cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
+    grid = pipe.voxel_grid  # the training data's voxel size and unit (and NIfTI affine), from the checkpoints
     for i, v in zip(mine, vols):
-        write_volume(out / f"sample_{i:04d}.{suffix}", v[0].numpy(), pipe.spacing)
+        write_volume(out / f"sample_{i:04d}.{suffix}", v[0].numpy(), grid.spacing, grid.unit, grid.affine)
     # the slowest rank's time; the barrier inside also means every file is written before rank 0 reads
     elapsed = float(dist.all_reduce_max(torch.tensor([elapsed], dtype=torch.float64)).item())
     record = {
         "vqldm_version": __version__, "num_samples": opts.num_samples, "seed": opts.seed, **prior_record,
-        "shape": list(vols.shape[2:]) if len(vols) else opts.shape, "spacing": pipe.spacing, "format": opts.fmt,
+        "shape": list(vols.shape[2:]) if len(vols) else opts.shape, "spacing": list(grid.spacing),
+        "spacing_unit": grid.unit, "format": opts.fmt,
         "vqvae_checkpoint": str(pipe.vq_path), "vqvae_sha256": pipe.vq_sha256,
         "device": pipe.rt.describe(), "world_size": dist.world_size(), "seconds": elapsed,
     }

@@ -22,7 +22,10 @@ from monai import transforms as mt
 from monai.data import CacheDataset, DataLoader, Dataset
 
 from vqldm.config import Config
-from vqldm.data.io import Volume, list_volumes, read_volume
+from monai.data.image_reader import ImageReader
+
+from vqldm.data.io import NIFTI_SUFFIXES, TIFF_SUFFIXES, Volume, list_volumes, read_volume
+from vqldm.data.units import VoxelGrid
 from vqldm.errors import VqldmError
 
 log = logging.getLogger("vqldm")
@@ -78,6 +81,30 @@ class LoadVolumed(mt.MapTransform):
         for key in self.key_iterator(d):
             d[key] = read_volume(d[key]).array[None]
         return d
+
+
+class VolumeReader(ImageReader):
+    """A MONAI reader for every format vqldm reads and writes, TIFF and OME-TIFF included (MONAI's own
+    readers need ITK for 3D TIFF), with the voxel spacing in the affine:
+    ``LoadImage(reader=VolumeReader())(path).pixdim`` is the file's spacing, in ``meta["spacing_unit"]``."""
+
+    def verify_suffix(self, filename) -> bool:
+        names = [filename] if isinstance(filename, (str, Path)) else list(filename)
+        return all(str(n).lower().endswith(NIFTI_SUFFIXES + TIFF_SUFFIXES) for n in names)
+
+    def read(self, data, **kwargs):
+        names = [data] if isinstance(data, (str, Path)) else list(data)
+        vols = [read_volume(n) for n in names]
+        return vols[0] if len(vols) == 1 else vols
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        vols = img if isinstance(img, list) else [img]
+        affine = vols[0].grid.affine_array()
+        meta = {"affine": affine, "original_affine": affine.copy(), "spatial_shape": np.asarray(vols[0].array.shape),
+                "original_channel_dim": float("nan") if len(vols) == 1 else 0, "space": "RAS",
+                "spacing_unit": vols[0].unit}
+        data = vols[0].array if len(vols) == 1 else np.stack([v.array for v in vols])
+        return data, meta
 
 
 class NormalizeVolumed(mt.MapTransform):
@@ -173,20 +200,41 @@ class TileDataset(torch.utils.data.Dataset):
 class DataSummary:
     files: list[Path]
     shapes: list[tuple[int, ...]]
-    spacing: tuple[float, float, float]  # of the first volume (written into generated files)
+    spacing: tuple[float, float, float]  # the network's voxel size (after data.voxel_resize), in ``unit``
     min: float
     max: float
     skipped: list[str]
     constant: list[str]
+    unit: str = "unknown"  # vqldm.data.units name: "micron", "mm", "meter" or "unknown"
+    grid: VoxelGrid = VoxelGrid()  # spacing, unit and (NIfTI) affine: written into the checkpoints
+
+    def meta(self) -> dict:
+        """The checkpoint's ``data`` entries for the voxel grid (``spacing``, ``spacing_unit``, ``affine``)."""
+        return self.grid.to_meta()
 
 
-def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False, progress: bool = False) -> DataSummary:
-    """Read every volume once before training: a corrupt file is named now, not hours later."""
+def network_grid(v: Volume, voxel_resize) -> VoxelGrid:
+    """The voxel grid the networks see for ``v``: its own, or resized to ``data.voxel_resize``."""
+    return v.grid if voxel_resize is None else v.grid.resized(v.array.shape, voxel_resize)
+
+
+def check_same_grid(grid: VoxelGrid, ref: VoxelGrid, path: Path, ref_path: Path, resized: bool) -> None:
+    """One voxel size for all data, else one line naming the file and both spacings."""
+    if not grid.same_spacing(ref):
+        what = "after data.voxel_resize " if resized else ""
+        raise VqldmError(f"{path}: voxel spacing {what}{grid.describe()} differs from {ref.describe()} of "
+                         f"{ref_path}; vqldm learns one voxel size: resample the files to one spacing first")
+
+
+def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False, progress: bool = False,
+                 voxel_resize=None) -> DataSummary:
+    """Read every volume once before training: a corrupt file is named now, not hours later; so is a
+    file whose voxel spacing (after ``voxel_resize``) differs from the first one's."""
     files = list_volumes(directory)
     if not files:
         raise VqldmError(f"data.{key}: no volumes (.nii, .nii.gz, .tif, .tiff) in {directory}")
     good, shapes, skipped, constant = [], [], [], []
-    lo, hi, spacing = math.inf, -math.inf, None
+    lo, hi, grid = math.inf, -math.inf, None
     it = files
     if progress:
         from tqdm import tqdm
@@ -201,19 +249,21 @@ def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False,
             log.warning("skipping unreadable volume (data.skip_unreadable): %s", e)
             skipped.append(str(e))
             continue
+        g = network_grid(v, voxel_resize)
+        grid = grid or g
+        check_same_grid(g, grid, f, good[0] if good else f, voxel_resize is not None)
         good.append(f)
         shapes.append(tuple(v.array.shape))
         vmin, vmax = float(v.array.min()), float(v.array.max())
         if vmax <= vmin:
             constant.append(f.name)
         lo, hi = min(lo, vmin), max(hi, vmax)
-        spacing = spacing or v.spacing
     if not good:
         raise VqldmError(f"data.{key}: no readable volumes in {directory}")
     if constant:
         log.warning("%d constant volume(s) in %s (they normalise to all zeros): %s",
                     len(constant), directory, ", ".join(constant[:5]))
-    return DataSummary(good, shapes, spacing or (1.0, 1.0, 1.0), lo, hi, skipped, constant)
+    return DataSummary(good, shapes, grid.spacing, lo, hi, skipped, constant, grid.unit, grid)
 
 
 def _cache_workers(cfg: Config) -> int:

@@ -15,11 +15,12 @@ log = logging.getLogger("vqldm")
 
 
 def scan_data(cfg: Config, progress: bool = True):
-    """Read every train and val volume once (bad files are named before any compute is spent)."""
-    train = pipeline.scan_volumes(cfg.data.train_data_dir, "train_data_dir", cfg.data.skip_unreadable,
-                                  progress and dist.is_main())
-    val = pipeline.scan_volumes(cfg.data.val_data_dir, "val_data_dir", cfg.data.skip_unreadable,
-                                progress and dist.is_main())
+    """Read every train and val volume once (bad files, and files of another voxel size, are named
+    before any compute is spent)."""
+    train, val = (pipeline.scan_volumes(getattr(cfg.data, key), key, cfg.data.skip_unreadable,
+                                        progress and dist.is_main(), cfg.data.voxel_resize)
+                  for key in ("train_data_dir", "val_data_dir"))
+    pipeline.check_same_grid(val.grid, train.grid, val.files[0], train.files[0], cfg.data.voxel_resize is not None)
     return train, val
 
 
