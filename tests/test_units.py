@@ -208,3 +208,25 @@ def test_voxel_resize_records_and_writes_the_resized_spacing(tmp_path, data_dir)
     out = read_volume(tmp_path / "S" / "sample_0000.nii.gz")
     assert out.array.shape == (16, 16, 16)
     assert out.spacing == pytest.approx(resized) and out.unit == "micron"
+
+
+def test_resample_spacing_trains_files_of_differing_spacing_at_one_voxel_size(tmp_path, capsys):
+    """data.resample_spacing: files of 0.25 and 0.5 micron resampled to 0.5 micron; recorded as such."""
+    for split in ("train", "val"):
+        write_volume(tmp_path / split / "fine.nii.gz", _vol((32, 32, 16)), (0.25, 0.25, 0.5), "micron")
+        write_volume(tmp_path / split / "coarse.nii.gz", _vol((16, 16, 16), seed=1), (0.5, 0.5, 0.5), "micron")
+    cfg = tiny_config_dict(tmp_path, tmp_path, patch=(16, 16, 16))
+    with pytest.raises(Exception, match="differs from"):
+        setup.scan_data(config_from_dict(cfg), progress=False)
+    cfg["data"]["resample_spacing"] = [0.5, 0.5, 0.5]
+    train, _ = setup.scan_data(config_from_dict(cfg), progress=False)
+    assert train.spacing == (0.5, 0.5, 0.5) and train.unit == "micron"
+    val = pipeline.val_dataset(config_from_dict(cfg), train.files)
+    assert [tuple(val.volumes[i]["image"].shape) for i in range(2)] == [(1, 16, 16, 16)] * 2
+    path = write_config(tmp_path / "c.yaml", cfg)
+    assert run_cli("--quiet", "train-vqvae", "--config", path) == 0
+    meta = torch.load(tmp_path / "vqvae_checkpoints" / "best_model.pt", weights_only=True)["data"]
+    assert meta["spacing"] == [0.5, 0.5, 0.5] and meta["spacing_unit"] == "micron"
+    write_volume(tmp_path / "val" / "mm.nii.gz", _vol((16, 16, 16)), (0.5, 0.5, 0.5), "mm")  # a unit is not resampled
+    assert run_cli("--quiet", "check", "--config", path) == 2
+    assert "mm.nii.gz: voxel spacing after data.resample_spacing [0.5, 0.5, 0.5] mm differs" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from monai import transforms as mt
-from monai.data import CacheDataset, DataLoader, Dataset
+from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
 
 from vqldm.config import Config
 from monai.data.image_reader import ImageReader
@@ -74,13 +74,29 @@ def normalize_unit(arr: np.ndarray, clip_percentiles: Sequence[float] | None = N
 
 
 class LoadVolumed(mt.MapTransform):
-    """Read ``d[key]`` (a path) into a channel-first float32 array (1, X, Y, Z)."""
+    """Read ``d[key]`` (a path) into a channel-first float32 array (1, X, Y, Z), resampled to the voxel
+    size ``spacing`` (``data.resample_spacing``) where given."""
+
+    def __init__(self, keys, spacing: Sequence[float] | None = None):
+        super().__init__(keys)
+        self.spacing = None if spacing is None else [float(s) for s in spacing]
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = read_volume(d[key]).array[None]
+            v = read_volume(d[key])
+            d[key] = v.array[None] if self.spacing is None else resample(v, self.spacing)
         return d
+
+
+def resample(v: Volume, spacing: Sequence[float]) -> np.ndarray:
+    """``v`` on a grid of voxel size ``spacing`` (its unit), as (1, X, Y, Z) float32: MONAI ``Spacing``
+    (trilinear) on the volume's affine, so orientation and origin stay."""
+    if v.grid.same_spacing(VoxelGrid(tuple(spacing), v.unit), rtol=1e-6):
+        return v.array[None]
+    img = MetaTensor(torch.as_tensor(v.array[None]), affine=torch.as_tensor(v.grid.affine_array()))
+    out = mt.Spacing(pixdim=spacing, mode="bilinear", padding_mode="border")(img)
+    return np.ascontiguousarray(np.asarray(out.detach().cpu().numpy(), dtype=np.float32))
 
 
 class VolumeReader(ImageReader):
@@ -126,7 +142,7 @@ class NormalizeVolumed(mt.MapTransform):
 
 
 def _deterministic_transforms(cfg: Config, norm: Normalization, with_fg: bool) -> list:
-    ts: list = [LoadVolumed(keys="image")]
+    ts: list = [LoadVolumed(keys="image", spacing=cfg.data.resample_spacing)]
     if cfg.data.voxel_resize is not None:
         ts.append(mt.Resized(keys="image", spatial_size=cfg.data.voxel_resize, mode="trilinear"))
         ts.append(mt.EnsureTyped(keys="image", data_type="numpy", track_meta=False))
@@ -213,23 +229,39 @@ class DataSummary:
         return self.grid.to_meta()
 
 
-def network_grid(v: Volume, voxel_resize) -> VoxelGrid:
-    """The voxel grid the networks see for ``v``: its own, or resized to ``data.voxel_resize``."""
+def network_grid(v: Volume, voxel_resize=None, resample_spacing=None) -> VoxelGrid:
+    """The voxel grid the networks see for ``v``: its own, resized to ``data.voxel_resize``, or
+    resampled to ``data.resample_spacing``."""
+    if resample_spacing is not None:
+        return VoxelGrid(tuple(float(s) for s in resample_spacing), v.unit, v.grid.affine)
     return v.grid if voxel_resize is None else v.grid.resized(v.array.shape, voxel_resize)
 
 
-def check_same_grid(grid: VoxelGrid, ref: VoxelGrid, path: Path, ref_path: Path, resized: bool) -> None:
-    """One voxel size for all data, else one line naming the file and both spacings."""
+def check_same_grid(grid: VoxelGrid, ref: VoxelGrid, path: Path, ref_path: Path, how: str = "") -> None:
+    """One voxel size for all data, else one line naming the file and both spacings (``how``: the
+    config key that made the grid, if any)."""
     if not grid.same_spacing(ref):
-        what = "after data.voxel_resize " if resized else ""
+        what = f"after data.{how} " if how else ""
         raise VqldmError(f"{path}: voxel spacing {what}{grid.describe()} differs from {ref.describe()} of "
-                         f"{ref_path}; vqldm learns one voxel size: resample the files to one spacing first")
+                         f"{ref_path}; vqldm learns one voxel size: resample the files to one spacing first "
+                         f"(or set data.resample_spacing)")
+
+
+def scan_data_dir(cfg: Config, key: str, progress: bool = False) -> DataSummary:
+    """:func:`scan_volumes` of ``data.<key>`` with the config's data options."""
+    d = cfg.data
+    return scan_volumes(getattr(d, key), key, d.skip_unreadable, progress, d.voxel_resize, d.resample_spacing)
+
+
+def grid_key(voxel_resize=None, resample_spacing=None) -> str:
+    """The config key that sets the networks' voxel grid, if any (for messages)."""
+    return "resample_spacing" if resample_spacing is not None else "voxel_resize" if voxel_resize is not None else ""
 
 
 def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False, progress: bool = False,
-                 voxel_resize=None) -> DataSummary:
+                 voxel_resize=None, resample_spacing=None) -> DataSummary:
     """Read every volume once before training: a corrupt file is named now, not hours later; so is a
-    file whose voxel spacing (after ``voxel_resize``) differs from the first one's."""
+    file whose voxel spacing (after ``voxel_resize`` or ``resample_spacing``) differs from the first one's."""
     files = list_volumes(directory)
     if not files:
         raise VqldmError(f"data.{key}: no volumes (.nii, .nii.gz, .tif, .tiff) in {directory}")
@@ -249,9 +281,9 @@ def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False,
             log.warning("skipping unreadable volume (data.skip_unreadable): %s", e)
             skipped.append(str(e))
             continue
-        g = network_grid(v, voxel_resize)
+        g = network_grid(v, voxel_resize, resample_spacing)
         grid = grid or g
-        check_same_grid(g, grid, f, good[0] if good else f, voxel_resize is not None)
+        check_same_grid(g, grid, f, good[0] if good else f, grid_key(voxel_resize, resample_spacing))
         good.append(f)
         shapes.append(tuple(v.array.shape))
         vmin, vmax = float(v.array.min()), float(v.array.max())
