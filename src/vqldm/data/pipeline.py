@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
-
-from vqldm.config import Config
 from monai.data.image_reader import ImageReader
 
+from vqldm.config import Config
 from vqldm.data.io import NIFTI_SUFFIXES, TIFF_SUFFIXES, Volume, list_volumes, read_volume
 from vqldm.data.units import VoxelGrid
 from vqldm.errors import VqldmError
@@ -216,13 +215,13 @@ class TileDataset(torch.utils.data.Dataset):
 class DataSummary:
     files: list[Path]
     shapes: list[tuple[int, ...]]
-    spacing: tuple[float, float, float]  # the network's voxel size (after data.voxel_resize), in ``unit``
+    spacing: tuple[float, float, float]  # the networks' voxel size (after voxel_resize / resample_spacing), in ``unit``
     min: float
     max: float
     skipped: list[str]
     constant: list[str]
     unit: str = "unknown"  # vqldm.data.units name: "micron", "mm", "meter" or "unknown"
-    grid: VoxelGrid = VoxelGrid()  # spacing, unit and (NIfTI) affine: written into the checkpoints
+    grid: VoxelGrid = VoxelGrid()  # spacing, unit and the first file's (NIfTI) affine: into the checkpoints
 
     def meta(self) -> dict:
         """The checkpoint's ``data`` entries for the voxel grid (``spacing``, ``spacing_unit``, ``affine``)."""
