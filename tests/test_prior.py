@@ -94,6 +94,7 @@ def test_train_prior_writes_self_describing_checkpoints_and_logs(trained_prior, 
     assert ckpt["network"]["num_tokens"] == 17 and ckpt["network"]["max_seq_len"] == 512
     assert ckpt["vqvae_path"] == str(trained_stage1["best"]) and len(ckpt["vqvae_sha256"]) == 64
     assert ckpt["data"]["spacing"] and ckpt["normalization"]["intensity_range"] == [0.0, 1.0]
+    assert ckpt["data"]["spacing_unit"] == "micron"  # the synthetic data's unit, written into every sample
     # the weights load into a plain MONAI DecoderOnlyTransformer built from the checkpoint alone; only
     # MONAI's N x N causal-mask buffers are not stored (fused attention never reads them)
     from monai.networks.nets import DecoderOnlyTransformer

@@ -733,14 +733,15 @@ def test_folder_without_volumes_named(tmp_path, data_dir, capsys, case):
 
 
 def test_constant_and_all_zero_volumes_train_without_nan(tmp_path, data_dir, trained_stage1, capsys, caplog):
-    from vqldm.data.io import write_volume
+    from vqldm.data.io import read_volume, write_volume
 
     folder = tmp_path / "flat"
     write_volume(folder / "zeros.nii.gz", np.zeros((32, 32, 32), np.float32))
     write_volume(folder / "sevens.tif", np.full((32, 32, 32), 7.0, np.float32))
     mixed = copy_tree(data_dir / "train", tmp_path / "mixed")
-    write_volume(mixed / "zeros.nii.gz", np.zeros((32, 32, 32), np.float32))
-    write_volume(mixed / "sevens.nii.gz", np.full((32, 32, 32), 7.0, np.float32))
+    g = read_volume(mixed / "mt_0000.nii.gz").grid  # the same voxel size as the other files (else refused)
+    write_volume(mixed / "zeros.nii.gz", np.zeros((32, 32, 32), np.float32), g.spacing, g.unit)
+    write_volume(mixed / "sevens.nii.gz", np.full((32, 32, 32), 7.0, np.float32), g.spacing, g.unit)
     # stage 1 on nothing but constant volumes
     cfg = stage1_cfg(tmp_path, data_dir, n_epochs=2)
     cfg["data"].update({"train_data_dir": str(folder), "val_data_dir": str(folder)})

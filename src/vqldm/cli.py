@@ -304,7 +304,9 @@ def _add_sample(sub) -> None:
                        description="Denoise fresh noise with the stage-2 UNet (EMA weights), or with --prior "
                                    "transformer draw code grids token by token from the token prior, and decode with "
                                    "the stage-1 VQ-VAE. Writes OUT/sample_0000.nii.gz ..., OUT/preview.png (MIP grid) "
-                                   "and OUT/samples.json. The same seed gives the same files.")
+                                   "and OUT/samples.json. Each file has the training data's voxel spacing and unit "
+                                   "(after data.voxel_resize), as the checkpoints record them. The same seed gives "
+                                   "the same files.")
     _add_config(s)
     s.add_argument("--num-samples", "-n", type=int, default=8, help="volumes to generate (default 8)")
     s.add_argument("--out", required=True, help="output folder")
@@ -316,7 +318,12 @@ def _add_sample(sub) -> None:
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default: logging.num_inference_steps)")
     s.add_argument("--seed", type=int, default=0, help="sample i's noise is seeded by (seed, i) (default 0)")
     s.add_argument("--batch-size", type=int, default=8, help="volumes denoised at once (default 8)")
-    s.add_argument("--format", choices=["nifti", "tiff"], default="nifti", help="output format (default nifti)")
+    s.add_argument("--format", choices=["nifti", "tiff", "ome-tiff", "points"], default="nifti",
+                   help="output format: nifti (.nii.gz, xyzt_units), tiff (ImageJ .tif: unit, spacing, X/Y "
+                        "resolution) or ome-tiff (.ome.tif: PhysicalSizeX/Y/Z and units); every file carries the "
+                        "training data's voxel size in its unit; points: NIfTI plus sample_*.csv localisations "
+                        "(x [nm],y [nm],z [nm]) at the training data's density (needs a stage 1 trained on a "
+                        "`vqldm voxelize` data set) (default nifti)")
     s.add_argument("--diffusion-checkpoint", default=None,
                    help="stage-2 checkpoint (default: diffusion.checkpoints.output_dir/best_model.pt)")
     s.add_argument("--vqvae-checkpoint", default=None,

@@ -48,6 +48,7 @@ class DataConfig:
     patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])  # voxels (X, Y, Z)
     batch_size: int = 4  # default for both stages unless a stage's training.batch_size is set
     voxel_resize: list[int] | None = None  # resize every volume to this grid first (voxels)
+    resample_spacing: list[float] | None = None  # resample every volume to this voxel size first (files' unit)
     cache_rate: float = 1.0  # fraction of loaded, normalised volumes kept in memory
     num_workers: int = 4  # DataLoader worker processes (0: load in the main process)
     augmentation: bool = True  # random flips and in-plane rot90 of training patches
@@ -490,6 +491,10 @@ def _validate_data(d: DataConfig) -> None:
     if d.voxel_resize is not None:
         _require(len(d.voxel_resize) == 3 and all(n > 0 for n in d.voxel_resize),
                  f"data.voxel_resize must be three positive sizes or null, got {d.voxel_resize}")
+    if d.resample_spacing is not None:
+        _require(len(d.resample_spacing) == 3 and all(s > 0 for s in d.resample_spacing),
+                 f"data.resample_spacing must be three positive voxel sizes or null, got {d.resample_spacing}")
+        _require(d.voxel_resize is None, "data.resample_spacing and data.voxel_resize both set: choose one")
     _require(d.batch_size >= 1, "data.batch_size must be >= 1")
     _require(0.0 <= d.cache_rate <= 1.0, f"data.cache_rate must lie in [0, 1], got {d.cache_rate}")
     _require(d.num_workers >= 0, "data.num_workers must be >= 0")

@@ -23,6 +23,7 @@ from vqldm.checkpoint import file_sha256, load_checkpoint, rebuild
 from vqldm.config import Config, latent_spatial, vqvae_from_network
 from vqldm.data import pipeline
 from vqldm.data.pipeline import to_unit
+from vqldm.data.units import VoxelGrid
 from vqldm.errors import VqldmError
 from vqldm.runtime import Runtime
 
@@ -268,8 +269,30 @@ def train_items(cfg: Config, section: str, files, norm, vqvae, rt: Runtime, lat_
                              cfg.data.foreground_crop_ratio, key), True
 
 
-def stage1_meta(cfg: Config, section: str, vq_ckpt: dict, spacing, lat_shape: list[int], cached: bool) -> dict:
-    """What a prior's checkpoints record of the stage 1 they learned (its hash is rank 0's, broadcast)."""
+class RecordedGrid:
+    """A sampling pipeline's ``voxel_grid``, ``spacing`` and ``unit``: the training data's voxel grid as
+    its checkpoints record it (the prior's ``data``, else stage 1's), written into every sample."""
+
+    def data_records(self) -> tuple[dict, dict]:
+        """The ``data`` entries of the prior's and the stage-1 checkpoint."""
+        raise NotImplementedError
+
+    @property
+    def voxel_grid(self) -> VoxelGrid:
+        return VoxelGrid.from_meta(*self.data_records())
+
+    @property
+    def spacing(self) -> list[float]:
+        return list(self.voxel_grid.spacing)
+
+    @property
+    def unit(self) -> str:
+        return self.voxel_grid.unit
+
+
+def stage1_meta(cfg: Config, section: str, vq_ckpt: dict, grid: VoxelGrid, lat_shape: list[int], cached: bool) -> dict:
+    """What a prior's checkpoints record of the stage 1 they learned (its hash is rank 0's, broadcast)
+    and of its training data's voxel grid (spacing after ``data.voxel_resize``, unit, affine)."""
     vq_path = getattr(cfg, section).checkpoints.vqvae_path
     sha = file_sha256(vq_path) if dist.is_main() else ""
     return {
@@ -279,7 +302,7 @@ def stage1_meta(cfg: Config, section: str, vq_ckpt: dict, spacing, lat_shape: li
         "vqvae_network": vq_ckpt["network"],
         "normalization": vq_ckpt["normalization"],
         "intensity_calibration": vq_ckpt.get("intensity_calibration"),
-        "data": {"patch_size": list(cfg.data.patch_size), "spacing": list(spacing)},
+        "data": {"patch_size": list(cfg.data.patch_size), **grid.to_meta()},
         "latent_source": "cache" if cached else "on_the_fly",
     }
 

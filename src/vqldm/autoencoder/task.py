@@ -9,6 +9,7 @@ from torch import nn
 
 from vqldm.config import Config, latent_shape
 from vqldm.data.pipeline import Normalization
+from vqldm.data.units import VoxelGrid, grid_of
 from vqldm.runtime import Runtime
 from vqldm.engine.tensorboard import Board
 from vqldm.engine.trainer import OptimizerSpec, StepContext, Task, make_optimizer
@@ -34,8 +35,10 @@ class VQVAETask(Task):
     name = "vqvae"
     graph_safe = True  # the codebook's data initialisation runs in the eager warm-up steps
 
-    def __init__(self, cfg: Config, rt: Runtime, norm: Normalization, spacing: tuple[float, float, float]):
-        self.cfg, self.rt, self.norm, self.spacing = cfg, rt, norm, tuple(float(s) for s in spacing)
+    def __init__(self, cfg: Config, rt: Runtime, norm: Normalization, grid: VoxelGrid | tuple[float, float, float]):
+        """``grid``: the training data's voxel grid (or a bare spacing, unit unknown), recorded in the checkpoints."""
+        self.grid = grid if isinstance(grid, VoxelGrid) else grid_of(grid)
+        self.cfg, self.rt, self.norm, self.spacing = cfg, rt, norm, self.grid.spacing
         v, train_cfg = cfg.vqvae, cfg.vqvae.training
         self.net_config = vqvae_net_config(cfg)
         self.model = rt.prepare_module(build_vqvae(self.net_config))
@@ -148,7 +151,7 @@ class VQVAETask(Task):
         return {
             "network": self.net_config,
             "normalization": self.norm.to_dict(),
-            "data": {"patch_size": list(self.cfg.data.patch_size), "spacing": list(self.spacing),
+            "data": {"patch_size": list(self.cfg.data.patch_size), **self.grid.to_meta(),
                      "foreground_threshold": self.cfg.data.foreground_threshold,
                      "smlm": info_for_volumes(self.cfg.data.train_data_dir, self.cfg.data.voxel_resize)},
             "latent_shape": latent_shape(self.cfg),

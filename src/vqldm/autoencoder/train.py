@@ -32,7 +32,7 @@ def build_vqvae_trainer(cfg: Config, overwrite: bool = False, progress: bool = T
     val_ds = pipeline.val_dataset(cfg, val_info.files)
     train_loader, sampler = setup.train_loader(cfg, "vqvae", train_ds, rt)
     val_loader = setup.val_loader(cfg, "vqvae", val_ds, rt)
-    task = VQVAETask(cfg, rt, norm, train_info.spacing)
+    task = VQVAETask(cfg, rt, norm, train_info.grid)
     task.train_forward = setup.wrap_for_training(task.train_forward, rt)
     if task.disc is not None:  # called three times a step: gradients averaged by hooks, not DDP
         setup.sync_gradients(task.disc)
@@ -61,7 +61,7 @@ def calibrate_checkpoints(cfg: Config, trainer: Trainer, paths) -> dict:
     model = build_vqvae(task.net_config)
     model.load_state_dict(load_checkpoint(paths[0], kind="vqvae")["state_dict"])
     model = trainer.rt.frozen(model)
-    files = pipeline.scan_volumes(cfg.data.train_data_dir, "train_data_dir", cfg.data.skip_unreadable).files
+    files = pipeline.scan_data_dir(cfg, "train_data_dir").files
     volumes = pipeline.val_dataset(cfg, files, task.norm).volumes  # deterministic load / normalise / pad
     table = calibration_of(model, volumes, task.norm.intensity_range, trainer.rt, total_stride(task.net_config))
     for path in paths:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vqldm.autoencoder.model import build_vqvae, vqvae_net_config
 from vqldm.config import Config, latent_shape
-from vqldm.data.pipeline import scan_volumes
+from vqldm.engine.setup import scan_data
 from vqldm.priors.diffusion.unet import build_unet, unet_net_config
 
 
@@ -15,13 +15,13 @@ def _param_count(module) -> int:
 def check(cfg: Config, progress: bool = False) -> dict:
     """Validate data and networks; return a JSON-serialisable report."""
     data = {}
-    for key in ("train_data_dir", "val_data_dir"):
-        s = scan_volumes(getattr(cfg.data, key), key, cfg.data.skip_unreadable, progress)
+    keys = ("train_data_dir", "val_data_dir")
+    for key, s in zip(keys, scan_data(cfg, progress)):  # one voxel size in both folders, else one line
         shapes = sorted(set(s.shapes))
         data[key] = {
             "path": getattr(cfg.data, key), "files": len(s.files), "shapes": [list(x) for x in shapes],
-            "dtype_after_load": "float32", "spacing": list(s.spacing), "intensity_min": s.min,
-            "intensity_max": s.max, "skipped_unreadable": s.skipped, "constant_volumes": s.constant,
+            "dtype_after_load": "float32", "spacing": list(s.spacing), "spacing_unit": s.unit,
+            "intensity_min": s.min, "intensity_max": s.max, "skipped_unreadable": s.skipped, "constant_volumes": s.constant,
             "smaller_than_patch": sum(1 for x in s.shapes if any(a < b for a, b in zip(x, cfg.data.patch_size))),
         }
     vq = build_vqvae(vqvae_net_config(cfg))
@@ -46,7 +46,7 @@ def format_report(r: dict) -> str:
              f"  diffusion UNet    {r['diffusion_parameters']:,} parameters"]
     for key, d in r["data"].items():
         lines.append(f"  data.{key:<15} {d['files']} volumes in {d['path']}; shapes {d['shapes']}; "
-                     f"spacing {d['spacing']}; intensities [{d['intensity_min']:.4g}, {d['intensity_max']:.4g}]")
+                     f"spacing {d['spacing']} {d['spacing_unit']}; intensities [{d['intensity_min']:.4g}, {d['intensity_max']:.4g}]")
         if d["smaller_than_patch"]:
             lines.append(f"    {d['smaller_than_patch']} volume(s) smaller than the patch: they are zero-padded")
         if d["constant_volumes"]:

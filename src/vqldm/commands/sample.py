@@ -28,6 +28,9 @@ from vqldm.files import archive_previous, atomic_write_bytes
 from vqldm.priors.diffusion.pipeline import DiffusionPipeline, load_pipeline
 from vqldm.priors.transformer.pipeline import load_token_pipeline
 from vqldm.sampling.samplers import check_sampler, default_sampler
+from vqldm.smlm.grid import Grid
+from vqldm.smlm.points import point_count, volume_to_points
+from vqldm.smlm.tables import write_table
 from vqldm.visuals import mip_grid, save_png
 
 log = logging.getLogger("vqldm")
@@ -41,7 +44,7 @@ class SampleOptions:
     steps: int | None = None  # default: diffusion.logging.num_inference_steps
     seed: int = 0
     batch_size: int = 8
-    fmt: str = "nifti"  # nifti | tiff
+    fmt: str = "nifti"  # nifti | tiff | ome-tiff | points (FORMATS)
     diffusion_checkpoint: str | None = None
     vqvae_checkpoint: str | None = None
     shape: list[int] | None = None  # output volume size (voxels); default: the training patch
@@ -54,6 +57,10 @@ class SampleOptions:
     temperature: float | None = None  # transformer: default prior.temperature
     top_k: int | None = None  # transformer: default prior.top_k
     top_p: float | None = None  # transformer: default prior.top_p
+
+
+# --format -> file suffix; "points" writes NIfTI volumes and a localisation table (CSV, nm) beside each
+FORMATS = {"nifti": "nii.gz", "tiff": "tif", "ome-tiff": "ome.tif", "points": "nii.gz"}
 
 
 def shard_indices(num_samples: int, batch_size: int, rank: int, world: int) -> list[int]:
@@ -167,9 +174,15 @@ def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
         raise VqldmError("--batch-size must be >= 1")
     if opts.prior not in ("diffusion", "transformer"):
         raise VqldmError(f"--prior {opts.prior}: choose diffusion or transformer")
+    if opts.fmt not in FORMATS:
+        raise VqldmError(f"--format {opts.fmt}: choose {', '.join(FORMATS)}")
     dist.init(cfg.device.use_cuda)
     pipe, run, prior_record = (_token_run if opts.prior == "transformer" else _diffusion_run)(cfg, opts)
-    suffix = "nii.gz" if opts.fmt == "nifti" else "tif"
+    if opts.fmt == "points" and not pipe.vq_ckpt.get("data", {}).get("smlm"):
+        raise VqldmError(f"--format points: the stage-1 checkpoint {pipe.vq_path} records no localisation grid or "
+                         f"density (it was not trained on a `vqldm voxelize` data set); write volumes and use "
+                         f"`vqldm points --info DATASET_INFO.json`")
+    suffix = FORMATS[opts.fmt]
     out = Path(opts.out_dir)
     _prepare_out(out, opts.overwrite)
     mine = _my_share(opts)
@@ -178,13 +191,16 @@ def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
     if pipe.rt.is_cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
+    grid = pipe.voxel_grid  # the training data's voxel size and unit (and NIfTI affine), from the checkpoints
     for i, v in zip(mine, vols):
-        write_volume(out / f"sample_{i:04d}.{suffix}", v[0].numpy(), pipe.spacing)
+        write_volume(out / f"sample_{i:04d}.{suffix}", v[0].numpy(), grid.spacing, grid.unit, grid.affine)
+    smlm = _write_points(out, mine, vols, pipe.vq_ckpt, opts.seed) if opts.fmt == "points" else None
     # the slowest rank's time; the barrier inside also means every file is written before rank 0 reads
     elapsed = float(dist.all_reduce_max(torch.tensor([elapsed], dtype=torch.float64)).item())
     record = {
         "vqldm_version": __version__, "num_samples": opts.num_samples, "seed": opts.seed, **prior_record,
-        "shape": list(vols.shape[2:]) if len(vols) else opts.shape, "spacing": pipe.spacing, "format": opts.fmt,
+        "shape": list(vols.shape[2:]) if len(vols) else opts.shape, "spacing": list(grid.spacing),
+        "spacing_unit": grid.unit, "format": opts.fmt, **({"smlm": smlm} if smlm else {}),
         "vqvae_checkpoint": str(pipe.vq_path), "vqvae_sha256": pipe.vq_sha256,
         "device": pipe.rt.describe(), "world_size": dist.world_size(), "seconds": elapsed,
     }
@@ -195,6 +211,19 @@ def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
         atomic_write_bytes(record_path, json.dumps(record, indent=2).encode("utf-8"))
     return {"num_samples": opts.num_samples, "suffix": suffix, "preview": preview, "record": record_path,
             "seconds": elapsed}
+
+
+def _write_points(out: Path, mine: list[int], vols: torch.Tensor, vq_ckpt: dict, seed: int) -> dict:
+    """``sample_i.csv`` beside each volume: localisations at the training data's density (x [nm],y [nm],z [nm])."""
+    smlm = vq_ckpt["data"]["smlm"]
+    g = Grid.from_dict(smlm["grid"], "the stage-1 checkpoint's data.smlm")
+    for i, v in zip(mine, vols):
+        vol = v[0].numpy()
+        rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(int(i),)))
+        n = point_count(vol, smlm["counts_per_intensity"])
+        pts = volume_to_points(vol, Grid(g.origin_nm, g.voxel_nm, vol.shape), n, rng)
+        write_table(out / f"sample_{i:04d}.csv", pts)
+    return smlm
 
 
 def read_samples(folder: Path) -> list[np.ndarray]:

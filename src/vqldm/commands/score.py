@@ -77,7 +77,7 @@ def score_volumes(cfg: Config, volumes: Path, out: Path, prior_checkpoint: str |
         _check_shape(f, vol.array.shape, patch)
         nll = token_nll_grid(pipe, vol.array)
         name = f.name.split(".")[0]
-        write_volume(out / f"nll_{name}.nii.gz", voxel_map(nll, stride), vol.spacing)
+        write_volume(out / f"nll_{name}.nii.gz", voxel_map(nll, stride), vol.spacing, vol.unit, vol.affine)
         rows.append({"file": f.name, "mean_nll_nats": float(nll.mean()),
                      "bits_per_token": float(nll.mean()) / math.log(2.0),
                      "p99_token_nll_nats": float(torch.quantile(nll.flatten(), 0.99))})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqldm.data.io import list_volumes, nifti_bytes
+from vqldm.data.io import list_volumes, write_volume
 from vqldm.errors import VqldmError
 from vqldm.files import atomic_write_bytes
 from vqldm.smlm import voxelize as V
@@ -140,7 +140,7 @@ def _write(tables, stems, split, grid, cpi, opts: VoxelizeOptions, stage: Path) 
         vol, clipped = V.to_intensity(V.raw_density(pts, grid, opts.method, opts.sigma_nm), opts.method, cpi)
         rel = f"{split[stem]}/{stem}.nii.gz"
         (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(stage / rel, nifti_bytes(vol, grid.spacing_um, units="micron"))
+        write_volume(stage / rel, vol, grid.spacing_um, "micron")
         files[rel] = {"source": str(path.resolve()), "n_localisations": len(pts), "n_outside_dropped": n_in - len(pts),
                       "shift_nm": [float(v) for v in shift], "clipped_fraction": round(clipped, 6)}
     return files

@@ -19,10 +19,12 @@ from typing import Sequence
 import numpy as np
 import torch
 from monai import transforms as mt
-from monai.data import CacheDataset, DataLoader, Dataset
+from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
+from monai.data.image_reader import ImageReader
 
 from vqldm.config import Config
-from vqldm.data.io import Volume, list_volumes, read_volume
+from vqldm.data.io import NIFTI_SUFFIXES, TIFF_SUFFIXES, Volume, list_volumes, read_volume
+from vqldm.data.units import VoxelGrid
 from vqldm.errors import VqldmError
 from vqldm.smlm.dataset import find_info
 
@@ -95,13 +97,53 @@ def normalize_unit(arr: np.ndarray, clip_percentiles: Sequence[float] | None = N
 
 
 class LoadVolumed(mt.MapTransform):
-    """Read ``d[key]`` (a path) into a channel-first float32 array (1, X, Y, Z)."""
+    """Read ``d[key]`` (a path) into a channel-first float32 array (1, X, Y, Z), resampled to the voxel
+    size ``spacing`` (``data.resample_spacing``) where given."""
+
+    def __init__(self, keys, spacing: Sequence[float] | None = None):
+        super().__init__(keys)
+        self.spacing = None if spacing is None else [float(s) for s in spacing]
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = read_volume(d[key]).array[None]
+            v = read_volume(d[key])
+            d[key] = v.array[None] if self.spacing is None else resample(v, self.spacing)
         return d
+
+
+def resample(v: Volume, spacing: Sequence[float]) -> np.ndarray:
+    """``v`` on a grid of voxel size ``spacing`` (its unit), as (1, X, Y, Z) float32: MONAI ``Spacing``
+    (trilinear) on the volume's affine, so orientation and origin stay."""
+    if v.grid.same_spacing(VoxelGrid(tuple(spacing), v.unit), rtol=1e-6):
+        return v.array[None]
+    img = MetaTensor(torch.as_tensor(v.array[None]), affine=torch.as_tensor(v.grid.affine_array()))
+    out = mt.Spacing(pixdim=spacing, mode="bilinear", padding_mode="border")(img)
+    return np.ascontiguousarray(np.asarray(out.detach().cpu().numpy(), dtype=np.float32))
+
+
+class VolumeReader(ImageReader):
+    """A MONAI reader for every format vqldm reads and writes, TIFF and OME-TIFF included (MONAI's own
+    readers need ITK for 3D TIFF), with the voxel spacing in the affine:
+    ``LoadImage(reader=VolumeReader())(path).pixdim`` is the file's spacing, in ``meta["spacing_unit"]``."""
+
+    def verify_suffix(self, filename) -> bool:
+        names = [filename] if isinstance(filename, (str, Path)) else list(filename)
+        return all(str(n).lower().endswith(NIFTI_SUFFIXES + TIFF_SUFFIXES) for n in names)
+
+    def read(self, data, **kwargs):
+        names = [data] if isinstance(data, (str, Path)) else list(data)
+        vols = [read_volume(n) for n in names]
+        return vols[0] if len(vols) == 1 else vols
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        vols = img if isinstance(img, list) else [img]
+        affine = vols[0].grid.affine_array()
+        meta = {"affine": affine, "original_affine": affine.copy(), "spatial_shape": np.asarray(vols[0].array.shape),
+                "original_channel_dim": float("nan") if len(vols) == 1 else 0, "space": "RAS",
+                "spacing_unit": vols[0].unit}
+        data = vols[0].array if len(vols) == 1 else np.stack([v.array for v in vols])
+        return data, meta
 
 
 class NormalizeVolumed(mt.MapTransform):
@@ -123,7 +165,7 @@ class NormalizeVolumed(mt.MapTransform):
 
 
 def _deterministic_transforms(cfg: Config, norm: Normalization, with_fg: bool) -> list:
-    ts: list = [LoadVolumed(keys="image")]
+    ts: list = [LoadVolumed(keys="image", spacing=cfg.data.resample_spacing)]
     if cfg.data.voxel_resize is not None:
         ts.append(mt.Resized(keys="image", spatial_size=cfg.data.voxel_resize, mode="trilinear"))
         ts.append(mt.EnsureTyped(keys="image", data_type="numpy", track_meta=False))
@@ -197,20 +239,57 @@ class TileDataset(torch.utils.data.Dataset):
 class DataSummary:
     files: list[Path]
     shapes: list[tuple[int, ...]]
-    spacing: tuple[float, float, float]  # of the first volume (written into generated files)
+    spacing: tuple[float, float, float]  # the networks' voxel size (after voxel_resize / resample_spacing), in ``unit``
     min: float
     max: float
     skipped: list[str]
     constant: list[str]
+    unit: str = "unknown"  # vqldm.data.units name: "micron", "mm", "meter" or "unknown"
+    grid: VoxelGrid = VoxelGrid()  # spacing, unit and the first file's (NIfTI) affine: into the checkpoints
+
+    def meta(self) -> dict:
+        """The checkpoint's ``data`` entries for the voxel grid (``spacing``, ``spacing_unit``, ``affine``)."""
+        return self.grid.to_meta()
 
 
-def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False, progress: bool = False) -> DataSummary:
-    """Read every volume once before training: a corrupt file is named now, not hours later."""
+def network_grid(v: Volume, voxel_resize=None, resample_spacing=None) -> VoxelGrid:
+    """The voxel grid the networks see for ``v``: its own, resized to ``data.voxel_resize``, or
+    resampled to ``data.resample_spacing``."""
+    if resample_spacing is not None:
+        return VoxelGrid(tuple(float(s) for s in resample_spacing), v.unit, v.grid.affine)
+    return v.grid if voxel_resize is None else v.grid.resized(v.array.shape, voxel_resize)
+
+
+def check_same_grid(grid: VoxelGrid, ref: VoxelGrid, path: Path, ref_path: Path, how: str = "") -> None:
+    """One voxel size for all data, else one line naming the file and both spacings (``how``: the
+    config key that made the grid, if any)."""
+    if not grid.same_spacing(ref):
+        what = f"after data.{how} " if how else ""
+        raise VqldmError(f"{path}: voxel spacing {what}{grid.describe()} differs from {ref.describe()} of "
+                         f"{ref_path}; vqldm learns one voxel size: resample the files to one spacing first "
+                         f"(or set data.resample_spacing)")
+
+
+def scan_data_dir(cfg: Config, key: str, progress: bool = False) -> DataSummary:
+    """:func:`scan_volumes` of ``data.<key>`` with the config's data options."""
+    d = cfg.data
+    return scan_volumes(getattr(d, key), key, d.skip_unreadable, progress, d.voxel_resize, d.resample_spacing)
+
+
+def grid_key(voxel_resize=None, resample_spacing=None) -> str:
+    """The config key that sets the networks' voxel grid, if any (for messages)."""
+    return "resample_spacing" if resample_spacing is not None else "voxel_resize" if voxel_resize is not None else ""
+
+
+def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False, progress: bool = False,
+                 voxel_resize=None, resample_spacing=None) -> DataSummary:
+    """Read every volume once before training: a corrupt file is named now, not hours later; so is a
+    file whose voxel spacing (after ``voxel_resize`` or ``resample_spacing``) differs from the first one's."""
     files = list_volumes(directory)
     if not files:
         raise VqldmError(f"data.{key}: no volumes (.nii, .nii.gz, .tif, .tiff) in {directory}")
     good, shapes, skipped, constant = [], [], [], []
-    lo, hi, spacing = math.inf, -math.inf, None
+    lo, hi, grid = math.inf, -math.inf, None
     it = files
     if progress:
         from tqdm import tqdm
@@ -225,19 +304,21 @@ def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False,
             log.warning("skipping unreadable volume (data.skip_unreadable): %s", e)
             skipped.append(str(e))
             continue
+        g = network_grid(v, voxel_resize, resample_spacing)
+        grid = grid or g
+        check_same_grid(g, grid, f, good[0] if good else f, grid_key(voxel_resize, resample_spacing))
         good.append(f)
         shapes.append(tuple(v.array.shape))
         vmin, vmax = float(v.array.min()), float(v.array.max())
         if vmax <= vmin:
             constant.append(f.name)
         lo, hi = min(lo, vmin), max(hi, vmax)
-        spacing = spacing or v.spacing
     if not good:
         raise VqldmError(f"data.{key}: no readable volumes in {directory}")
     if constant:
         log.warning("%d constant volume(s) in %s (they normalise to all zeros): %s",
                     len(constant), directory, ", ".join(constant[:5]))
-    return DataSummary(good, shapes, spacing or (1.0, 1.0, 1.0), lo, hi, skipped, constant)
+    return DataSummary(good, shapes, grid.spacing, lo, hi, skipped, constant, grid.unit, grid)
 
 
 def _cache_workers(cfg: Config) -> int:

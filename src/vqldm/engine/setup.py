@@ -15,11 +15,11 @@ log = logging.getLogger("vqldm")
 
 
 def scan_data(cfg: Config, progress: bool = True):
-    """Read every train and val volume once (bad files are named before any compute is spent)."""
-    train = pipeline.scan_volumes(cfg.data.train_data_dir, "train_data_dir", cfg.data.skip_unreadable,
-                                  progress and dist.is_main())
-    val = pipeline.scan_volumes(cfg.data.val_data_dir, "val_data_dir", cfg.data.skip_unreadable,
-                                progress and dist.is_main())
+    """Read every train and val volume once (bad files, and files of another voxel size, are named
+    before any compute is spent)."""
+    train, val = (pipeline.scan_data_dir(cfg, key, progress and dist.is_main()) for key in ("train_data_dir", "val_data_dir"))
+    pipeline.check_same_grid(val.grid, train.grid, val.files[0], train.files[0],
+                             pipeline.grid_key(cfg.data.voxel_resize, cfg.data.resample_spacing))
     return train, val
 
 

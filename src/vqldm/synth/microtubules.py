@@ -302,7 +302,7 @@ def nifti_bytes(vol: np.ndarray, voxel_size_nm: tuple[float, ...]) -> bytes:
     gzip headers carry an mtime and file name, so they are fixed here to keep files reproducible.
     """
     spacing_um = [float(v) * 1e-3 for v in voxel_size_nm]
-    return _nifti_bytes(vol, spacing_um, gz=True, units="micron")
+    return _nifti_bytes(vol, spacing_um, gz=True, unit="micron")
 
 
 def write_dataset(

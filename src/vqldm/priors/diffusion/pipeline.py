@@ -17,7 +17,7 @@ import torch
 from vqldm.checkpoint import inference_weights, load_checkpoint, rebuild
 from vqldm.config import Config, check_latent_for_unet, decoded_spatial, latent_spatial, vqvae_from_network
 from vqldm.errors import VqldmError
-from vqldm.latents import LatentNorm, recorded_stage1
+from vqldm.latents import LatentNorm, RecordedGrid, recorded_stage1
 from vqldm.priors.diffusion.unet import as_denoiser, build_unet
 from vqldm.runtime import Runtime, make_runtime
 from vqldm.sampling.decode import decode_latents
@@ -27,8 +27,9 @@ log = logging.getLogger("vqldm")
 
 
 @dataclass
-class DiffusionPipeline:
-    """Both networks, rebuilt from their checkpoints alone, ready to turn noise into volumes."""
+class DiffusionPipeline(RecordedGrid):
+    """Both networks, rebuilt from their checkpoints alone, ready to turn noise into volumes; ``voxel_grid``,
+    ``spacing`` and ``unit``: the training data's voxel grid, written into every sample."""
 
     unet: torch.nn.Module
     vqvae: torch.nn.Module
@@ -54,10 +55,8 @@ class DiffusionPipeline:
         """The noise schedule the UNet was trained with (``scheduler`` in its checkpoint)."""
         return self.diff_ckpt["scheduler"]
 
-    @property
-    def spacing(self) -> list[float]:
-        """Voxel spacing of the training data, written into every sample."""
-        return list(self.diff_ckpt.get("data", {}).get("spacing") or self.vq_ckpt["data"]["spacing"])
+    def data_records(self) -> tuple[dict, dict]:
+        return self.diff_ckpt.get("data", {}), self.vq_ckpt.get("data", {})
 
     def latent_shape(self, shape: list[int] | None) -> list[int]:
         """(D, x, y, z) of the latent that decodes to volumes of ``shape`` (default: the training patch)."""

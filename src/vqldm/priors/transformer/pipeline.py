@@ -13,7 +13,7 @@ import torch
 from vqldm.checkpoint import inference_weights, load_checkpoint, rebuild
 from vqldm.config import Config
 from vqldm.errors import VqldmError
-from vqldm.latents import recorded_stage1
+from vqldm.latents import RecordedGrid, recorded_stage1
 from vqldm.priors.transformer.model import build_transformer, to_grid, without_masks
 from vqldm.priors.transformer.sampler import gumbel_noise, sample_tokens
 from vqldm.runtime import Runtime, make_runtime
@@ -23,8 +23,9 @@ log = logging.getLogger("vqldm")
 
 
 @dataclass
-class TokenPipeline:
-    """The transformer and the VQ-VAE, ready to turn seeded noise into volumes."""
+class TokenPipeline(RecordedGrid):
+    """The transformer and the VQ-VAE, ready to turn seeded noise into volumes; ``voxel_grid``,
+    ``spacing`` and ``unit``: the training data's voxel grid, written into every sample."""
 
     model: torch.nn.Module
     vqvae: torch.nn.Module
@@ -43,10 +44,8 @@ class TokenPipeline:
     def num_codes(self) -> int:
         return int(self.ckpt["network"]["num_tokens"]) - 1
 
-    @property
-    def spacing(self) -> list[float]:
-        """Voxel spacing of the training data, written into every sample."""
-        return list(self.ckpt.get("data", {}).get("spacing") or self.vq_ckpt["data"]["spacing"])
+    def data_records(self) -> tuple[dict, dict]:
+        return self.ckpt.get("data", {}), self.vq_ckpt.get("data", {})
 
     def codes(self, indices: list[int], seed: int, temperature: float = 1.0, top_k: int | None = None,
               top_p: float | None = None, cached: bool = True, progress: bool = False) -> torch.Tensor:

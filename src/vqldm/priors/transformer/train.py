@@ -35,7 +35,7 @@ def build_prior_trainer(cfg: Config, overwrite: bool = False, progress: bool = T
     val_loader = setup.val_loader(cfg, "prior", val_ds, rt)
     seq_len = math.prod(grid)
     net_cfg = transformer_net_config(cfg, net["num_embeddings"], seq_len)
-    meta = L.stage1_meta(cfg, "prior", vq_ckpt, train_info.spacing, [net["embedding_dim"]] + grid, cached)
+    meta = L.stage1_meta(cfg, "prior", vq_ckpt, train_info.grid, [net["embedding_dim"]] + grid, cached)
     task = TransformerTask(cfg, rt, vqvae, net_cfg, token_order(cfg.prior.ordering, grid, cfg.seed), grid, meta,
                            vis_real)
     task.train_forward = setup.wrap_for_training(task.model, rt)
