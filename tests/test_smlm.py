@@ -210,3 +210,37 @@ def test_evaluate_points_writes_metrics_report_and_picture(synth_locs, tmp_path,
     assert "| chamfer |" in (tmp_path / "e" / "points_report.md").read_text()
     rc = run_cli("evaluate", "-c", cfg, "--points", tmp_path / "nothing", "--out", tmp_path / "e2")
     assert rc != 0 and "--points" in capsys.readouterr().err
+
+
+def test_a_voxelized_data_set_trains_and_samples_localisations(synth_locs, tmp_path, trained_stage2, capsys):
+    """voxelize -> train both stages -> sample --format points: density kept, geometry exact, units in nm/micron."""
+    import torch
+
+    from vqldm.data.io import read_volume
+
+    v = tmp_path / "v"
+    assert run_cli("--quiet", "voxelize", "--input", synth_locs / "locs" / "train", "--out", v, "--fov", *FOV,
+                   "--shape", 32, 32, 32, "--val-fraction", 0.34) == 0
+    info = json.loads((v / "dataset_info.json").read_text())
+    cfg = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path, v))
+    assert run_cli("--quiet", "train-vqvae", "-c", cfg) == 0
+    assert run_cli("--quiet", "train-diffusion", "-c", cfg) == 0
+    ckpt = torch.load(tmp_path / "vqvae_checkpoints" / "best_model.pt", weights_only=True, map_location="cpu")
+    assert ckpt["normalization"]["method"] == "fixed"  # data.normalize: auto on a voxelize data set
+    assert ckpt["data"]["smlm"]["counts_per_intensity"] == pytest.approx(info["counts_per_intensity"])
+    assert ckpt["data"]["spacing_unit"] == "micron"
+    assert run_cli("--quiet", "sample", "-c", cfg, "-n", 2, "--format", "points", "--out", tmp_path / "s") == 0
+    grid = Grid.from_dict(info["grid"])
+    for i in range(2):
+        vol = read_volume(tmp_path / "s" / f"sample_{i:04d}.nii.gz")
+        pts = read_table(tmp_path / "s" / f"sample_{i:04d}.csv", allow_empty=True)
+        assert vol.unit == "micron" and vol.spacing == pytest.approx(grid.spacing_um)
+        assert len(pts) == point_count(vol.array, info["counts_per_intensity"]) and grid.inside(pts).all()
+    assert json.loads((tmp_path / "s" / "samples.json").read_text())["smlm"]["grid"] == info["grid"]
+    # a stage 1 trained on plain volumes has no density to restore: one line, no samples
+    capsys.readouterr()
+    rc = run_cli("--quiet", "sample", "-c", trained_stage2["config_path"], "-n", 1, "--format", "points",
+                 "--out", tmp_path / "s2")
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "--format points" in err and "vqldm points --info" in err and len(err.splitlines()) == 1
+    assert not list((tmp_path / "s2").glob("sample_*")) if (tmp_path / "s2").exists() else True

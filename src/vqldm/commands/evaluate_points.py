@@ -26,13 +26,13 @@ from vqldm.visuals import image_grid, render_points, save_png
 RENDER_PIXEL_NM = 20.0  # a typical SMLM rendering pixel
 
 
-def _tables(directory: Path, what: str) -> list[np.ndarray]:
+def _tables(directory: Path, what: str, allow_empty: bool = False) -> list[np.ndarray]:
     if not directory.is_dir():
         raise VqldmError(f"{what} {directory}: no such folder")
     paths = [p for p in list_tables(directory) if p.suffix.lower() == ".csv"]
     if not paths:
         raise VqldmError(f"{what} {directory}: holds no localisation CSV tables")
-    return [read_table(p) for p in paths]
+    return [read_table(p, allow_empty=allow_empty) for p in paths]
 
 
 def real_tables(cfg: Config, real_points: Path | None) -> tuple[list[np.ndarray], str]:
@@ -76,7 +76,7 @@ def _markdown(res: dict) -> str:
 def evaluate_points(cfg: Config, out_dir: Path, points: Path, real_points: Path | None = None,
                     seed: int = 0) -> dict:
     """Compare the tables in ``points`` with the real ones; write metrics, report and picture."""
-    gen = _tables(points, "--points")
+    gen = _tables(points, "--points", allow_empty=True)  # a generated volume may hold no localisations
     real, source = real_tables(cfg, real_points)
     if len(real) < 2:
         raise VqldmError(f"{source}: needs at least 2 real tables for a real-vs-real floor, got {len(real)}")

@@ -45,24 +45,26 @@ def list_tables(source: str | Path) -> list[Path]:
     return tables
 
 
-def read_table(path: str | Path, key: str | None = None) -> np.ndarray:
-    """Read one localisation table as ``(N, 3)`` float64 nm; ``key`` names the HDF5 dataset."""
+def read_table(path: str | Path, key: str | None = None, allow_empty: bool = False) -> np.ndarray:
+    """Read one localisation table as ``(N, 3)`` float64 nm; ``key`` names the HDF5 dataset.
+
+    An empty table is refused unless ``allow_empty`` (a generated volume may hold no localisations)."""
     path = Path(path)
     name = path.name.lower()
     if not path.is_file():
         raise VqldmError(f"{path}: no such file")
     if name.endswith(CSV_SUFFIXES):
-        points = _read_csv(path)
+        points = _read_csv(path, allow_empty)
     elif name.endswith(HDF5_SUFFIXES):
         points = _read_hdf5(path, key)
     else:
         raise VqldmError(f"{path}: not a localisation table; expected .csv (x [nm],y [nm],z [nm]) or .h5/.hdf5")
-    return check_points(points, path)
+    return check_points(points, path, allow_empty)
 
 
-def check_points(points: np.ndarray, path) -> np.ndarray:
+def check_points(points: np.ndarray, path, allow_empty: bool = False) -> np.ndarray:
     """Refuse empty tables and NaN or infinite coordinates, naming the first bad row."""
-    if points.shape[0] == 0:
+    if points.shape[0] == 0 and not allow_empty:
         raise VqldmError(f"{path}: the table holds no localisations")
     bad = ~np.isfinite(points).all(axis=1)
     if bad.any():
@@ -72,7 +74,7 @@ def check_points(points: np.ndarray, path) -> np.ndarray:
     return points
 
 
-def _read_csv(path: Path) -> np.ndarray:
+def _read_csv(path: Path, allow_empty: bool = False) -> np.ndarray:
     try:
         with open(path, encoding="utf-8-sig") as f:
             header = f.readline()
@@ -86,6 +88,8 @@ def _read_csv(path: Path) -> np.ndarray:
                          f"name x [nm], y [nm] and z [nm] (found {names[:8]})")
     cols = [names.index(c) for c in CSV_HEADER]
     if not body.strip():
+        if allow_empty:
+            return np.zeros((0, 3), np.float64)
         raise VqldmError(f"{path}: the table holds no localisations")
     unquote = (lambda s: float(s.strip().strip('"'))) if '"' in body else None
     try:
