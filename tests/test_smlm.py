@@ -244,3 +244,20 @@ def test_a_voxelized_data_set_trains_and_samples_localisations(synth_locs, tmp_p
     err = capsys.readouterr().err.strip()
     assert rc != 0 and "--format points" in err and "vqldm points --info" in err and len(err.splitlines()) == 1
     assert not list((tmp_path / "s2").glob("sample_*")) if (tmp_path / "s2").exists() else True
+
+
+def test_synth_tables_stay_inside_the_field_after_rounding(monkeypatch):
+    """Written tables keep 0.001 nm; no point may round onto the far edge of the field (outside the grid)."""
+    import vqldm.synth.microtubules as mt
+
+    real = mt._localisations
+
+    def with_edge_point(rng, p, n):
+        locs, info = real(rng, p, n)
+        return np.concatenate([locs, [[7999.9999, 10.0, 299.99996]]]), info
+
+    monkeypatch.setattr(mt, "_localisations", with_edge_point)
+    g = Grid.from_box([0, 0, 0], mt.MicrotubuleParams().fov_nm, shape=SHAPE)
+    _, truth, pts = mt.synth_volume_and_locs(SHAPE, np.random.default_rng(0))
+    assert g.inside(np.round(pts, 3)).all() and len(pts) <= truth["n_localisations"]
+    assert np.isclose(pts[:, 0], 7999.999, atol=1e-3).any()  # kept, a hair inside
