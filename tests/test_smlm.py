@@ -223,6 +223,10 @@ def test_a_voxelized_data_set_trains_and_samples_localisations(synth_locs, tmp_p
                    "--shape", 32, 32, 32, "--val-fraction", 0.34) == 0
     info = json.loads((v / "dataset_info.json").read_text())
     cfg = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path, v))
+    capsys.readouterr()
+    assert run_cli("--quiet", "check", "-c", cfg, "--json") == 0
+    norm = json.loads(capsys.readouterr().out)["normalization"]
+    assert norm["method"] == "fixed" and norm["smlm"]["counts_per_intensity"] == info["counts_per_intensity"]
     assert run_cli("--quiet", "train-vqvae", "-c", cfg) == 0
     assert run_cli("--quiet", "train-diffusion", "-c", cfg) == 0
     ckpt = torch.load(tmp_path / "vqvae_checkpoints" / "best_model.pt", weights_only=True, map_location="cpu")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from vqldm.autoencoder.model import build_vqvae, vqvae_net_config
 from vqldm.config import Config, latent_shape
+from vqldm.data.pipeline import normalize_method
 from vqldm.engine.setup import scan_data
 from vqldm.priors.diffusion.unet import build_unet, unet_net_config
+from vqldm.smlm.dataset import info_for_volumes
 
 
 def _param_count(module) -> int:
@@ -35,7 +37,17 @@ def check(cfg: Config, progress: bool = False) -> dict:
         "batch_size": {"vqvae": cfg.batch_size("vqvae"), "diffusion": cfg.batch_size("diffusion")},
         "learning_rate": {"vqvae": cfg.learning_rate("vqvae"), "diffusion": cfg.learning_rate("diffusion")},
         "data": data,
+        "normalization": {"method": normalize_method(cfg),
+                          "smlm": info_for_volumes(cfg.data.train_data_dir, cfg.data.voxel_resize)},
     }
+
+
+def _normalization_line(n: dict) -> str:
+    if not n["smlm"]:
+        return n["method"]
+    g = n["smlm"]["grid"]
+    return (f"{n['method']}; a vqldm voxelize data set: {n['smlm']['counts_per_intensity']:.4g} localisations per "
+            f"unit intensity, grid {g['shape']} of {[round(v, 2) for v in g['voxel_nm']]} nm")
 
 
 def format_report(r: dict) -> str:
@@ -43,7 +55,8 @@ def format_report(r: dict) -> str:
              f"  patch size        {r['patch_size']}",
              f"  latent shape      {r['latent_shape']}  (embedding_dim, x, y, z)",
              f"  VQ-VAE            {r['vqvae_parameters']:,} parameters",
-             f"  diffusion UNet    {r['diffusion_parameters']:,} parameters"]
+             f"  diffusion UNet    {r['diffusion_parameters']:,} parameters",
+             f"  normalisation     {_normalization_line(r['normalization'])}"]
     for key, d in r["data"].items():
         lines.append(f"  data.{key:<15} {d['files']} volumes in {d['path']}; shapes {d['shapes']}; "
                      f"spacing {d['spacing']} {d['spacing_unit']}; intensities [{d['intensity_min']:.4g}, {d['intensity_max']:.4g}]")
