@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from vqldm.cli import build_parser, main
-from vqldm.config import Config
+from vqldm.config import _NON_KEYS, Config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _keys(obj, prefix=""):
     for f in dataclasses.fields(obj):
-        if f.name == "source":
+        if f.name in _NON_KEYS:  # source, migration: set by the loader, not YAML keys
             continue
         v = getattr(obj, f.name)
         if dataclasses.is_dataclass(v):

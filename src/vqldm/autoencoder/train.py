@@ -61,7 +61,7 @@ def calibrate_checkpoints(cfg: Config, trainer: Trainer, paths) -> dict:
     model = build_vqvae(task.net_config)
     model.load_state_dict(load_checkpoint(paths[0], kind="vqvae")["state_dict"])
     model = trainer.rt.frozen(model)
-    files = pipeline.scan_volumes(cfg.data.train_data_dir, "train_data_dir", cfg.data.skip_unreadable).files
+    files = pipeline.scan_data_dir(cfg, "train_data_dir").files
     volumes = pipeline.val_dataset(cfg, files, task.norm).volumes  # deterministic load / normalise / pad
     table = calibration_of(model, volumes, task.norm.intensity_range, trainer.rt, total_stride(task.net_config))
     for path in paths:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vqldm.autoencoder.model import build_vqvae, vqvae_net_config
 from vqldm.config import Config, latent_shape
-from vqldm.data.pipeline import scan_volumes
+from vqldm.data.pipeline import scan_data_dir
 from vqldm.priors.diffusion.unet import build_unet, unet_net_config
 
 
@@ -16,7 +16,7 @@ def check(cfg: Config, progress: bool = False) -> dict:
     """Validate data and networks; return a JSON-serialisable report."""
     data = {}
     for key in ("train_data_dir", "val_data_dir"):
-        s = scan_volumes(getattr(cfg.data, key), key, cfg.data.skip_unreadable, progress)
+        s = scan_data_dir(cfg, key, progress)
         shapes = sorted(set(s.shapes))
         data[key] = {
             "path": getattr(cfg.data, key), "files": len(s.files), "shapes": [list(x) for x in shapes],
@@ -35,15 +35,21 @@ def check(cfg: Config, progress: bool = False) -> dict:
         "batch_size": {"vqvae": cfg.batch_size("vqvae"), "diffusion": cfg.batch_size("diffusion")},
         "learning_rate": {"vqvae": cfg.learning_rate("vqvae"), "diffusion": cfg.learning_rate("diffusion")},
         "data": data,
+        "upstream_keys": [{"level": n.level, "key": n.key, "text": n.text} for n in cfg.migration],
     }
 
 
 def format_report(r: dict) -> str:
-    lines = [f"config OK: {r['config']}",
-             f"  patch size        {r['patch_size']}",
-             f"  latent shape      {r['latent_shape']}  (embedding_dim, x, y, z)",
-             f"  VQ-VAE            {r['vqvae_parameters']:,} parameters",
-             f"  diffusion UNet    {r['diffusion_parameters']:,} parameters"]
+    lines = [f"config OK: {r['config']}"]
+    if r["upstream_keys"]:
+        lines.append(f"  upstream-script keys ({len(r['upstream_keys'])}; vqldm config --print shows the result "
+                     f"in vqldm's keys):")
+        lines += [f"    {'warning' if n['level'] == 'warning' else 'translated'}: {n['key']}: {n['text']}"
+                  for n in r["upstream_keys"]]
+    lines += [f"  patch size        {r['patch_size']}",
+              f"  latent shape      {r['latent_shape']}  (embedding_dim, x, y, z)",
+              f"  VQ-VAE            {r['vqvae_parameters']:,} parameters",
+              f"  diffusion UNet    {r['diffusion_parameters']:,} parameters"]
     for key, d in r["data"].items():
         lines.append(f"  data.{key:<15} {d['files']} volumes in {d['path']}; shapes {d['shapes']}; "
                      f"spacing {d['spacing']}; intensities [{d['intensity_min']:.4g}, {d['intensity_max']:.4g}]")

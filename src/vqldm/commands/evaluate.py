@@ -31,7 +31,7 @@ log = logging.getLogger("vqldm")
 @torch.no_grad()
 def stage1_metrics(cfg: Config, vqvae, vq_ckpt: dict, rt, out_dir: Path | None = None) -> dict:
     """PSNR, SSIM, foreground Dice on the validation tiles; codebook usage and perplexity over them."""
-    val_info = pipeline.scan_volumes(cfg.data.val_data_dir, "val_data_dir", cfg.data.skip_unreadable)
+    val_info = pipeline.scan_data_dir(cfg, "val_data_dir")
     norm = pipeline.normalization_of(cfg, vq_ckpt["normalization"]["intensity_range"])
     tiles = pipeline.val_dataset(cfg, val_info.files, norm)
     loader = pipeline.make_loader(tiles, cfg.batch_size("vqvae"), False, 0, rt.is_cuda)
@@ -81,7 +81,7 @@ def real_reference(cfg: Config, shape: tuple[int, ...], norm: pipeline.Normaliza
                    key: str = "val_data_dir") -> list[np.ndarray]:
     """Real volumes of ``data.<key>`` shaped like the samples, in [0, 1]: whole volumes when they
     match, else foreground-biased patches drawn the way training draws them (seeded)."""
-    info = pipeline.scan_volumes(getattr(cfg.data, key), key, cfg.data.skip_unreadable)
+    info = pipeline.scan_data_dir(cfg, key)
     if all(tuple(s) == tuple(shape) for s in info.shapes):
         return [pipeline.normalize_unit(read_volume(f).array, cfg.data.clip_percentiles) for f in info.files]
     if list(shape) != list(cfg.data.patch_size):

@@ -180,11 +180,18 @@ class DataSummary:
     constant: list[str]
 
 
-def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False, progress: bool = False) -> DataSummary:
-    """Read every volume once before training: a corrupt file is named now, not hours later."""
+def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False, progress: bool = False,
+                 limit: int | None = None) -> DataSummary:
+    """Read every volume once before training: a corrupt file is named now, not hours later.
+
+    ``limit``: only the first that many volumes (by name) are used."""
     files = list_volumes(directory)
     if not files:
         raise VqldmError(f"data.{key}: no volumes (.nii, .nii.gz, .tif, .tiff) in {directory}")
+    if limit is not None and len(files) > limit:
+        log.info("data.%s: using the first %d of %d volumes in %s (data.max_%s_volumes)", key, limit, len(files),
+                 directory, key.split("_")[0])
+        files = files[:limit]
     good, shapes, skipped, constant = [], [], [], []
     lo, hi, spacing = math.inf, -math.inf, None
     it = files
@@ -214,6 +221,12 @@ def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False,
         log.warning("%d constant volume(s) in %s (they normalise to all zeros): %s",
                     len(constant), directory, ", ".join(constant[:5]))
     return DataSummary(good, shapes, spacing or (1.0, 1.0, 1.0), lo, hi, skipped, constant)
+
+
+def scan_data_dir(cfg: Config, key: str, progress: bool = False) -> DataSummary:
+    """:func:`scan_volumes` of ``data.<key>`` (train_data_dir or val_data_dir), with its volume limit."""
+    limit = cfg.data.max_train_volumes if key == "train_data_dir" else cfg.data.max_val_volumes
+    return scan_volumes(getattr(cfg.data, key), key, cfg.data.skip_unreadable, progress, limit=limit)
 
 
 def _cache_workers(cfg: Config) -> int:

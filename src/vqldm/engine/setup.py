@@ -16,10 +16,8 @@ log = logging.getLogger("vqldm")
 
 def scan_data(cfg: Config, progress: bool = True):
     """Read every train and val volume once (bad files are named before any compute is spent)."""
-    train = pipeline.scan_volumes(cfg.data.train_data_dir, "train_data_dir", cfg.data.skip_unreadable,
-                                  progress and dist.is_main())
-    val = pipeline.scan_volumes(cfg.data.val_data_dir, "val_data_dir", cfg.data.skip_unreadable,
-                                progress and dist.is_main())
+    train = pipeline.scan_data_dir(cfg, "train_data_dir", progress and dist.is_main())
+    val = pipeline.scan_data_dir(cfg, "val_data_dir", progress and dist.is_main())
     return train, val
 
 
