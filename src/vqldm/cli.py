@@ -119,9 +119,10 @@ def cmd_import_checkpoint(args) -> int:
                          vqvae_checkpoint=Path(args.vqvae_checkpoint), overwrite=args.overwrite,
                          diffusion_checkpoint=Path(args.diffusion_checkpoint) if args.diffusion_checkpoint else None)
     written = import_checkpoints(opts)
-    _print_paths("upstream checkpoints imported:", {**{f"{k} checkpoint": v for k, v in written.items() if k != "config"},
-                                                    "config": written["config"],
-                                                    "sample with": f"vqldm sample --config {written['config']} --out samples"})
+    then = ("sample with", "sample") if "diffusion" in written else ("train stage 2 with", "train-diffusion")
+    _print_paths("upstream checkpoints imported:", {
+        **{f"{k} checkpoint": v for k, v in written.items() if k != "config"}, "config": written["config"],
+        then[0]: f"vqldm {then[1]} --config {written['config']}" + (" --out samples" if then[1] == "sample" else "")})
     return 0
 
 
