@@ -18,7 +18,7 @@ from vqldm.config import config_from_dict, load_config
 from vqldm.data.pipeline import scan_data_dir
 from vqldm.errors import VqldmError
 
-from conftest import run_cli, tiny_config_dict, with_updates, write_config
+from conftest import run_cli, tiny_config_dict, with_updates
 
 FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
 VQ_LDM = FIXTURES / "vq_ldm_config_local.yaml"
@@ -36,7 +36,7 @@ VQ_LDM_UPSTREAM_KEYS = {
 }
 
 
-def _data_sets(data_dir, out: Path, patch="[32,32,16]") -> list[str]:
+def _data_sets(data_dir, patch="[32,32,16]") -> list[str]:
     return [f"data.train_data_dir={data_dir / 'train'}", f"data.val_data_dir={data_dir / 'val'}",
             f"data.voxel_size={patch}", "data.num_workers=0"]
 
@@ -144,6 +144,37 @@ def test_combined_block_without_combined_loss_has_no_effect(tmp_path, data_dir):
     assert {n.level for n in cfg.migration} == {"warning"}
 
 
+@pytest.mark.parametrize("where", ["scheduler", "top"])
+def test_one_step_count_sets_both_copies(where, tmp_path, data_dir):
+    d = tiny_config_dict(tmp_path, data_dir)
+    del d["diffusion"]["num_train_timesteps"], d["diffusion"]["scheduler"]["num_train_timesteps"]
+    (d["diffusion"]["scheduler"] if where == "scheduler" else d["diffusion"])["num_train_timesteps"] = 500
+    cfg = config_from_dict(d)
+    assert cfg.diffusion.num_train_timesteps == cfg.diffusion.scheduler.num_train_timesteps == 500
+
+
+def test_upstream_loss_without_a_type_is_upstreams_l1(tmp_path, data_dir):
+    d = with_updates(tiny_config_dict(tmp_path, data_dir), vqvae__training__loss={
+        "weighted": {"recon_loss_type": "mse"}, "combined": {"recon_weight": 2.0}})
+    cfg = config_from_dict(d)
+    assert cfg.vqvae.training.loss.reconstruction_loss_type == "l1"
+    assert cfg.vqvae.training.loss.weighted.base == "mse"
+
+
+BAD_VALUES = {
+    "data__voxel_size": ("big", "data.voxel_size"),
+    "data__max_data_size_for_train": (0, "data.max_data_size_for_train"),
+    "data__augmentation": ({"enabled": True, "random_flip_prob": "often"}, "data.augmentation.random_flip_prob"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(BAD_VALUES))
+def test_bad_upstream_value_names_the_upstream_key(key, tmp_path, data_dir):
+    value, named = BAD_VALUES[key]
+    with pytest.raises(VqldmError, match=named.replace(".", r"\.")):
+        config_from_dict(with_updates(tiny_config_dict(tmp_path, data_dir), **{key: value}))
+
+
 def test_plain_vqldm_config_has_no_notes(tmp_path, data_dir):
     assert config_from_dict(tiny_config_dict(tmp_path, data_dir)).migration == ()
 
@@ -157,7 +188,7 @@ def test_max_volumes_limit_the_data_read(tmp_path, data_dir):
 
 # ----------------------------------------------------------------------------------- CLI
 def test_check_prints_every_translation(data_dir, tmp_path, capsys):
-    sets = sum((["--set", s] for s in _data_sets(data_dir, tmp_path)), [])
+    sets = sum((["--set", s] for s in _data_sets(data_dir)), [])
     rc = run_cli("check", "--config", VQ_LDM, *sets)
     out = capsys.readouterr()
     assert rc == 0, out.err
@@ -205,11 +236,11 @@ def _train_both(config: Path, sets: list[str], out: Path) -> None:
 
 
 def test_training_starts_from_the_vq_ldm_config(tmp_path, data_dir):
-    sets = _data_sets(data_dir, tmp_path) + SMALL_VQVAE + [
+    sets = _data_sets(data_dir) + SMALL_VQVAE + [
         "diffusion.in_channels=4", "diffusion.out_channels=4", "diffusion.num_channels=[32,64]",
         "diffusion.num_head_channels=[0,32]"]
     _train_both(VQ_LDM, sets, tmp_path / "run")
 
 
 def test_training_starts_from_the_conditional_config(tmp_path, data_dir):
-    _train_both(CONDITIONAL, _data_sets(data_dir, tmp_path, "[32,32,32]") + SMALL_VQVAE, tmp_path / "run")
+    _train_both(CONDITIONAL, _data_sets(data_dir, "[32,32,32]") + SMALL_VQVAE, tmp_path / "run")

@@ -83,6 +83,7 @@ def translate(data: dict) -> tuple[dict, list[Note]]:
             _loss(loss, f"{stage}.training.loss", notes)
     if isinstance(out.get("diffusion"), dict):
         _conditional(out, notes)
+        _timesteps(out["diffusion"])
     if isinstance(out.get("sampling"), dict):
         _sampling(out, notes)
     return out, list(notes)
@@ -96,29 +97,44 @@ def _get(d: dict, *path: str):
     return d
 
 
-def _triple(value):
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _triple(value, key: str):
     """Upstream sizes may be one integer (isotropic) or [X, Y, Z]."""
-    return [value] * 3 if isinstance(value, int) and not isinstance(value, bool) else value
+    if _is_int(value):
+        return [value] * 3
+    if isinstance(value, list) and len(value) == 3 and all(_is_int(v) for v in value):
+        return value
+    raise VqldmError(f"{key}: expected one size or [X, Y, Z] in voxels, got {value!r}")
+
+
+def _count(d: dict, key: str, dotted: str):
+    v = d.pop(key)
+    if v is not None and not (_is_int(v) and v >= 1):
+        raise VqldmError(f"{dotted}: expected a number of volumes >= 1 or null, got {v!r}")
+    return v
 
 
 # ------------------------------------------------------------------------------------ data
 def _data(d: dict, notes: _Notes) -> None:
     if "voxel_size" in d:
-        size = _triple(d.pop("voxel_size"))
+        size = _triple(d.pop("voxel_size"), "data.voxel_size")
         if "patch_size" in d:
             notes.warn("data.voxel_size", f"no effect: data.patch_size {d['patch_size']} is also set and wins")
         else:
             d["patch_size"] = size
             notes.info("data.voxel_size", f"-> data.patch_size {size} (the training patch, in voxels)")
-    if isinstance(d.get("voxel_resize"), int) and not isinstance(d["voxel_resize"], bool):
-        d["voxel_resize"] = _triple(d["voxel_resize"])
+    if _is_int(d.get("voxel_resize")):
+        d["voxel_resize"] = _triple(d["voxel_resize"], "data.voxel_resize")
         notes.info("data.voxel_resize", f"-> data.voxel_resize {d['voxel_resize']} (one size: the same on each axis)")
     if "pin_memory" in d:
         d.pop("pin_memory")
         notes.warn("data.pin_memory", "no effect: vqldm pins host memory whenever it trains on CUDA")
     for old, new in (("max_data_size_for_train", "max_train_volumes"), ("max_data_size_for_val", "max_val_volumes")):
         if old in d:
-            d[new] = d.pop(old)
+            d[new] = _count(d, old, f"data.{old}")
             notes.info(f"data.{old}", f"-> data.{new} {d[new]} (the first volumes of the folder, by name)")
     if isinstance(d.get("augmentation"), dict):
         d["augmentation"] = _augmentation(d["augmentation"], notes)
@@ -132,7 +148,12 @@ def _augmentation(a: dict, notes: _Notes) -> bool:
             hint = f": did you mean '{close[0]}'?" if close else f" (valid keys: {', '.join(AUGMENTATION_KEYS)})"
             raise VqldmError(f"unknown config key 'data.augmentation.{k}'{hint}")
     key = "data.augmentation"
-    flip, rot = a.get("random_flip_prob", 0) or 0, a.get("random_rotate_prob", 0) or 0
+    for k, v in a.items():
+        prob = k.endswith("_prob")
+        if not (isinstance(v, bool) if not prob else (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      and 0 <= v <= 1)):
+            raise VqldmError(f"{key}.{k}: expected {'a probability in [0, 1]' if prob else 'true or false'}, got {v!r}")
+    flip, rot = a.get("random_flip_prob", 0), a.get("random_rotate_prob", 0)
     on = bool(a.get("enabled", False)) and (flip > 0 or rot > 0)
     why = ("the upstream scripts flipped or rotated only where random_flip_prob or random_rotate_prob is above 0"
            if a.get("enabled") and not on else "random flips on each axis and rot90 in the xy plane")
@@ -156,6 +177,11 @@ def _augmentation(a: dict, notes: _Notes) -> bool:
 
 
 # ------------------------------------------------------------------------------------ losses
+def notes_for(notes: list[Note], prefix: str) -> bool:
+    """Whether any note so far is about a key under ``prefix``."""
+    return any(n.key.startswith(prefix + ".") for n in notes)
+
+
 COMBINED_TO_VQLDM = {  # upstream combined.<key> -> vqldm (block, key)
     "recon_weight": ("combined", "weighted_weight"),
     "recon_loss_type": ("weighted", "base"),
@@ -179,9 +205,14 @@ def _loss(loss: dict, prefix: str, notes: _Notes) -> None:
                                                  "(linear up to dice.threshold), never a sigmoid")
         else:
             notes.info(f"{prefix}.dice.sigmoid", "false: as vqldm, whose Dice applies no sigmoid")
-    if combined is None or not any(k in combined for k in COMBINED_TO_VQLDM):
+    upstream_combined = combined is not None and any(k in combined for k in COMBINED_TO_VQLDM)
+    if "reconstruction_loss_type" not in loss and (upstream_combined or notes_for(notes, prefix)):
+        loss["reconstruction_loss_type"] = "l1"
+        notes.info(f"{prefix}.reconstruction_loss_type", "(absent) -> l1, the upstream scripts' default "
+                                                         "(vqldm's is combined)")
+    if not upstream_combined:
         return
-    kind = loss.get("reconstruction_loss_type", "l1")  # the upstream scripts' default
+    kind = loss["reconstruction_loss_type"]
     for k in [k for k in COMBINED_TO_VQLDM if k in combined]:
         value = combined.pop(k)
         block, name = COMBINED_TO_VQLDM[k]
@@ -221,6 +252,16 @@ def _conditional(out: dict, notes: _Notes) -> None:
         u["norm_num_groups"] = 8
         notes.info("diffusion.norm_num_groups", "(absent) -> 8, the value the upstream conditional script built "
                                                 "its UNet with")
+
+
+def _timesteps(u: dict) -> None:
+    """vqldm keeps the README's two copies of the step count equal; a file that gives one (the upstream
+    scripts read only the scheduler's) means it for both."""
+    sched = u.get("scheduler") if isinstance(u.get("scheduler"), dict) else None
+    if sched is not None and "num_train_timesteps" in sched and "num_train_timesteps" not in u:
+        u["num_train_timesteps"] = sched["num_train_timesteps"]
+    elif "num_train_timesteps" in u and (sched is None or "num_train_timesteps" not in sched):
+        u.setdefault("scheduler", {})["num_train_timesteps"] = u["num_train_timesteps"]
 
 
 SAMPLING_FLAGS = {"num_samples": "vqldm sample --num-samples", "output_dir": "vqldm sample --out",
