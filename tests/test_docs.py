@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from vqldm.cli import build_parser, main
-from vqldm.config import Config
+from vqldm.config import _NON_KEYS, Config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _keys(obj, prefix=""):
     for f in dataclasses.fields(obj):
-        if f.name == "source":
+        if f.name in _NON_KEYS:  # source, migration: set by the loader, not YAML keys
             continue
         v = getattr(obj, f.name)
         if dataclasses.is_dataclass(v):
@@ -39,7 +39,8 @@ def test_ci_runs_the_readme_test_command():
     assert test_cmd.strip() in ci
 
 
-SUBCOMMANDS = ["synth", "voxelize", "points", "check", "train-vqvae", "train-diffusion", "train-prior", "sample", "evaluate", "score", "demo", "benchmark"]
+SUBCOMMANDS = ["synth", "voxelize", "points", "check", "config", "train-vqvae", "train-diffusion", "train-prior",
+               "import-checkpoint", "sample", "evaluate", "score", "demo", "benchmark"]
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS)

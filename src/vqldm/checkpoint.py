@@ -68,21 +68,27 @@ def save_atomic(obj: dict, path: str | Path) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path: str | Path, kind: str | None = None, what: str = "checkpoint",
-                    map_location="cpu") -> dict:
-    """Load a vqldm checkpoint with ``weights_only=True``; every failure names ``what`` and the path.
-
-    ``kind``: the task (``"vqvae"``, ``"diffusion"``) whose checkpoint is expected.
-    """
+def load_untrusted(path: str | Path, what: str = "checkpoint", map_location="cpu"):
+    """``torch.load(weights_only=True)`` of any PyTorch file (vqldm's or another program's): only
+    tensors and plain values load; every failure is one line naming ``what`` and the path."""
     path = Path(path)
     if not path.is_file():
         raise VqldmError(f"{what}: file not found: {path}")
     if path.stat().st_size == 0:
         raise VqldmError(f"{what}: {path} is an empty file, not a checkpoint")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # the cause stays attached for --debug
         raise VqldmError(f"{what}: {path} {_load_failure(e)}") from e
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None, what: str = "checkpoint",
+                    map_location="cpu") -> dict:
+    """Load a vqldm checkpoint with ``weights_only=True``; every failure names ``what`` and the path.
+
+    ``kind``: the task (``"vqvae"``, ``"diffusion"``) whose checkpoint is expected.
+    """
+    ckpt = load_untrusted(path, what, map_location)
     if not isinstance(ckpt, dict) or "vqldm_checkpoint" not in ckpt:
         raise VqldmError(f"{what}: {path} is a PyTorch file but not a vqldm checkpoint (no vqldm header); "
                          f"give a best_model.pt or latest_checkpoint.pt written by vqldm")

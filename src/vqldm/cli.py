@@ -19,17 +19,19 @@ EPILOG = "Docs: README.md and docs/ in the vqldm repository. Use --debug to see 
 # ------------------------------------------------------------------------------------ helpers
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", "-c", required=required, metavar="CFG",
-                   help="YAML config in the original VQ-LDM README's schema")
+                   help="YAML config in the original VQ-LDM README's schema (the upstream scripts' keys are "
+                        "translated, see docs/migration.md)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set vqvae.training.n_epochs=5 (repeatable)")
 
 
-def _load(args, check_paths: bool = True):
-    """The config of ``--config`` and ``--set``; with ``check_paths``, its data folders checked too."""
+def _load(args, check_paths: bool = True, announce: bool = True):
+    """The config of ``--config`` and ``--set``; with ``check_paths``, its data folders checked too;
+    with ``announce``, what became of each upstream-script key is logged."""
     from vqldm.config import load_config
     from vqldm.data.io import check_data_dirs
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, announce=announce)
     if check_paths:
         check_data_dirs(cfg.data)
     return cfg
@@ -88,13 +90,39 @@ def cmd_points(args) -> int:
 def cmd_check(args) -> int:
     from vqldm.commands.check import check
 
-    report = check(_load(args, check_paths=True), progress=not args.quiet and not args.json)
+    report = check(_load(args, check_paths=True, announce=False), progress=not args.quiet and not args.json)
     if args.json:
         print(json.dumps(report))
     else:
         from vqldm.commands.check import format_report
 
         print(format_report(report))
+    return 0
+
+
+def cmd_config(args) -> int:
+    cfg = _load(args, check_paths=False)
+    if args.out:
+        from vqldm.files import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.out), cfg.to_yaml().encode("utf-8"))
+        _print_paths("config written in vqldm's keys:", {"config": args.out})
+    else:
+        print(cfg.to_yaml(), end="")
+    return 0
+
+
+def cmd_import_checkpoint(args) -> int:
+    from vqldm.commands.import_checkpoint import ImportOptions, import_checkpoints
+
+    opts = ImportOptions(config=args.config, overrides=tuple(args.overrides), out_dir=Path(args.out),
+                         vqvae_checkpoint=Path(args.vqvae_checkpoint), overwrite=args.overwrite,
+                         diffusion_checkpoint=Path(args.diffusion_checkpoint) if args.diffusion_checkpoint else None)
+    written = import_checkpoints(opts)
+    then = ("sample with", "sample") if "diffusion" in written else ("train stage 2 with", "train-diffusion")
+    _print_paths("upstream checkpoints imported:", {
+        **{f"{k} checkpoint": v for k, v in written.items() if k != "config"}, "config": written["config"],
+        then[0]: f"vqldm {then[1]} --config {written['config']}" + (" --out samples" if then[1] == "sample" else "")})
     return 0
 
 
@@ -282,6 +310,37 @@ def _add_check(sub) -> None:
     s.set_defaults(func=cmd_check)
 
 
+def _add_config_cmd(sub) -> None:
+    s = sub.add_parser("config", help="print a config (also one written for the upstream scripts) in vqldm's keys",
+                       description="Load the config as every command does (the upstream scripts' keys translated, "
+                                   "one line each on stderr; --set applied; validated) and print the whole resolved "
+                                   "config in vqldm's own keys, or write it with --out. See docs/migration.md.")
+    _add_config(s)
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--print", action="store_true", help="print the resolved config as YAML on stdout")
+    g.add_argument("--out", default=None, metavar="NEW.yaml", help="write the resolved config to this file")
+    s.set_defaults(func=cmd_config)
+
+
+def _add_import(sub) -> None:
+    s = sub.add_parser("import-checkpoint", help="turn the upstream scripts' checkpoints into vqldm checkpoints",
+                       description="Convert the checkpoints of the upstream train_vqvae.py ({epoch, vqvae_state_dict, "
+                                   "...}) and train_diffusion.py ({..., unet_state_dict, scale_factor}) into vqldm's "
+                                   "self-describing ones: OUT/vqvae_checkpoints/best_model.pt, "
+                                   "OUT/diffusion_checkpoints/best_model.pt and OUT/config.yaml in vqldm's keys, which "
+                                   "`vqldm sample --config OUT/config.yaml` uses as it is. The networks' arguments "
+                                   "come from the upstream config; the files load with weights_only=True. See "
+                                   "docs/migration.md.")
+    _add_config(s)
+    s.add_argument("--vqvae-checkpoint", required=True, metavar="A.pt", help="the upstream stage-1 checkpoint")
+    s.add_argument("--diffusion-checkpoint", default=None, metavar="B.pt",
+                   help="the upstream stage-2 checkpoint, trained on A.pt's VQ-VAE (optional)")
+    s.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier import in DIR (its files are moved to previous_<time>/)")
+    s.set_defaults(func=cmd_import_checkpoint)
+
+
 def _add_train(sub) -> None:
     for name, fn, what, out in (
             ("train-vqvae", cmd_train_vqvae, "stage 1: train the VQ-VAE", "vqvae.checkpoints.output_dir"),
@@ -431,8 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_synth, _add_voxelize, _add_points, _add_check, _add_train, _add_sample, _add_evaluate,
-                _add_score, _add_demo, _add_benchmark):
+    for add in (_add_synth, _add_voxelize, _add_points, _add_check, _add_config_cmd, _add_train, _add_import,
+                _add_sample, _add_evaluate, _add_score, _add_demo, _add_benchmark):
         add(sub)
     return p
 

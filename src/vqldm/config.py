@@ -1,7 +1,8 @@
 """The typed configuration: the original VQ-LDM README's YAML schema, parsed once and validated.
 
-A YAML file written for the original ``train_vqvae.py`` / ``train_diffusion.py`` scripts loads
-unchanged. vqldm adds keys of its own (codebook health, speed switches, sampling); every key has a
+A YAML file written for the original ``train_vqvae.py`` / ``train_diffusion.py`` scripts loads: keys
+of theirs that vqldm names differently or has no behaviour for are translated first, each with a note
+(:mod:`vqldm.upstream`; the notes travel as ``Config.migration``). vqldm adds keys of its own (codebook health, speed switches, sampling); every key has a
 default, so none is required. ``load_config`` is the single entry point: it merges ``--set``
 overrides, converts every section into a frozen dataclass (read-only once loaded), and runs the cross-field
 checks, raising :class:`~vqldm.errors.VqldmError` with the dotted key named.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -21,6 +23,9 @@ from typing import Any
 import yaml
 
 from vqldm.errors import VqldmError
+from vqldm.upstream import Note, known_names, translate
+
+log = logging.getLogger("vqldm")
 
 # --------------------------------------------------------------------------------------------
 # sections
@@ -60,6 +65,8 @@ class DataConfig:
     patches_per_volume: int = 4  # random patches drawn from each volume per epoch
     max_val_patches: int = 64  # validation tiles kept (evenly chosen) across the val set
     skip_unreadable: bool = False  # skip corrupt files with a warning instead of stopping
+    max_train_volumes: int | None = None  # use only the first N training volumes (by name); null: all
+    max_val_volumes: int | None = None  # use only the first N validation volumes (by name); null: all
 
 
 @dataclass(frozen=True)
@@ -248,6 +255,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     source: str | None = None  # the YAML file this came from (not a YAML key)
+    migration: tuple[Note, ...] = ()  # what happened to each upstream-script key in it (not a YAML key)
 
     # ---- resolved values (the stage's training section overrides the shared ones) ----
     def batch_size(self, stage: str) -> int:
@@ -263,15 +271,20 @@ class Config:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.pop("source")
+        for k in _NON_KEYS:
+            d.pop(k)
         return d
+
+    def to_yaml(self) -> str:
+        """The whole resolved config as YAML in vqldm's own keys (loads back to an equal config)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------------
 # parsing: dict -> dataclasses, with the key named in every error
 # --------------------------------------------------------------------------------------------
 
-_NON_KEYS = {"source"}
+_NON_KEYS = ("source", "migration")
 
 
 def _type_name(tp: Any) -> str:
@@ -342,7 +355,7 @@ def _from_dict(cls: type, data: dict, prefix: str = "", default: Any = None) -> 
     for k, v in data.items():
         dotted = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.6)
+            close = difflib.get_close_matches(str(k), names + list(known_names(prefix)), n=1, cutoff=0.6)
             hint = f": did you mean '{close[0]}'?" if close else f" (valid keys: {', '.join(names)})"
             raise VqldmError(f"unknown config key '{dotted}'{hint}")
         kwargs[k] = _convert(v, hints[k], dotted, getattr(base, k))
@@ -395,20 +408,27 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def config_from_dict(data: dict, source: str | None = None) -> Config:
-    """Parse and validate: the result is read-only (its sections are frozen dataclasses)."""
-    cfg = dataclasses.replace(_from_dict(Config, data), source=source)
+    """Translate upstream-script keys, parse and validate: the result is read-only (its sections are
+    frozen dataclasses) and carries the translation notes as ``migration``."""
+    data, notes = translate(data)
+    cfg = dataclasses.replace(_from_dict(Config, data), source=source, migration=tuple(notes))
     validate(cfg)
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] | None = None, announce: bool = True) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None), apply ``--set``, validate.
 
+    With ``announce``, each upstream-key note is logged once (info: translated; warning: no effect).
     The data folders are checked where they are read (:func:`vqldm.data.io.check_data_dirs`).
     """
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
-    return config_from_dict(data, source=str(path) if path else None)
+    cfg = config_from_dict(data, source=str(path) if path else None)
+    if announce:
+        for note in cfg.migration:
+            (log.warning if note.level == "warning" else log.info)("upstream key %s", note)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,6 +529,8 @@ def _validate_data(d: DataConfig) -> None:
     _require(0.0 <= d.foreground_crop_ratio <= 1.0, "data.foreground_crop_ratio must lie in [0, 1]")
     _require(d.patches_per_volume >= 1, "data.patches_per_volume must be >= 1")
     _require(d.max_val_patches >= 1, "data.max_val_patches must be >= 1")
+    for key in ("max_train_volumes", "max_val_volumes"):
+        _require(getattr(d, key) is None or getattr(d, key) >= 1, f"data.{key} must be >= 1 or null")
     _require(0.0 < d.foreground_threshold < 1.0, "data.foreground_threshold must lie in (0, 1)")
 
 

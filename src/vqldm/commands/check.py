@@ -39,6 +39,7 @@ def check(cfg: Config, progress: bool = False) -> dict:
         "data": data,
         "normalization": {"method": normalize_method(cfg),
                           "smlm": info_for_volumes(cfg.data.train_data_dir, cfg.data.voxel_resize)},
+        "upstream_keys": [{"level": n.level, "key": n.key, "text": n.text} for n in cfg.migration],
     }
 
 
@@ -51,12 +52,17 @@ def _normalization_line(n: dict) -> str:
 
 
 def format_report(r: dict) -> str:
-    lines = [f"config OK: {r['config']}",
-             f"  patch size        {r['patch_size']}",
-             f"  latent shape      {r['latent_shape']}  (embedding_dim, x, y, z)",
-             f"  VQ-VAE            {r['vqvae_parameters']:,} parameters",
-             f"  diffusion UNet    {r['diffusion_parameters']:,} parameters",
-             f"  normalisation     {_normalization_line(r['normalization'])}"]
+    lines = [f"config OK: {r['config']}"]
+    if r["upstream_keys"]:
+        lines.append(f"  upstream-script keys ({len(r['upstream_keys'])}; vqldm config --print shows the result "
+                     f"in vqldm's keys):")
+        lines += [f"    {'warning' if n['level'] == 'warning' else 'translated'}: {n['key']}: {n['text']}"
+                  for n in r["upstream_keys"]]
+    lines += [f"  patch size        {r['patch_size']}",
+              f"  latent shape      {r['latent_shape']}  (embedding_dim, x, y, z)",
+              f"  VQ-VAE            {r['vqvae_parameters']:,} parameters",
+              f"  diffusion UNet    {r['diffusion_parameters']:,} parameters",
+              f"  normalisation     {_normalization_line(r['normalization'])}"]
     for key, d in r["data"].items():
         lines.append(f"  data.{key:<15} {d['files']} volumes in {d['path']}; shapes {d['shapes']}; "
                      f"spacing {d['spacing']} {d['spacing_unit']}; intensities [{d['intensity_min']:.4g}, {d['intensity_max']:.4g}]")

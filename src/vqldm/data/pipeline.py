@@ -271,9 +271,12 @@ def check_same_grid(grid: VoxelGrid, ref: VoxelGrid, path: Path, ref_path: Path,
 
 
 def scan_data_dir(cfg: Config, key: str, progress: bool = False) -> DataSummary:
-    """:func:`scan_volumes` of ``data.<key>`` with the config's data options."""
+    """:func:`scan_volumes` of ``data.<key>`` (train_data_dir or val_data_dir) with the config's data
+    options: its volume limit and the networks' voxel grid."""
     d = cfg.data
-    return scan_volumes(getattr(d, key), key, d.skip_unreadable, progress, d.voxel_resize, d.resample_spacing)
+    limit = d.max_train_volumes if key == "train_data_dir" else d.max_val_volumes
+    return scan_volumes(getattr(d, key), key, d.skip_unreadable, progress, d.voxel_resize, d.resample_spacing,
+                        limit)
 
 
 def grid_key(voxel_resize=None, resample_spacing=None) -> str:
@@ -282,12 +285,18 @@ def grid_key(voxel_resize=None, resample_spacing=None) -> str:
 
 
 def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False, progress: bool = False,
-                 voxel_resize=None, resample_spacing=None) -> DataSummary:
+                 voxel_resize=None, resample_spacing=None, limit: int | None = None) -> DataSummary:
     """Read every volume once before training: a corrupt file is named now, not hours later; so is a
-    file whose voxel spacing (after ``voxel_resize`` or ``resample_spacing``) differs from the first one's."""
+    file whose voxel spacing (after ``voxel_resize`` or ``resample_spacing``) differs from the first one's.
+
+    ``limit``: only the first that many volumes (by name) are used."""
     files = list_volumes(directory)
     if not files:
         raise VqldmError(f"data.{key}: no volumes (.nii, .nii.gz, .tif, .tiff) in {directory}")
+    if limit is not None and len(files) > limit:
+        log.info("data.%s: using the first %d of %d volumes in %s (data.max_%s_volumes)", key, limit, len(files),
+                 directory, key.split("_")[0])
+        files = files[:limit]
     good, shapes, skipped, constant = [], [], [], []
     lo, hi, grid = math.inf, -math.inf, None
     it = files

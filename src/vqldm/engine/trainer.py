@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from monai.data.utils import set_rnd
 
 from vqldm.config import Config
@@ -282,8 +281,7 @@ class Trainer:
 
     def _write_config(self) -> None:
         """The resolved config next to the checkpoints, written atomically like them."""
-        text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
-        atomic_write_bytes(self.out_dir / "config.yaml", text.encode("utf-8"))
+        atomic_write_bytes(self.out_dir / "config.yaml", self.cfg.to_yaml().encode("utf-8"))
 
     # ------------------------------------------------------------------ loop
     def _seed_epoch(self, epoch: int) -> None:
