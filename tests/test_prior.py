@@ -188,3 +188,64 @@ def test_score_writes_a_likelihood_map_per_volume_and_the_scores(trained_prior, 
                    "--out", str(tmp_path / "S2")) == 2
     err = capsys.readouterr().err
     assert "odd.nii.gz has shape [16, 16, 16]" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ two priors, one report
+def _two_prior_folders(trained_prior, trained_stage2, tmp_path) -> tuple:
+    tok, dif = tmp_path / "tok", tmp_path / "dif"
+    assert run_cli("--quiet", "sample", "--config", str(trained_prior["config_path"]), "--prior", "transformer",
+                   "-n", "2", "--out", str(tok)) == 0
+    assert run_cli("--quiet", "sample", "--config", str(trained_stage2["config_path"]), "-n", "2",
+                   "--scheduler", "ddim", "--steps", "5", "--out", str(dif)) == 0
+    return tok, dif
+
+
+def test_evaluate_compares_two_priors_on_one_stage1_against_one_floor(trained_prior, trained_stage1, trained_stage2,
+                                                                      tmp_path):
+    tok, dif = _two_prior_folders(trained_prior, trained_stage2, tmp_path)
+    base = ["--quiet", "evaluate", "--config", str(trained_stage2["config_path"]),
+            "--vqvae-checkpoint", str(trained_stage1["best"])]
+    assert run_cli(*base, "--out", str(tmp_path / "E"), "--samples", str(dif), "--samples", str(tok)) == 0
+    comp = json.loads((tmp_path / "E" / "metrics.json").read_text())["comparison"]
+    labels = [p["label"] for p in comp["priors"]]
+    assert labels == ["diffusion (ddim, 5 steps)", "token prior (T 1.0)"]
+    assert comp["priors"][1]["record"]["prior"] == "transformer"
+    # the diffusion column equals what evaluating its folder alone gives: same held-out volumes, same floor
+    assert run_cli(*base, "--out", str(tmp_path / "E1"), "--samples", str(dif)) == 0
+    alone = json.loads((tmp_path / "E1" / "metrics.json").read_text())["stages"]["ratios"]
+    assert set(comp["ratios"]) == set(alone)
+    for name, r in comp["ratios"].items():
+        assert set(r["samples"]) == set(labels) and set(r["limited_by"]) == set(labels)
+        for row in ("real_train", "reconstruction"):
+            assert r[row] == alone[name][row], (name, row)
+        assert r["samples"][labels[0]] == alone[name]["samples"], name
+        defined = {k: v for k, v in r["samples"].items() if v is not None}
+        assert r["closest"] == (min(defined, key=defined.get) if defined else None)
+    report = (tmp_path / "E" / "report.md").read_text()
+    assert "Priors side by side" in report and all(f"| {lab} |" in report for lab in labels)
+    assert "priors.png" in report and (tmp_path / "E" / "priors.png").is_file()
+    for i in (1, 2):
+        assert (tmp_path / "E" / f"prior_{i}" / "report.md").is_file()
+
+
+def test_evaluate_refuses_samples_of_another_stage1(trained_prior, trained_stage1, trained_stage2, tmp_path, capsys):
+    import shutil
+
+    tok, dif = _two_prior_folders(trained_prior, trained_stage2, tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(tok, other)
+    rec = json.loads((other / "samples.json").read_text())
+    rec["vqvae_sha256"] = "f" * 64
+    (other / "samples.json").write_text(json.dumps(rec))
+    base = ["--quiet", "evaluate", "--config", str(trained_stage2["config_path"]), "--out", str(tmp_path / "E")]
+    cases = [([dif, other], f"--samples {other}: its samples came from another stage-1 checkpoint"),
+             ([other, dif], f"--samples {dif}: its samples came from another stage-1 checkpoint"),
+             ([other], "pass --vqvae-checkpoint"),
+             ([dif, dif], "the same folder is given twice")]
+    for folders, msg in cases:
+        assert run_cli(*base, *[a for f in folders for a in ("--samples", str(f))]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (folders, err)
+    (other / "samples.json").write_text("{not json")
+    assert run_cli(*base, "--samples", str(dif), "--samples", str(other)) == 2
+    assert "samples.json is not readable JSON" in capsys.readouterr().err

@@ -200,7 +200,7 @@ def cmd_evaluate(args) -> int:
                                                           "report": res["report_path"]})
         if not args.samples:
             return 0
-    res = evaluate(cfg, Path(args.out), samples=Path(args.samples) if args.samples else None,
+    res = evaluate(cfg, Path(args.out), samples=[Path(d) for d in args.samples or []] or None,
                    vqvae_checkpoint=args.vqvae_checkpoint, progress=not args.quiet)
     _print_paths("evaluation written:", {"metrics": res["metrics_path"], "report": res["report_path"]})
     return 0
@@ -414,13 +414,20 @@ def _add_evaluate(sub) -> None:
                                    "then the same for real training volumes and their stage-1 reconstructions, "
                                    "naming the stage that limits each statistic. Writes OUT/metrics.json, "
                                    "OUT/report.md and pictures (stages.png: real | reconstruction | sample). "
+                                   "--samples given more than once (say, the diffusion and the token prior's samples "
+                                   "of one stage 1) compares them side by side: one table of ratios to the same "
+                                   "floor (real train | reconstructions | each folder, named from its "
+                                   "samples.json), priors.png, and each folder's full report in OUT/prior_<i>/. "
+                                   "Folders whose samples.json names another stage-1 checkpoint are refused. "
                                    "With --points: compare generated with real localisation tables (counts per "
                                    "region, nearest-neighbour distances, Chamfer distance) against their floor; "
                                    "writes OUT/points_metrics.json, OUT/points_report.md and OUT/points.png "
                                    "(alone, --points skips the stage-1 part).")
     _add_config(s)
     s.add_argument("--out", required=True, help="output folder for metrics.json, report.md and pictures")
-    s.add_argument("--samples", default=None, help="folder of generated volumes to compare with the real ones")
+    s.add_argument("--samples", action="append", default=None, metavar="DIR",
+                   help="folder of generated volumes to compare with the real ones; repeat it to compare "
+                        "several priors on the same stage 1 side by side")
     s.add_argument("--points", default=None, help="folder of generated localisation CSVs to compare with real ones")
     s.add_argument("--real-points", default=None,
                    help="folder of real localisation CSVs (default: data.val_data_dir's volumes through "

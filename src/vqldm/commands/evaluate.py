@@ -12,6 +12,7 @@ import torch
 from vqldm.autoencoder.calibration import apply_calibration
 from vqldm.autoencoder.codebook import code_counts, usage_and_perplexity
 from vqldm.autoencoder.model import reconstruct
+from vqldm.checkpoint import file_sha256
 from vqldm.commands.sample import read_samples
 from vqldm.config import Config
 from vqldm.data import pipeline
@@ -171,43 +172,191 @@ def _stage1_checkpoint(cfg: Config, vqvae_checkpoint: str | None) -> tuple[Path,
     return Path(cfg.vqvae.checkpoints.output_dir) / "best_model.pt", "vqvae.checkpoints.output_dir"
 
 
+def _reference_rows(cfg: Config, shape: tuple[int, ...], n: int, vqvae, vq_ckpt: dict, norm: pipeline.Normalization,
+                    rt) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """The held-out real volumes every row is judged against, up to ``n`` real training volumes, and
+    their stage-1 reconstructions."""
+    real = real_reference(cfg, shape, norm, seed=cfg.seed)
+    if len(real) < 2:
+        raise VqldmError(f"data.val_data_dir: {cfg.data.val_data_dir} gives {len(real)} real volume(s) to "
+                         f"compare with; the real-vs-real floor needs at least 2 (4 or more for a stable one)")
+    train = real_reference(cfg, shape, norm, seed=cfg.seed, key="train_data_dir")[:n]
+    recon = reconstruct_volumes(vqvae, train, norm, rt, vq_ckpt.get("intensity_calibration"))
+    return real, train, recon
+
+
+def _one_shape(folder: Path, gen: list[np.ndarray]) -> tuple[int, ...]:
+    shapes = {g.shape for g in gen}
+    if len(shapes) != 1:
+        raise VqldmError(f"--samples {folder}: volumes of several shapes {sorted(shapes)}")
+    return gen[0].shape
+
+
 def _generation(cfg: Config, samples: Path, vqvae, vq_ckpt: dict, norm: pipeline.Normalization, rt, out_dir: Path,
                 preamble: str) -> tuple[dict, dict, Path]:
     """Generation statistics of ``samples`` against held-out real volumes, the three-row comparison
     (real train, reconstructions, samples), and the report."""
     gen = read_samples(samples)
-    shapes = {g.shape for g in gen}
-    if len(shapes) != 1:
-        raise VqldmError(f"--samples {samples}: volumes of several shapes {sorted(shapes)}")
-    real = real_reference(cfg, gen[0].shape, norm, seed=cfg.seed)
-    if len(real) < 2:
-        raise VqldmError(f"data.val_data_dir: {cfg.data.val_data_dir} gives {len(real)} real volume(s) to "
-                         f"compare with; the real-vs-real floor needs at least 2 (4 or more for a stable one)")
+    real, train, recon = _reference_rows(cfg, _one_shape(samples, gen), len(gen), vqvae, vq_ckpt, norm, rt)
     log.info("comparing %d generated with %d real volumes", len(gen), len(real))
     thr = cfg.data.foreground_threshold
     gen_metrics = compare(real, gen, threshold=thr, seed=cfg.seed)
-    train = real_reference(cfg, gen[0].shape, norm, seed=cfg.seed, key="train_data_dir")[:len(gen)]
-    recon = reconstruct_volumes(vqvae, train, norm, rt, vq_ckpt.get("intensity_calibration"))
     stages = stage_rows(real, train, recon, gen_metrics, thr, cfg.seed)
     save_png(mip_grid([train[:4], recon[:4], gen[:4]]), out_dir / "stages.png")
     preamble = preamble + "\n\n" + _stages_markdown(stages)
     return gen_metrics, stages, write_report(out_dir, gen_metrics, real, gen, preamble=preamble)
 
 
-def evaluate(cfg: Config, out_dir: Path, samples: Path | None = None, vqvae_checkpoint: str | None = None,
-             progress: bool = True) -> dict:
+def sample_record(folder: Path) -> dict:
+    """A sample folder's ``samples.json`` (which prior, which stage 1), or {} when it has none."""
+    path = folder / "samples.json"
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise VqldmError(f"--samples {folder}: {path} is not readable JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise VqldmError(f"--samples {folder}: {path} holds no JSON object")
+    return record
+
+
+def prior_label(record: dict, folder: Path) -> str:
+    """A column name for a sample folder, from what its samples.json says made it."""
+    if record.get("prior") == "diffusion":
+        return f"diffusion ({record.get('scheduler')}, {record.get('steps')} steps)"
+    if record.get("prior") == "transformer":
+        knobs = [f"T {record.get('temperature')}"] + [f"{k.replace('_', '-')} {record[k]}" for k in ("top_k", "top_p")
+                                                       if record.get(k) is not None]
+        return f"token prior ({', '.join(knobs)})"
+    return folder.name
+
+
+def check_same_stage1(folders: list[Path], records: list[dict], vq_path: Path, vq_sha256: str) -> None:
+    """Refuse sample folders decoded with another stage-1 checkpoint than the one evaluated here
+    or than each other, where their samples.json records it."""
+    recorded = [(f, r["vqvae_sha256"]) for f, r in zip(folders, records) if r.get("vqvae_sha256")]
+    for folder, sha in recorded[1:]:
+        if sha != recorded[0][1]:
+            raise VqldmError(f"--samples {folder}: its samples came from another stage-1 checkpoint (sha256 "
+                             f"{sha[:12]}) than those of {recorded[0][0]} ({recorded[0][1][:12]}); the priors "
+                             f"compared must share one stage 1")
+    for folder, rec in zip(folders, records):
+        sha = rec.get("vqvae_sha256")
+        if sha and sha != vq_sha256:
+            raise VqldmError(f"--samples {folder}: its samples were decoded with stage-1 checkpoint "
+                             f"{rec.get('vqvae_checkpoint')} (sha256 {sha[:12]}), not {vq_path} (sha256 "
+                             f"{vq_sha256[:12]}) that this evaluation reconstructs with; compare samples of one "
+                             f"stage 1 (or pass --vqvae-checkpoint)")
+
+
+def _labels(folders: list[Path], records: list[dict]) -> list[str]:
+    labels = [prior_label(r, f) for f, r in zip(folders, records)]
+    return [f"{lab} [{f.name}]" if labels.count(lab) > 1 else lab for lab, f in zip(labels, folders)]
+
+
+def _ratio_of(m: dict, name: str):
+    return m["mmd"]["ratio"] if name == "mmd" else m["statistics"][name]["ratio"]
+
+
+def comparison_table(base: dict, priors: dict) -> dict:
+    """Per statistic: the real-train and reconstruction ratios, each prior's ratio, the prior closest to
+    the floor and, per prior, the stage that limits it."""
+    first = next(iter(priors.values()))
+    table = {}
+    for name in list(first["statistics"]) + ["mmd"]:
+        train, recon = _ratio_of(base["real_train"], name), _ratio_of(base["reconstruction"], name)
+        ratios = {label: _ratio_of(m, name) for label, m in priors.items()}
+        defined = {k: v for k, v in ratios.items() if v is not None}
+        table[name] = {"real_train": train, "reconstruction": recon, "samples": ratios,
+                       "closest": min(defined, key=defined.get) if defined else None,
+                       "limited_by": {k: limiting_stage(train, recon, v) for k, v in ratios.items()}}
+    return table
+
+
+def _cell(r) -> str:
+    return "undefined" if r is None else f"{r:.2f}"
+
+
+def _comparison_markdown(comp: dict) -> str:
+    labels = [p["label"] for p in comp["priors"]]
+    lines = ["## Priors side by side", "",
+             f"Every column is judged against the same {comp['n_real']} held-out volumes and the same "
+             f"real-vs-real floor (ratio to the floor; <= {PASS_RATIO:g} passes). `real train` and "
+             f"`reconstructions` use {comp['n_train']} real training volumes and their stage-1 reconstructions, "
+             "about the best any prior decoded by this stage 1 can do.", "",
+             "| statistic | real train | reconstructions | " + " | ".join(labels) + " | closest |",
+             "|---|---|---|" + "---|" * len(labels) + "---|"]
+    for name, r in comp["ratios"].items():
+        cells = [_cell(r["real_train"]), _cell(r["reconstruction"])] + [_cell(r["samples"][k]) for k in labels]
+        lines.append(f"| {name} | {' | '.join(cells)} | {r['closest'] or '-'} |")
+    lines += ["", "| prior | samples | folder | within 2x floor | max ratio | report |", "|---|---|---|---|---|---|"]
+    for p in comp["priors"]:
+        s = p["generation"]["summary"]
+        passed = sum(1 for r in comp["ratios"].values() if r["samples"][p["label"]] is not None
+                     and r["samples"][p["label"]] <= PASS_RATIO)
+        lines.append(f"| {p['label']} | {p['generation']['n_generated']} | `{p['samples']}` | {passed} of "
+                     f"{len(comp['ratios'])} | {_cell(s.get('max_ratio'))} | [{p['report']}]({p['report']}) |")
+    lines += ["", "Rows, as maximum-intensity projections: real training volumes, their reconstructions, then "
+              "each prior's first samples (" + ", ".join(labels) + "):", "", "![priors](priors.png)"]
+    return "\n".join(lines)
+
+
+def _load_sets(folders: list[Path]) -> tuple[list[list[np.ndarray]], tuple[int, ...]]:
+    gens = [read_samples(f) for f in folders]
+    shapes = {f: _one_shape(f, g) for f, g in zip(folders, gens)}
+    if len(set(shapes.values())) > 1:
+        raise VqldmError("--samples: the folders hold volumes of different shapes ("
+                         + ", ".join(f"{f}: {list(s)}" for f, s in shapes.items()) + "); compare like with like")
+    return gens, shapes[folders[0]]
+
+
+def _compare_priors(cfg: Config, folders: list[Path], records: list[dict], vqvae, vq_ckpt: dict, norm, rt,
+                    out_dir: Path) -> dict:
+    """Each sample folder against the same held-out volumes and floor, beside the real-train and
+    reconstruction rows; one report per prior in a subfolder and priors.png."""
+    gens, shape = _load_sets(folders)
+    real, train, recon = _reference_rows(cfg, shape, max(len(g) for g in gens), vqvae, vq_ckpt, norm, rt)
+    thr, seed = cfg.data.foreground_threshold, cfg.seed
+    base = {"real_train": compare(real, train, threshold=thr, seed=seed),
+            "reconstruction": compare(real, recon, threshold=thr, seed=seed)}
+    priors, entries = {}, []
+    for i, (folder, rec, gen, label) in enumerate(zip(folders, records, gens, _labels(folders, records))):
+        log.info("comparing %s: %d generated with %d real volumes", label, len(gen), len(real))
+        priors[label] = compare(real, gen, threshold=thr, seed=seed)
+        report = write_report(out_dir / f"prior_{i + 1}", priors[label], real, gen, title=f"vqldm evaluation: {label}")
+        entries.append({"label": label, "samples": str(folder), "record": rec, "generation": priors[label],
+                        "report": str(report.relative_to(out_dir))})
+    save_png(mip_grid([train[:4], recon[:4]] + [g[:4] for g in gens]), out_dir / "priors.png")
+    return {"n_real": len(real), "n_train": len(train), "priors": entries, "ratios": comparison_table(base, priors)}
+
+
+def evaluate(cfg: Config, out_dir: Path, samples: Path | list[Path] | None = None,
+             vqvae_checkpoint: str | None = None, progress: bool = True) -> dict:
+    """Stage 1 alone; with one sample folder, its generation report and three-row comparison; with
+    several (the priors of one stage 1), one side-by-side comparison."""
+    folders = [] if samples is None else [Path(samples)] if isinstance(samples, (str, Path)) else list(samples)
     out_dir.mkdir(parents=True, exist_ok=True)
     rt = make_runtime(cfg)
     vq_path, what = _stage1_checkpoint(cfg, vqvae_checkpoint)
     vqvae, vq_ckpt = load_vqvae(vq_path, rt, what=what)
+    if len(set(f.resolve() for f in folders)) < len(folders):
+        raise VqldmError("--samples: the same folder is given twice")
+    records = [sample_record(f) for f in folders]
+    check_same_stage1(folders, records, vq_path, file_sha256(vq_path))
     norm = pipeline.normalization_of(cfg, vq_ckpt["normalization"])
     metrics: dict = {"stage1": stage1_metrics(cfg, vqvae, vq_ckpt, rt, out_dir), "vqvae_checkpoint": str(vq_path)}
     pre = _stage1_markdown(metrics["stage1"], vq_path)
-    if samples is not None:
-        metrics["generation"], metrics["stages"], report = _generation(cfg, samples, vqvae, vq_ckpt, norm, rt, out_dir, pre)
-        metrics["samples"] = str(samples)
+    report = out_dir / "report.md"
+    if len(folders) == 1:
+        metrics["generation"], metrics["stages"], report = _generation(cfg, folders[0], vqvae, vq_ckpt, norm, rt,
+                                                                       out_dir, pre)
+        metrics["samples"] = str(folders[0])
+    elif folders:
+        metrics["comparison"] = _compare_priors(cfg, folders, records, vqvae, vq_ckpt, norm, rt, out_dir)
+        atomic_write_bytes(report, ("# vqldm evaluation: priors on one stage 1\n\n" + pre + "\n\n"
+                                    + _comparison_markdown(metrics["comparison"]) + "\n").encode("utf-8"))
     else:
-        report = out_dir / "report.md"
         atomic_write_bytes(report, ("# vqldm evaluation\n\n" + pre
                                     + "\n\nNo `--samples` given: generation not evaluated.\n").encode("utf-8"))
     metrics_path = out_dir / "metrics.json"
