@@ -159,6 +159,19 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_export_bundle(args) -> int:
+    from vqldm.commands.bundle import export_bundle
+
+    res = export_bundle(_load(args, check_paths=False), Path(args.out), args.diffusion_checkpoint,
+                        args.vqvae_checkpoint, args.steps, args.seed, args.num_samples, args.overwrite)
+    _print_paths("MONAI bundle written:", {
+        "inference config": res["inference"], "metadata": res["metadata"],
+        "models": ", ".join(str(m) for m in res["models"]),
+        "run it": f"python -m monai.bundle run --config_file {res['inference']} --meta_file {res['metadata']} "
+                  f"--bundle_root {args.out}"})
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from vqldm.commands.evaluate import evaluate
 
@@ -291,8 +304,10 @@ def _add_train(sub) -> None:
              "indices", "prior.checkpoints.output_dir")):
         s = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]}. Writes best_model.pt and "
                            f"latest_checkpoint.pt under {out}, TensorBoard logs under the stage's logging.log_dir. "
-                           f"Resume with --set {out.split('.')[0]}.checkpoints.resume_from=PATH. Works under "
-                           f"torchrun for several GPUs.")
+                           f"Resume with --set {out.split('.')[0]}.checkpoints.resume_from=PATH (or =latest: this "
+                           f"output_dir's own checkpoint, if any). The stage's training section sets the "
+                           f"learning-rate schedule, gradient accumulation, step checkpoints and the max_steps / "
+                           f"max_time_minutes stops. Works under torchrun for several GPUs.")
         _add_config(s)
         s.add_argument("--overwrite", action="store_true",
                        help="start afresh in an output_dir that holds checkpoints (they are moved to previous_*/)")
@@ -344,6 +359,27 @@ def _add_sample(sub) -> None:
                    help="transformer: keep the smallest set of codes holding this probability (default: prior.top_p)")
     s.add_argument("--overwrite", action="store_true", help="replace sample files already in --out")
     s.set_defaults(func=cmd_sample)
+
+
+def _add_export_bundle(sub) -> None:
+    s = sub.add_parser("export-bundle", help="the trained pair as a MONAI bundle that samples with MONAI alone",
+                       description="Write a MONAI bundle (configs/inference.json, configs/metadata.json, models/*.pt "
+                                   "plain state dicts) that `python -m monai.bundle run` runs with MONAI's own VQVAE, "
+                                   "DiffusionModelUNet, DDIM scheduler and LatentDiffusionInferer, writing the "
+                                   "volumes `vqldm sample --scheduler ddim` writes for the same seed and steps. "
+                                   "Models with per-channel latent normalisation, an intensity calibration, "
+                                   "snapping off or the rflow objective are refused (docs/bundle.md).")
+    _add_config(s)
+    s.add_argument("--out", required=True, help="bundle folder")
+    s.add_argument("--diffusion-checkpoint", default=None,
+                   help="stage-2 checkpoint (default: diffusion.checkpoints.output_dir/best_model.pt)")
+    s.add_argument("--vqvae-checkpoint", default=None,
+                   help="stage-1 checkpoint (default: the one recorded when stage 2 trained)")
+    s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: logging.num_inference_steps)")
+    s.add_argument("--seed", type=int, default=0, help="the bundle's default seed (default 0)")
+    s.add_argument("--num-samples", "-n", type=int, default=4, help="the bundle's default number of volumes (default 4)")
+    s.add_argument("--overwrite", action="store_true", help="move an earlier bundle in --out aside first")
+    s.set_defaults(func=cmd_export_bundle)
 
 
 def _add_evaluate(sub) -> None:
@@ -431,8 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_synth, _add_voxelize, _add_points, _add_check, _add_train, _add_sample, _add_evaluate,
-                _add_score, _add_demo, _add_benchmark):
+    for add in (_add_synth, _add_voxelize, _add_points, _add_check, _add_train, _add_sample, _add_export_bundle,
+                _add_evaluate, _add_score, _add_demo, _add_benchmark):
         add(sub)
     return p
 
