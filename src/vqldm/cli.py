@@ -24,6 +24,14 @@ def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="override a config key, e.g. --set vqvae.training.n_epochs=5 (repeatable)")
 
 
+def _add_checkpoints(p: argparse.ArgumentParser) -> None:
+    """The trained pair's checkpoints, where they are not the config's (sample, export-bundle)."""
+    p.add_argument("--diffusion-checkpoint", default=None,
+                   help="stage-2 checkpoint (default: diffusion.checkpoints.output_dir/best_model.pt)")
+    p.add_argument("--vqvae-checkpoint", default=None,
+                   help="stage-1 checkpoint (default: the one recorded when stage 2 trained)")
+
+
 def _load(args, check_paths: bool = True):
     """The config of ``--config`` and ``--set``; with ``check_paths``, its data folders checked too."""
     from vqldm.config import load_config
@@ -339,10 +347,7 @@ def _add_sample(sub) -> None:
                         "training data's voxel size in its unit; points: NIfTI plus sample_*.csv localisations "
                         "(x [nm],y [nm],z [nm]) at the training data's density (needs a stage 1 trained on a "
                         "`vqldm voxelize` data set) (default nifti)")
-    s.add_argument("--diffusion-checkpoint", default=None,
-                   help="stage-2 checkpoint (default: diffusion.checkpoints.output_dir/best_model.pt)")
-    s.add_argument("--vqvae-checkpoint", default=None,
-                   help="stage-1 checkpoint (default: the one recorded when stage 2 trained)")
+    _add_checkpoints(s)
     s.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="output volume size in voxels (default: the training patch size)")
     s.add_argument("--snap", choices=["on", "off"], default=None,
@@ -371,10 +376,7 @@ def _add_export_bundle(sub) -> None:
                                    "snapping off or the rflow objective are refused (docs/bundle.md).")
     _add_config(s)
     s.add_argument("--out", required=True, help="bundle folder")
-    s.add_argument("--diffusion-checkpoint", default=None,
-                   help="stage-2 checkpoint (default: diffusion.checkpoints.output_dir/best_model.pt)")
-    s.add_argument("--vqvae-checkpoint", default=None,
-                   help="stage-1 checkpoint (default: the one recorded when stage 2 trained)")
+    _add_checkpoints(s)
     s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: logging.num_inference_steps)")
     s.add_argument("--seed", type=int, default=0, help="the bundle's default seed (default 0)")
     s.add_argument("--num-samples", "-n", type=int, default=4, help="the bundle's default number of volumes (default 4)")
