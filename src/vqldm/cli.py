@@ -25,6 +25,14 @@ def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="override a config key, e.g. --set vqvae.training.n_epochs=5 (repeatable)")
 
 
+def _add_checkpoints(p: argparse.ArgumentParser) -> None:
+    """The trained pair's checkpoints, where they are not the config's (sample, export-bundle)."""
+    p.add_argument("--diffusion-checkpoint", default=None,
+                   help="stage-2 checkpoint (default: diffusion.checkpoints.output_dir/best_model.pt)")
+    p.add_argument("--vqvae-checkpoint", default=None,
+                   help="stage-1 checkpoint (default: the one recorded when stage 2 trained)")
+
+
 def _load(args, check_paths: bool = True, announce: bool = True):
     """The config of ``--config`` and ``--set``; with ``check_paths``, its data folders checked too;
     with ``announce``, what became of each upstream-script key is logged."""
@@ -184,6 +192,19 @@ def cmd_sample(args) -> int:
             "volumes": f"{opts.out_dir}/sample_0000.{res['suffix']} ...",
             "preview": res["preview"], "record": res["record"]})
     dist.shutdown()
+    return 0
+
+
+def cmd_export_bundle(args) -> int:
+    from vqldm.commands.bundle import export_bundle
+
+    res = export_bundle(_load(args, check_paths=False), Path(args.out), args.diffusion_checkpoint,
+                        args.vqvae_checkpoint, args.steps, args.seed, args.num_samples, args.overwrite)
+    _print_paths("MONAI bundle written:", {
+        "inference config": res["inference"], "metadata": res["metadata"],
+        "models": ", ".join(str(m) for m in res["models"]),
+        "run it": f"python -m monai.bundle run --config_file {res['inference']} --meta_file {res['metadata']} "
+                  f"--bundle_root {args.out}"})
     return 0
 
 
@@ -350,8 +371,10 @@ def _add_train(sub) -> None:
              "indices", "prior.checkpoints.output_dir")):
         s = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]}. Writes best_model.pt and "
                            f"latest_checkpoint.pt under {out}, TensorBoard logs under the stage's logging.log_dir. "
-                           f"Resume with --set {out.split('.')[0]}.checkpoints.resume_from=PATH. Works under "
-                           f"torchrun for several GPUs.")
+                           f"Resume with --set {out.split('.')[0]}.checkpoints.resume_from=PATH (or =latest: this "
+                           f"output_dir's own checkpoint, if any). The stage's training section sets the "
+                           f"learning-rate schedule, gradient accumulation, step checkpoints and the max_steps / "
+                           f"max_time_minutes stops. Works under torchrun for several GPUs.")
         _add_config(s)
         s.add_argument("--overwrite", action="store_true",
                        help="start afresh in an output_dir that holds checkpoints (they are moved to previous_*/)")
@@ -383,10 +406,7 @@ def _add_sample(sub) -> None:
                         "training data's voxel size in its unit; points: NIfTI plus sample_*.csv localisations "
                         "(x [nm],y [nm],z [nm]) at the training data's density (needs a stage 1 trained on a "
                         "`vqldm voxelize` data set) (default nifti)")
-    s.add_argument("--diffusion-checkpoint", default=None,
-                   help="stage-2 checkpoint (default: diffusion.checkpoints.output_dir/best_model.pt)")
-    s.add_argument("--vqvae-checkpoint", default=None,
-                   help="stage-1 checkpoint (default: the one recorded when stage 2 trained)")
+    _add_checkpoints(s)
     s.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="output volume size in voxels (default: the training patch size)")
     s.add_argument("--snap", choices=["on", "off"], default=None,
@@ -403,6 +423,24 @@ def _add_sample(sub) -> None:
                    help="transformer: keep the smallest set of codes holding this probability (default: prior.top_p)")
     s.add_argument("--overwrite", action="store_true", help="replace sample files already in --out")
     s.set_defaults(func=cmd_sample)
+
+
+def _add_export_bundle(sub) -> None:
+    s = sub.add_parser("export-bundle", help="the trained pair as a MONAI bundle that samples with MONAI alone",
+                       description="Write a MONAI bundle (configs/inference.json, configs/metadata.json, models/*.pt "
+                                   "plain state dicts) that `python -m monai.bundle run` runs with MONAI's own VQVAE, "
+                                   "DiffusionModelUNet, DDIM scheduler and LatentDiffusionInferer, writing the "
+                                   "volumes `vqldm sample --scheduler ddim` writes for the same seed and steps. "
+                                   "Models with per-channel latent normalisation, an intensity calibration, "
+                                   "snapping off or the rflow objective are refused (docs/bundle.md).")
+    _add_config(s)
+    s.add_argument("--out", required=True, help="bundle folder")
+    _add_checkpoints(s)
+    s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: logging.num_inference_steps)")
+    s.add_argument("--seed", type=int, default=0, help="the bundle's default seed (default 0)")
+    s.add_argument("--num-samples", "-n", type=int, default=4, help="the bundle's default number of volumes (default 4)")
+    s.add_argument("--overwrite", action="store_true", help="move an earlier bundle in --out aside first")
+    s.set_defaults(func=cmd_export_bundle)
 
 
 def _add_evaluate(sub) -> None:
@@ -498,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_add_synth, _add_voxelize, _add_points, _add_check, _add_config_cmd, _add_train, _add_import,
-                _add_sample, _add_evaluate, _add_score, _add_demo, _add_benchmark):
+                _add_sample, _add_export_bundle, _add_evaluate, _add_score, _add_demo, _add_benchmark):
         add(sub)
     return p
 

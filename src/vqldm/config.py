@@ -123,13 +123,19 @@ class TrainingConfig:
     ema: bool = False  # keep an EMA of the weights (used for validation, best_model.pt)
     ema_decay: float = 0.999
     skip_nonfinite: bool = False  # skip batches with a NaN/inf loss instead of stopping
+    lr_schedule: str = "constant"  # constant | cosine | linear: the learning rate after the warm-up
+    warmup_steps: int = 0  # optimizer steps of linear warm-up from lr/warmup_steps to lr
+    grad_accumulation_steps: int = 1  # micro-batches whose gradients add up to one optimizer step
+    save_interval_steps: int | None = None  # also write latest_checkpoint.pt every this many optimizer steps
+    max_steps: int | None = None  # stop (after writing latest_checkpoint.pt) once this many optimizer steps are done
+    max_time_minutes: float | None = None  # stop (after writing latest_checkpoint.pt) once this run has trained this long
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     output_dir: str = ""
-    resume_from: str | None = None
+    resume_from: str | None = None  # a latest_checkpoint.pt, or latest: output_dir's own (start afresh if none)
     vqvae_path: str | None = None  # stage 2 only: the stage-1 checkpoint
 
 
@@ -576,6 +582,7 @@ def _validate_stage(section: str, stage: VQVAEConfig | DiffusionConfig | PriorCo
     _require(t.fast_dev_run_batches >= 1, f"{section}.training.fast_dev_run_batches must be >= 1")
     if t.batch_size is not None:
         _require(t.batch_size >= 1, f"{section}.training.batch_size must be >= 1")
+    _validate_schedule(section, t)
     _require(lr > 0 and math.isfinite(lr), f"{section}.learning_rate must be a positive number")
     _require(0.0 < t.ema_decay < 1.0, f"{section}.training.ema_decay must lie in (0, 1)")
     if t.grad_clip_norm is not None:
@@ -592,6 +599,29 @@ def _validate_stage(section: str, stage: VQVAEConfig | DiffusionConfig | PriorCo
     _require(lg.num_inference_steps >= 1, f"{section}.logging.num_inference_steps must be >= 1")
     _require(bool(stage.checkpoints.output_dir), f"{section}.checkpoints.output_dir must not be empty")
     _require(bool(lg.log_dir), f"{section}.logging.log_dir must not be empty")
+
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def _validate_schedule(section: str, t: TrainingConfig) -> None:
+    """The learning-rate schedule, accumulation and stop conditions of one stage."""
+    key = f"{section}.training"
+    _require(t.lr_schedule in LR_SCHEDULES,
+             f"{key}.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
+    _require(t.warmup_steps >= 0, f"{key}.warmup_steps must be >= 0")
+    _require(t.grad_accumulation_steps >= 1, f"{key}.grad_accumulation_steps must be >= 1")
+    if t.grad_accumulation_steps > 1:
+        _require(not t.skip_nonfinite, f"{key}.grad_accumulation_steps > 1 and {key}.skip_nonfinite: choose one "
+                                       f"(a skipped micro-batch would drop its whole accumulation window)")
+        _require(not t.adversarial.enabled, f"{key}.grad_accumulation_steps > 1 is not supported with "
+                                            f"{key}.adversarial.enabled (two optimizers share the generator's backward)")
+    for name in ("save_interval_steps", "max_steps"):
+        v = getattr(t, name)
+        _require(v is None or v >= 1, f"{key}.{name} must be >= 1 or null, got {v}")
+    if t.max_time_minutes is not None:
+        _require(t.max_time_minutes > 0 and math.isfinite(t.max_time_minutes),
+                 f"{key}.max_time_minutes must be > 0 or null, got {t.max_time_minutes}")
 
 
 def _validate_unet(u: DiffusionConfig, v: VQVAEConfig, lat: list[int]) -> None:

@@ -77,7 +77,7 @@ def shard_indices(num_samples: int, batch_size: int, rank: int, world: int) -> l
     return [i for b, s in enumerate(starts) if b % world == rank for i in range(s, min(s + batch_size, num_samples))]
 
 
-def _settings(cfg: Config, opts: SampleOptions, pipe: DiffusionPipeline) -> tuple[str, int, bool]:
+def sampling_settings(cfg: Config, opts: SampleOptions, pipe: DiffusionPipeline) -> tuple[str, int, bool]:
     """The sampler, step count and snap of this run, each checked against the model."""
     sampler = opts.scheduler or default_sampler(pipe.schedule, cfg.diffusion.sampler)
     steps = cfg.diffusion.logging.num_inference_steps if opts.steps is None else opts.steps
@@ -123,7 +123,7 @@ def _my_share(opts: SampleOptions) -> list[int]:
 def _diffusion_run(cfg: Config, opts: SampleOptions):
     """The diffusion prior: its pipeline, a function of the sample indices, and what samples.json records."""
     pipe = load_pipeline(cfg, opts.diffusion_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
-    sampler, steps, snap = _settings(cfg, opts, pipe)
+    sampler, steps, snap = sampling_settings(cfg, opts, pipe)
     clip = cfg.diffusion.clip_to_codebook_range
 
     def run(mine: list[int]) -> torch.Tensor:
@@ -138,13 +138,8 @@ def _diffusion_run(cfg: Config, opts: SampleOptions):
     return pipe, run, record
 
 
-def _token_run(cfg: Config, opts: SampleOptions):
-    """The token prior: its pipeline, a function of the sample indices, and what samples.json records."""
-    if opts.shape is not None:
-        raise VqldmError("--shape: the token prior samples the code grid it was trained on; omit --shape")
-    if opts.scheduler is not None or opts.steps is not None or opts.snap is not None:
-        raise VqldmError("--scheduler, --steps and --snap are diffusion sampling options; the token prior takes "
-                         "--temperature, --top-k and --top-p")
+def token_settings(cfg: Config, opts: SampleOptions) -> dict:
+    """The token prior's temperature, top_k and top_p for this run (the options, else the config), checked."""
     p = cfg.prior
     knobs = {"temperature": p.temperature if opts.temperature is None else opts.temperature,
              "top_k": p.top_k if opts.top_k is None else opts.top_k,
@@ -155,6 +150,17 @@ def _token_run(cfg: Config, opts: SampleOptions):
         raise VqldmError(f"--top-k {knobs['top_k']}: must be >= 1")
     if knobs["top_p"] is not None and not 0 < knobs["top_p"] <= 1:
         raise VqldmError(f"--top-p {knobs['top_p']}: must lie in (0, 1]")
+    return knobs
+
+
+def _token_run(cfg: Config, opts: SampleOptions):
+    """The token prior: its pipeline, a function of the sample indices, and what samples.json records."""
+    if opts.shape is not None:
+        raise VqldmError("--shape: the token prior samples the code grid it was trained on; omit --shape")
+    if opts.scheduler is not None or opts.steps is not None or opts.snap is not None:
+        raise VqldmError("--scheduler, --steps and --snap are diffusion sampling options; the token prior takes "
+                         "--temperature, --top-k and --top-p")
+    knobs = token_settings(cfg, opts)
     pipe = load_token_pipeline(cfg, opts.prior_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
 
     def run(mine: list[int]) -> torch.Tensor:

@@ -24,7 +24,7 @@ from vqldm.checkpoint import header, load_checkpoint, rng_state, save_atomic, se
 from vqldm.engine.ema import EMA
 from vqldm.engine.tensorboard import Board, continue_after, events_of
 from vqldm.errors import VqldmError
-from vqldm.files import archive_previous, atomic_write_bytes
+from vqldm.files import archive_previous, atomic_write, atomic_write_bytes
 from vqldm.runtime import Runtime, epoch_seed, seed_everything
 
 log = logging.getLogger("vqldm")
@@ -48,6 +48,39 @@ def make_optimizer(params, lr: float, weight_decay: float, rt: Runtime) -> torch
     """AdamW; on CUDA the fused kernel (one launch for all parameters), capturable so that a CUDA
     graph can record its step (its step counter lives on the GPU)."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=rt.is_cuda, capturable=rt.is_cuda)
+
+
+def lr_factor(schedule: str, warmup: int, step: int, total: int | None) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a share of the configured one: a linear
+    warm-up over ``warmup`` steps, then constant, or down to 0 at ``total`` (cosine or linear)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or not total:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+def accumulation_window(i: int, total: int, k: int) -> tuple[bool, bool, float]:
+    """Micro-batch ``i`` of an epoch's ``total``: whether it opens and closes its window of ``k``, and the
+    share of the window's mean loss it carries (an epoch's last window may be shorter)."""
+    start = (i // k) * k
+    size = min(k, total - start)
+    return i == start, i == start + size - 1, 1.0 / size
+
+
+def resume_path(stage, task: str) -> str | None:
+    """``<task>.checkpoints.resume_from`` resolved: ``latest`` is output_dir's own latest_checkpoint.pt,
+    or None (a fresh start) where that folder has none yet."""
+    given = stage.checkpoints.resume_from
+    if given != "latest":
+        return given
+    here = Path(stage.checkpoints.output_dir) / LATEST
+    if here.is_file():
+        return str(here)
+    log.info("%s.checkpoints.resume_from: latest, but %s holds no %s yet: starting afresh", task,
+             stage.checkpoints.output_dir, LATEST)
+    return None
 
 
 @dataclass
@@ -145,6 +178,17 @@ class Trainer:
         self._graph = None  # CudaGraphed step, False where graphs cannot be used (see graph_blockers)
         self._graph_ema_outside = False
         self._val_loss: float | None = None  # the last validation's, recorded in latest_checkpoint.pt
+        for s in self.specs:  # the configured rate, which the schedule scales (kept in the optimizer state)
+            for g in s.optimizer.param_groups:
+                g.setdefault("initial_lr", g["lr"])
+        self._window = (True, True, 1.0)  # this micro-batch opens / closes its accumulation window; loss share
+        self._horizon: int | None = None  # optimizer steps the learning-rate schedule spans
+        self._position = 0  # micro-batches of the current epoch already trained on
+        self._sums: dict[str, torch.Tensor] = {}  # the current epoch's summed step losses
+        self._n_steps = 0
+        self._resume_at: dict | None = None  # a mid-epoch checkpoint's position, consumed by the next epoch
+        self._t0 = time.monotonic()
+        self._stopped: str | None = None  # why the run stopped early (max_steps, max_time_minutes)
 
     # ------------------------------------------------------------------ checkpoints
     def _eval_model(self) -> torch.nn.Module:
@@ -172,6 +216,9 @@ class Trainer:
             "rng": rng_state(),
             "task": self.task.extra_state(),
             "skipped_batches": self.skipped,
+            # where in the epoch this checkpoint was written (0: at its end), with the epoch's losses so far
+            "position": {"batch": self._position, "n_steps": self._n_steps,
+                         "sums": {k: float(v) for k, v in self._sums.items()}},
         }
 
     def save_latest(self, val_loss: float | None) -> Path | None:
@@ -207,15 +254,20 @@ class Trainer:
         self.best = ckpt["best_val_loss"] if ckpt.get("best_val_loss") is not None else math.inf
         self.skipped = int(ts.get("skipped_batches", 0))
         self.last_good, self.last_good_at = Path(path), (self.epoch, self.global_step)
+        pos = ts.get("position") or {}
+        if pos.get("batch"):
+            self._resume_at = {**pos, "rng": ts["rng"]}
         log.info("resumed %s from %s at epoch %d, step %d", self.task.name, path, self.epoch, self.global_step)
 
     def _load_weights(self, ts: dict, key: str) -> None:
         """Model, optimizers, scalers and EMA from a checkpoint's training state."""
         self.task.model.load_state_dict(ts["model"])
         for s in self.specs:
-            asked = [g["lr"] for g in s.optimizer.param_groups]
+            asked = [g["initial_lr"] for g in s.optimizer.param_groups]
             s.optimizer.load_state_dict(ts["optimizers"][s.name])
-            kept = [g["lr"] for g in s.optimizer.param_groups]
+            for g in s.optimizer.param_groups:  # a checkpoint written before schedules existed
+                g.setdefault("initial_lr", g["lr"])
+            kept = [g["initial_lr"] for g in s.optimizer.param_groups]
             if kept != asked:  # exact resume restores the optimizer whole, hyperparameters included
                 log.warning("%s: the %s optimizer keeps the checkpoint's learning rate %s; the config's %s "
                             "is not used when resuming", key, s.name, _fmt(kept), _fmt(asked))
@@ -322,7 +374,7 @@ class Trainer:
             self._volatile = vol
         return self._volatile
 
-    def _watch_finite(self, finite: torch.Tensor) -> None:
+    def _watch_finite(self, finite: torch.Tensor, advance: bool = True) -> None:
         """Remember the first non-finite step on the device, without a host sync per step.
 
         ``check_finite`` reads it at log steps and before every checkpoint, so a bad step stops
@@ -333,7 +385,8 @@ class Trainer:
             self._first_bad = torch.full((), -1, dtype=torch.long, device=finite.device)
             self._step_dev = torch.full((), self.global_step, dtype=torch.long, device=finite.device)
         self._first_bad.copy_(torch.where((~finite) & (self._first_bad < 0), self._step_dev, self._first_bad))
-        self._step_dev += 1
+        if advance:
+            self._step_dev += 1
 
     def check_finite(self) -> None:
         if self._first_bad is None:
@@ -360,6 +413,11 @@ class Trainer:
             why.append("more than one optimizer (the adversarial discriminator)")
         if not self.task.graph_safe:
             why.append(f"the {self.task.name} task is not graph-safe")
+        t = self.train_cfg
+        if t.grad_accumulation_steps > 1:
+            why.append(f"{self.task.name}.training.grad_accumulation_steps > 1 runs eagerly")
+        if t.lr_schedule != "constant" or t.warmup_steps:
+            why.append("a learning-rate schedule changes the rate a recorded optimizer step would keep")
         return why
 
     def _task_has_after_step(self) -> bool:
@@ -377,25 +435,33 @@ class Trainer:
         """Forward, backward, clipping, optimizer (and EMA): GPU work only, no host sync, so that
         a CUDA graph can record it. Not used with skip_nonfinite (see :meth:`step`)."""
         out, active, finite = self._forward(batch, ctx)
-        self._watch_finite(finite)
+        self._watch_finite(finite, advance=self._window[1])
         self._optimize(out, active)
         if with_ema and self.ema is not None:
             self.ema.update(self.task.model)
         return _detached(out)
 
     def _finish(self, out: dict[str, torch.Tensor], ctx: StepContext, ema: bool) -> dict[str, torch.Tensor]:
-        """The host side of a step's end: the task's hook, the EMA (unless the graph ran it), the count."""
+        """The host side of a step's end: the task's hook (after every micro-batch), and where the step closes
+        its accumulation window the EMA (unless the graph ran it) and the count."""
         self.task.after_optimizer_step(out, ctx)
+        if not self._window[1]:
+            return _scalars(out)
         if ema and self.ema is not None:
             self.ema.update(self.task.model)
         self.global_step += 1
         return _scalars(out)
 
     def _optimize(self, out: dict[str, torch.Tensor], active: list[OptimizerSpec]) -> None:
+        first, last, share = self._window
         for s in active:
-            s.optimizer.zero_grad(set_to_none=True)
+            if first:
+                s.optimizer.zero_grad(set_to_none=True)
             scaler = self.scalers[s.name]
-            scaler.scale(out[s.loss_key]).backward()
+            loss = out[s.loss_key] if share == 1.0 else out[s.loss_key] * share
+            scaler.scale(loss).backward()
+            if not last:  # gradients add up over the window; the optimizer steps at its end
+                continue
             if self.train_cfg.grad_clip_norm is not None:
                 scaler.unscale_(s.optimizer)
                 torch.nn.utils.clip_grad_norm_(s.params, self.train_cfg.grad_clip_norm)
@@ -427,6 +493,7 @@ class Trainer:
         """One optimisation step on ``batch``; returns the step's scalars as device tensors (no host
         sync), or None where ``skip_nonfinite`` skipped the batch."""
         ctx = StepContext(self.epoch, self.global_step)
+        self._apply_lr()
         graphed = self._graphed_step()
         if graphed is not None:
             out = graphed({k: v for k, v in batch.items() if torch.is_tensor(v)})
@@ -454,6 +521,15 @@ class Trainer:
         self._optimize(out, active)
         return self._finish(_detached(out), ctx, ema=True)
 
+    def _apply_lr(self) -> None:
+        """Each optimizer's rate for this step: its configured rate times the schedule's factor, a function
+        of the step count alone (nothing else to checkpoint, so resume stays exact)."""
+        t = self.train_cfg
+        f = lr_factor(t.lr_schedule, t.warmup_steps, self.global_step, self._horizon)
+        for s in self.specs:
+            for g in s.optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * f
+
     @torch.no_grad()
     def validate(self, max_batches: int | None = None) -> dict[str, float]:
         model = self._eval_model()
@@ -477,29 +553,41 @@ class Trainer:
         return {k: float(packed[i]) / max(total, 1.0) for i, k in enumerate(keys)}
 
     def fit(self) -> FitResult:
-        resume = self.stage.checkpoints.resume_from
+        resume = resume_path(self.stage, self.task.name)
         if resume:
             self.resume(resume)
         self._open_run(resume)
+        self._carry_best(resume)
         # train/ tags count steps, the others epochs; after continue_after nothing on disk lies past
         # either, so purging from the larger + 1 drops nothing and only guards older logs
         board = Board(self.log_dir, purge_step=max(self.global_step, self.epoch) + 1 if resume else None,
                       task=self.task.name)
         n_epochs = 1 if self.train_cfg.fast_dev_run else self.train_cfg.n_epochs
         max_batches = self.train_cfg.fast_dev_run_batches if self.train_cfg.fast_dev_run else None
+        self._horizon = n_epochs * -(-self._batches_per_epoch(max_batches) // self.train_cfg.grad_accumulation_steps)
         # pictures are rank 0's alone, so only rank 0 draws a batch for them
         vis_batch = (next(iter(self.val_loader))
                      if self.stage.logging.num_visualize_samples > 0 and dist.is_main() else None)
         log.info("%s: %d epochs, %d train batches/epoch, %d val batches, on %s", self.task.name, n_epochs,
                  len(self.train_loader), len(self.val_loader), self.rt.describe())
         history: list[dict] = []
+        self._t0 = time.monotonic()
+        self._stopped = self._stop_reason(clock=False)  # a resumed run that already reached max_steps
         try:
-            while self.epoch < n_epochs:
+            while self.epoch < n_epochs and not self._stopped:
                 record = self._train_epoch(board, n_epochs, max_batches)
+                if record is None:  # stopped mid-epoch, latest_checkpoint.pt written
+                    break
                 self._end_epoch(board, record, n_epochs, max_batches, vis_batch)
                 history.append(record)
         finally:
             board.close()
+        return self._fit_result(history)
+
+    def _fit_result(self, history: list[dict]) -> FitResult:
+        if self._stopped:
+            log.info("%s stopped early (%s) at epoch %d, step %d; continue with --set %s.checkpoints.resume_from="
+                     "latest", self.task.name, self._stopped, self.epoch, self.global_step, self.task.name)
         if self.skipped:
             log.warning("%d batch(es) with a non-finite loss were skipped", self.skipped)
         # no rank returns before rank 0 has written the last checkpoints: code that goes on to read
@@ -508,8 +596,41 @@ class Trainer:
         if not dist.is_main():  # rank 0 writes the files; other ranks report none
             return FitResult(None, None, self.best, self.epoch, self.global_step, history, self.skipped)
         best_path = self.out_dir / BEST if (self.out_dir / BEST).exists() else None
-        return FitResult(best_path, self.out_dir / LATEST, self.best, self.epoch, self.global_step, history,
-                         self.skipped)
+        latest = self.out_dir / LATEST if (self.out_dir / LATEST).exists() else None
+        return FitResult(best_path, latest, self.best, self.epoch, self.global_step, history, self.skipped)
+
+    def _carry_best(self, resume: str | None) -> None:
+        """Resuming another folder's run here: its best_model.pt comes along, so this folder holds the best
+        model even when no validation here beats it. Where that file is missing or is not the resumed run's
+        best (another score), the best score restarts, so the first validation here writes one."""
+        if not resume or not dist.is_main() or (self.out_dir / BEST).exists():
+            return
+        src = Path(resume).parent / BEST
+        try:
+            theirs = load_checkpoint(src, kind=self.task.name) if src.is_file() else None
+        except VqldmError:
+            theirs = None
+        if theirs is not None and math.isfinite(self.best) and theirs.get("val_loss") == self.best:
+            atomic_write(self.out_dir / BEST, lambda f: f.write(src.read_bytes()))
+            log.info("copied the resumed run's %s (val loss %.5g) from %s", BEST, self.best, src.parent)
+            return
+        if math.isfinite(self.best):
+            log.warning("%s: no %s of the resumed run beside %s; the next validation writes one here", self.out_dir,
+                        BEST, resume)
+        self.best = math.inf
+
+    def _stop_reason(self, clock: bool = True) -> str | None:
+        """Why the run stops now (``max_steps`` or, with ``clock``, ``max_time_minutes`` reached), or None;
+        every rank agrees."""
+        t = self.train_cfg
+        if t.max_steps is not None and self.global_step >= t.max_steps:
+            return f"{self.task.name}.training.max_steps {t.max_steps} reached"
+        if t.max_time_minutes is None or not clock:
+            return None
+        over = (time.monotonic() - self._t0) / 60.0 >= t.max_time_minutes
+        if dist.is_dist():  # clocks differ: rank 0 decides for all
+            over = dist.broadcast_object(over)
+        return f"{self.task.name}.training.max_time_minutes {t.max_time_minutes:g} reached" if over else None
 
     def _open_run(self, resume: str | Path | None) -> None:
         """The output folder checked (rank 0 decides, every rank stops on its verdict), stale temp files
@@ -536,40 +657,79 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._write_config()
 
-    def _train_epoch(self, board: Board, n_epochs: int, max_batches: int | None) -> dict:
-        """One pass over the training loader; returns the epoch's record (mean losses, seconds)."""
-        lg = self.stage.logging
+    def _batches_per_epoch(self, max_batches: int | None) -> int:
+        n = len(self.train_loader)
+        return n if max_batches is None else min(max_batches, n)
+
+    def _train_epoch(self, board: Board, n_epochs: int, max_batches: int | None) -> dict | None:
+        """One pass over the training loader; returns the epoch's record (mean losses, seconds), or None
+        where the run stopped mid-epoch (``max_steps``, ``max_time_minutes``)."""
         self._seed_epoch(self.epoch)
         self.task.train_mode()
-        sums: dict[str, torch.Tensor] = {}
-        n_steps = 0
         t0 = time.perf_counter()
-        total = len(self.train_loader) if max_batches is None else min(max_batches, len(self.train_loader))
+        total = self._batches_per_epoch(max_batches)
+        skip = self._take_position()
         bar = _progress(self.train_loader, total, f"{self.task.name} {self.epoch + 1}/{n_epochs}", self.progress)
         for i, batch in enumerate(bar):
-            if max_batches is not None and i >= max_batches:
+            if i >= total:
                 break
+            if i < skip:  # trained on before the mid-epoch checkpoint this run resumed from
+                if i == skip - 1:  # the data streams are where they were; the checkpoint's RNG state goes on
+                    set_rng_state(self._resume_rng)
+                continue
+            self._window = accumulation_window(i, total, self.train_cfg.grad_accumulation_steps)
             vals = self.step(batch)
+            self._position = i + 1
             if vals is None:
                 continue
-            n_steps += 1
+            self._n_steps += 1
             for k, v in vals.items():
-                sums[k] = sums[k] + v if k in sums else v.clone()
-            if self.global_step % lg.log_interval == 0:  # the only per-step host syncs
-                self.check_finite()
-                vals = {k: float(v) for k, v in vals.items()}
-                board.scalars(vals, self.global_step, prefix="train/")
-                board.scalar("train/learning_rate", self.specs[0].optimizer.param_groups[0]["lr"], self.global_step)
-                if self.progress:
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in list(vals.items())[:4]}, refresh=False)
+                self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
+            if self._window[1]:
+                self._log_step(board, bar, vals)
+                if i + 1 < total and self._between_steps(board):
+                    return None
         self.check_finite()
         self.epoch += 1
-        epoch_vals = {k: float(v) / max(n_steps, 1) for k, v in sums.items()}
+        epoch_vals = {k: float(v) / max(self._n_steps, 1) for k, v in self._sums.items()}
+        self._position, self._sums, self._n_steps = 0, {}, 0
         epoch_vals.update(self.task.on_train_epoch_end(self.epoch))
         epoch_vals["seconds"] = time.perf_counter() - t0
         board.scalars(epoch_vals, self.epoch, prefix="train_epoch/")
         board.scalar("train_epoch/learning_rate", self.specs[0].optimizer.param_groups[0]["lr"], self.epoch)
         return {"epoch": self.epoch, "step": self.global_step, **{f"train/{k}": v for k, v in epoch_vals.items()}}
+
+    def _take_position(self) -> int:
+        """Micro-batches of this epoch a resumed mid-epoch checkpoint already trained on (0: none), with
+        the epoch's summed losses so far restored."""
+        pos, self._resume_at = self._resume_at, None
+        if not pos:
+            return 0
+        self._resume_rng = pos["rng"]
+        self._n_steps = int(pos["n_steps"])
+        self._sums = {k: torch.tensor(v, dtype=torch.float32, device=self.rt.device) for k, v in pos["sums"].items()}
+        return int(pos["batch"])
+
+    def _log_step(self, board: Board, bar, vals: dict[str, torch.Tensor]) -> None:
+        if self.global_step % self.stage.logging.log_interval != 0:
+            return
+        self.check_finite()  # with the logging below, the only per-step host syncs
+        vals = {k: float(v) for k, v in vals.items()}
+        board.scalars(vals, self.global_step, prefix="train/")
+        board.scalar("train/learning_rate", self.specs[0].optimizer.param_groups[0]["lr"], self.global_step)
+        if self.progress:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in list(vals.items())[:4]}, refresh=False)
+
+    def _between_steps(self, board: Board) -> bool:
+        """Mid-epoch, after an optimizer step: latest_checkpoint.pt every ``save_interval_steps``, and
+        the stop (with that checkpoint) once ``max_steps`` or ``max_time_minutes`` is reached."""
+        self._stopped = self._stop_reason()
+        n = self.train_cfg.save_interval_steps
+        if self._stopped or (n and self.global_step % n == 0):
+            self.check_finite()
+            board.flush()  # the events up to here reach the disk before the checkpoint that ends them
+            self.save_latest(self._val_loss)
+        return bool(self._stopped)
 
     def _end_epoch(self, board: Board, record: dict, n_epochs: int, max_batches: int | None, vis_batch) -> None:
         """Validation, best_model.pt, pictures and latest_checkpoint.pt, each at its interval."""
@@ -587,7 +747,9 @@ class Trainer:
             self.task.eval_mode()
             self.task.visualize(board, self._eval_model(), vis_batch, self.epoch, self.log_dir / "images")
         board.flush()  # this epoch's events reach the disk before the checkpoint that ends them
-        if self.epoch % self.train_cfg.save_interval == 0 or last:
+        self._stopped = self._stop_reason()
+        n = self.train_cfg.save_interval_steps
+        if self.epoch % self.train_cfg.save_interval == 0 or last or self._stopped or (n and self.global_step % n == 0):
             self.save_latest(self._val_loss)
         if dist.is_main():
             log.info("epoch %d/%d: %s", self.epoch, n_epochs,

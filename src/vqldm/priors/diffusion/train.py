@@ -14,7 +14,7 @@ from vqldm.checkpoint import load_checkpoint
 from vqldm.config import Config, check_latent_for_unet
 from vqldm.data import pipeline
 from vqldm.engine import setup
-from vqldm.engine.trainer import FitResult, Trainer
+from vqldm.engine.trainer import FitResult, Trainer, resume_path
 from vqldm.errors import VqldmError
 from vqldm.priors.diffusion.objective import scheduler_config
 from vqldm.priors.diffusion.task import DiffusionTask
@@ -46,7 +46,7 @@ def _latent_norm(cfg: Config, train_ds, train_loader, sampler, use_cache: bool, 
     """The config's scale factor, the resumed run's normalisation, or measured from the training
     latents (on rank 0, then broadcast): one 1/std, or per channel with ``diffusion.latent_norm: channel``."""
     u = cfg.diffusion
-    resume = u.checkpoints.resume_from
+    resume = resume_path(u, "diffusion")
     if u.scale_factor is not None:
         log.info("scale_factor %.5g (from diffusion.scale_factor)", u.scale_factor)
         return L.LatentNorm(float(u.scale_factor))
