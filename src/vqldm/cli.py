@@ -314,7 +314,8 @@ def _add_sample(sub) -> None:
 
     s.add_argument("--scheduler", choices=sorted(SAMPLERS), default=None,
                    help="sampler (default: diffusion.sampler, else ddim for a DDPM-trained model and rflow for a "
-                        "rectified-flow one); ddpm with fewer steps than training is ancestral DDIM (eta 1)")
+                        "rectified-flow one); ddpm with fewer steps than training is ancestral DDIM (eta 1); dpmpp_2m: "
+                        "DPM-Solver++(2M), deterministic, for few steps (5 to 10) on a DDPM-trained model")
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default: logging.num_inference_steps)")
     s.add_argument("--seed", type=int, default=0, help="sample i's noise is seeded by (seed, i) (default 0)")
     s.add_argument("--batch-size", type=int, default=8, help="volumes denoised at once (default 8)")
