@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
@@ -118,7 +120,7 @@ def test_logsnr_grid_runs_from_pure_noise_to_timestep_0_strictly_decreasing():
     for steps in (1, 2, 5, 8, 10, 50, 500, 999):
         grid = logsnr_grid(ABAR, steps)
         assert len(grid) == steps + 1 and grid[0] == 999 and grid[-1] == 0
-        assert all(a > b for a, b in zip(grid, grid[1:]))
+        assert all(a > b for a, b in itertools.pairwise(grid))
     assert logsnr_grid(ABAR, 1000)[-2:] == [0, CLEAN]
     with pytest.raises(ValueError):
         logsnr_grid(ABAR, 0)
@@ -167,8 +169,8 @@ def test_generate_with_the_few_step_sampler_clips_snaps_and_repeats_per_seed():
         return alpha * (x - alpha * 100.0) / sigma - sigma * 100.0
 
     pipe, seen = _pipeline(claims_far_out)
-    lo, hi = pipe.norm.codebook_range(pipe.vqvae)
-    run = dict(seed=0, steps=6, sampler="dpmpp_2m", batch_size=2)
+    _, hi = pipe.norm.codebook_range(pipe.vqvae)
+    run = {"seed": 0, "steps": 6, "sampler": "dpmpp_2m", "batch_size": 2}
     clipped = pipe.generate([0, 1, 2], snap=False, clip=True, **run)
     assert hi - 0.2 < float(seen[-1].max()) < hi + 0.2  # x0 follows the clip, not the model's 100
     pipe.generate([0, 1, 2], snap=False, clip=False, **run)
@@ -179,5 +181,5 @@ def test_generate_with_the_few_step_sampler_clips_snaps_and_repeats_per_seed():
     a = pipe.generate([0, 1, 2], snap=True, **run)
     assert torch.equal(a, pipe.generate([0, 1, 2], snap=True, **run))  # same seed, same volumes
     assert torch.equal(a[2], pipe.generate([2], snap=True, **run)[0])  # sample i is sample i, whatever the batch
-    assert not torch.equal(a, pipe.generate([0, 1, 2], snap=True, **dict(run, seed=1)))
+    assert not torch.equal(a, pipe.generate([0, 1, 2], snap=True, **{**run, "seed": 1}))
     assert not torch.equal(a, pipe.generate([0, 1, 2], snap=False, **run))

@@ -418,7 +418,7 @@ class _Bench:
         rates, peaks = {}, {}
         for b in spec["stage2_batches"]:
             try:
-                t, peaks[b] = self.measure(lambda: vq_stage2(cfg, spec, rt, batch=b), self.n, self.warm + self.extra_warm)
+                t, peaks[b] = self.measure(lambda b=b: vq_stage2(cfg, spec, rt, batch=b), self.n, self.warm + self.extra_warm)
             except torch.cuda.OutOfMemoryError:
                 _release(self.dev)
                 break
