@@ -14,12 +14,23 @@ def _lines(text: str) -> list[dict]:
     return [json.loads(ln) for ln in text.splitlines() if ln.startswith("{")]
 
 
-def test_smoke_benchmark_prints_the_three_rows_and_the_cpu_checks(capsys):
+def test_smoke_benchmark_prints_the_rows_and_the_cpu_checks(capsys):
+    from vqldm.commands.benchmark import SPECS
+
     assert run_cli("benchmark", "--smoke", "--device", "cpu") == 0
     rows = _lines(capsys.readouterr().out)
     by_metric = {r["metric"]: r for r in rows if "metric" in r}
-    assert set(by_metric) == {"stage1_train_volumes_per_s", "stage2_train_latents_per_s", "sample_volumes_per_s",
-                              "token_sampling_tokens_per_s"}
+    assert set(by_metric) == {"stage1_train_volumes_per_s", "stage2_train_latents_per_s",
+                              "stage2_best_batch_latents_per_s", "sample_volumes_per_s",
+                              "few_step_sample_volumes_per_s", "token_sampling_tokens_per_s"}
+    few, ddim = by_metric["few_step_sample_volumes_per_s"], by_metric["sample_volumes_per_s"]
+    assert (few["scheduler"], few["steps"]) == ("dpmpp_2m", SPECS["smoke"]["few_step"]["steps"])
+    assert few["reference"] == ddim["reference"]  # one reference DDIM measurement for both rows
+    best, stage2 = by_metric["stage2_best_batch_latents_per_s"], by_metric["stage2_train_latents_per_s"]
+    by_batch = {int(b): v for b, v in best["latents_per_s_by_batch"].items()}
+    assert sorted(by_batch) == SPECS["smoke"]["stage2_batches"]
+    assert best["vqldm"] == max(by_batch.values()) == by_batch[best["batch"]]
+    assert best["reference"] == stage2["reference"]
     assert by_metric["token_sampling_tokens_per_s"]["same_tokens"] is True
     for r in by_metric.values():
         assert r["device"] == "cpu"

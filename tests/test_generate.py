@@ -20,7 +20,7 @@ SCHED = {"type": "ddpm", "num_train_timesteps": 1000, "schedule": "linear_beta",
 
 
 # ------------------------------------------------------------------------------ pure samplers
-@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+@pytest.mark.parametrize("kind", ["ddpm", "ddim", "dpmpp_2m"])
 def test_sampler_is_a_pure_function_of_its_inputs(kind):
     torch.manual_seed(0)
     unet = build_unet({"spatial_dims": 3, "in_channels": 4, "out_channels": 4, "channels": [16, 32],
@@ -45,7 +45,7 @@ def test_sampler_registry_refuses_an_unknown_or_mismatched_sampler():
     from vqldm.errors import VqldmError
     from vqldm.sampling.samplers import SAMPLERS, check_sampler
 
-    assert {"ddpm", "ddim", "rflow"} <= set(SAMPLERS)
+    assert {"ddpm", "ddim", "dpmpp_2m", "rflow"} <= set(SAMPLERS)
     with pytest.raises(VqldmError, match="no such sampler"):
         check_sampler("euler_ancestral", SCHED)
     with pytest.raises(VqldmError, match="rflow objective; use rflow"):

@@ -396,7 +396,8 @@ def _add_sample(sub) -> None:
 
     s.add_argument("--scheduler", choices=sorted(SAMPLERS), default=None,
                    help="sampler (default: diffusion.sampler, else ddim for a DDPM-trained model and rflow for a "
-                        "rectified-flow one); ddpm with fewer steps than training is ancestral DDIM (eta 1)")
+                        "rectified-flow one); ddpm with fewer steps than training is ancestral DDIM (eta 1); dpmpp_2m: "
+                        "DPM-Solver++(2M), deterministic, for few steps (5 to 10) on a DDPM-trained model")
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default: logging.num_inference_steps)")
     s.add_argument("--seed", type=int, default=0, help="sample i's noise is seeded by (seed, i) (default 0)")
     s.add_argument("--batch-size", type=int, default=8, help="volumes denoised at once (default 8)")
@@ -507,15 +508,17 @@ def _add_benchmark(sub) -> None:
     s = sub.add_parser("benchmark", help="speed: the reference loops vs vqldm's, side by side",
                        description="Time the original-README-style reference loops and vqldm's own for the same "
                                    "networks and batches; print one JSON line per metric with reference, vqldm and "
-                                   "ratio (peak GPU memory too), then the engine's overhead over a bare loop, the "
+                                   "ratio (peak GPU memory too), including stage 2 at its fastest batch size and the "
+                                   "few-step sampler (dpmpp_2m, 10 steps) against the reference's DDIM 50; then the "
+                                   "engine's overhead over a bare loop, the "
                                    "data loader's patches/s against the stage-1 step's volumes/s, and the token "
                                    "prior's cached sampler against a full-prefix rerun per token.")
     s.add_argument("--smoke", action="store_true", help="CPU-sized networks (minutes on a CPU)")
     s.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when present")
     s.add_argument("--only", default="",
                    help="comma-separated parts to run (default all): stage1_train_volumes_per_s, "
-                        "stage2_train_latents_per_s, sample_volumes_per_s, engine_overhead, data_pipeline, "
-                        "token_sampling_tokens_per_s")
+                        "stage2_train_latents_per_s, stage2_best_batch_latents_per_s, sample_volumes_per_s, "
+                        "few_step_sample_volumes_per_s, engine_overhead, data_pipeline, token_sampling_tokens_per_s")
     s.add_argument("--no-compile", action="store_true",
                    help="vqldm's side without torch.compile (device.compile's default; no compilation minute)")
     s.add_argument("--sweep", action="store_true",

@@ -213,7 +213,7 @@ class DiffusionConfig:
     scale_factor_batches: int = 16  # training batches over which the latent std is measured
     latent_norm: str = "global"  # global: one 1/std (scale_factor) for all channels | channel: per-channel mean and 1/std
     latent_cache: bool = True  # encode the training set once when augmentation is off
-    sampler: str | None = None  # sampling: ddim | ddpm | rflow (null: ddim for a DDPM-trained model, rflow for rflow)
+    sampler: str | None = None  # sampling: ddim | ddpm | dpmpp_2m | rflow (null: ddim for a DDPM-trained model, rflow for rflow)
     snap_to_codebook: bool = True  # sampling: quantise the denoised latent before decoding
     clip_to_codebook_range: bool = True  # sampling: bound each predicted clean latent by the codebook's range
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -678,7 +678,7 @@ def _validate_scheduler(u: DiffusionConfig) -> None:
         _require(u.scale_factor > 0 and math.isfinite(u.scale_factor), "diffusion.scale_factor must be > 0 or null")
     _require(u.scale_factor_batches >= 1, "diffusion.scale_factor_batches must be >= 1")
     if u.sampler is not None:
-        fits = ("rflow",) if s.type == "rflow" else ("ddim", "ddpm")
+        fits = ("rflow",) if s.type == "rflow" else ("ddim", "ddpm", "dpmpp_2m")
         _require(u.sampler in fits, f"diffusion.sampler must be {' or '.join(fits)} for a diffusion.scheduler.type "
                                     f"{s.type} model, got {u.sampler!r}")
     _require(u.latent_norm in ("global", "channel"),

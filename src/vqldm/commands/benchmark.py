@@ -42,6 +42,8 @@ from vqldm.synth import write_dataset
 SPECS = {
     "full": {
         "patch": 64, "stage1_batch": 4, "stage2_batch": 8, "sample_batch": 64, "sample_steps": 50,
+        # the few-step sampler's row, and the batch sizes the best-batch stage-2 row tries (until memory runs out)
+        "few_step": {"sampler": "dpmpp_2m", "steps": 10}, "stage2_batches": [8, 16, 32, 64, 128, 256],
         "ref_sample_batch": 4, "steps": 30, "warmup": 8, "workers": 4, "loader_batches": 40,
         "vqvae": {"num_channels": [64, 128, 256], "num_res_channels": 256, "num_res_layers": 2,
                   "num_embeddings": 256, "embedding_dim": 32,
@@ -56,6 +58,7 @@ SPECS = {
     },
     "smoke": {
         "patch": 32, "stage1_batch": 2, "stage2_batch": 4, "sample_batch": 4, "sample_steps": 5,
+        "few_step": {"sampler": "dpmpp_2m", "steps": 2}, "stage2_batches": [4, 8],
         "ref_sample_batch": 4, "steps": 3, "warmup": 1, "workers": 0, "loader_batches": 10,
         "vqvae": {"num_channels": [16, 32], "num_res_channels": 32, "num_res_layers": 1,
                   "num_embeddings": 64, "embedding_dim": 8},
@@ -192,19 +195,20 @@ def vq_stage1(cfg, spec, rt):
     return _with(lambda: trainer.step(batch), trainer=trainer, batch=batch)
 
 
-def vq_stage2(cfg, spec, rt):
+def vq_stage2(cfg, spec, rt, batch: int | None = None):
     torch.manual_seed(0)
+    batch_size = batch or spec["stage2_batch"]
     lat = latent_shape(cfg)
     task = DiffusionTask(cfg, rt, None, unet_net_config(cfg), scheduler_config(cfg), LatentNorm(1.0),
                          {"latent_shape": lat}, None)
     task.train_forward = wrap_for_training(task.model, rt)
     trainer = Trainer(cfg, task, None, None, rt, progress=False)
     task.train_mode()
-    batch = {"latent": _host_batch(torch.randn(spec["stage2_batch"], *lat), rt)}
+    batch = {"latent": _host_batch(torch.randn(batch_size, *lat), rt)}
     return _with(lambda: trainer.step(batch), trainer=trainer, batch=batch)
 
 
-def vq_sample(cfg, spec, rt):
+def vq_sample(cfg, spec, rt, sampler: str = "ddim", steps: int | None = None):
     vq_net, unet_net = vqvae_net_config(cfg), unet_net_config(cfg)
     vq = rt.prepare_module(build_vqvae(vq_net)).eval()
     unet = rt.prepare_module(build_unet(unet_net, flash_attention=rt.is_cuda)).eval()
@@ -213,8 +217,8 @@ def vq_sample(cfg, spec, rt):
     vq_ckpt = {"network": vq_net, "normalization": {"intensity_range": [0.0, 1.0]}}
     pipe = DiffusionPipeline(unet, vq, diff_ckpt, vq_ckpt, rt, None, None)
     n = spec["sample_batch"]
-    return lambda: pipe.generate(list(range(n)), seed=0, steps=spec["sample_steps"], sampler="ddim", batch_size=n,
-                                 snap=True)
+    return lambda: pipe.generate(list(range(n)), seed=0, steps=steps or spec["sample_steps"], sampler=sampler,
+                                 batch_size=n, snap=True)
 
 
 def bare_steps(cfg, spec, rt, engine_step_fn):
@@ -287,8 +291,9 @@ SWEEP_STAGE1 = SWEEP + [("compile_no_graphs", True, False, True)]
 
 # ------------------------------------------------------------------------------ driver
 # what --only can name, in the order they run
-PARTS = ("stage1_train_volumes_per_s", "stage2_train_latents_per_s", "sample_volumes_per_s", "engine_overhead",
-         "data_pipeline", "token_sampling_tokens_per_s")
+PARTS = ("stage1_train_volumes_per_s", "stage2_train_latents_per_s", "stage2_best_batch_latents_per_s",
+         "sample_volumes_per_s", "few_step_sample_volumes_per_s", "engine_overhead", "data_pipeline",
+         "token_sampling_tokens_per_s")
 
 
 def _emit(**kw) -> None:
@@ -308,6 +313,7 @@ class _Bench:
         self.extra_warm = 4 if self.rt.is_cuda else 0
         self.rows: list[dict] = []
         self.stage1_step_s: list[float] = []  # vqldm's stage-1 step time, once measured: the data check reuses it
+        self.ref_s: dict[str, tuple] = {}  # metric -> the reference's (seconds, peak GiB): later rows reuse them
         _emit(what="device", device=self.name, torch=torch.__version__, runtime=self.rt.describe(),
               spec="smoke" if smoke else "full")
 
@@ -344,7 +350,7 @@ class _Bench:
 
     def side_by_side(self, metric, ref_build, vq_build, batch, unit, vq_warm, **extra) -> float:
         """Median step time of each side (and peak memory on CUDA), one row each; returns vqldm's."""
-        t_ref, m_ref = self.measure(ref_build, self.n, self.warm)
+        t_ref, m_ref = self.ref_s[metric] = self.measure(ref_build, self.n, self.warm)
         t_vq, m_vq = self.measure(vq_build, self.n, self.warm + vq_warm)
         self.row(metric, batch / t_ref, batch / t_vq, unit, batch=batch, **extra)
         if m_ref is not None:
@@ -388,7 +394,7 @@ class _Bench:
         cfg, spec, rt = self.cfg, self.spec, self.rt
         n_ref, n_vq = spec["ref_sample_batch"], spec["sample_batch"]
         runs = 1 if spec is SPECS["smoke"] else 3
-        t_ref, m_ref = self.measure(lambda: ref_sample(cfg, spec, self.dev), runs, 1)
+        t_ref, m_ref = self.ref_s["sample_volumes_per_s"] = self.measure(lambda: ref_sample(cfg, spec, self.dev), runs, 1)
         t_vq, m_vq = self.measure(lambda: vq_sample(cfg, spec, rt), runs, 2 if rt.is_cuda else 1)
         self.row("sample_volumes_per_s", n_ref / t_ref, n_vq / t_vq, "volumes/s", steps=spec["sample_steps"],
                  scheduler="ddim", decode_included=True, reference_batch=n_ref, vqldm_batch=n_vq)
@@ -396,6 +402,46 @@ class _Bench:
             self.row("sample_peak_memory_gib", m_ref, m_vq, "GiB", reference_batch=n_ref, vqldm_batch=n_vq)
         self.variants("sample_volumes_per_s", lambda r: vq_sample(cfg, spec, r), n_vq, "volumes/s", runs, 2,
                       steps=spec["sample_steps"], decode_included=True)
+
+    def reference(self, metric: str, build, runs: int, warm_runs: int) -> tuple:
+        """The reference side of ``metric`` as an earlier row measured it, or measured now."""
+        if metric not in self.ref_s:
+            self.ref_s[metric] = self.measure(build, runs, warm_runs)
+        return self.ref_s[metric]
+
+    def stage2_best_batch(self) -> None:
+        """vqldm's stage-2 step at each batch in ``stage2_batches`` until memory runs out; one row for the fastest
+        (latents/s), against the reference loop at its own batch (the stage-2 row's)."""
+        cfg, spec, rt = self.cfg, self.spec, self.rt
+        t_ref, _ = self.reference("stage2_train_latents_per_s", lambda: ref_stage2(cfg, spec, self.dev), self.n,
+                                  self.warm)
+        rates, peaks = {}, {}
+        for b in spec["stage2_batches"]:
+            try:
+                t, peaks[b] = self.measure(lambda b=b: vq_stage2(cfg, spec, rt, batch=b), self.n, self.warm + self.extra_warm)
+            except torch.cuda.OutOfMemoryError:
+                _release(self.dev)
+                break
+            rates[b] = b / t
+        best = max(rates, key=rates.get)
+        self.row("stage2_best_batch_latents_per_s", spec["stage2_batch"] / t_ref, rates[best], "latents/s",
+                 batch=best, reference_batch=spec["stage2_batch"], latents_per_s_by_batch=rates,
+                 **({"peak_gib": peaks[best]} if peaks[best] is not None else {}),
+                 note="throughput only: a larger batch changes the optimisation (same lr, fewer steps per epoch)")
+
+    def few_step_sample(self) -> None:
+        """The few-step sampler (``spec["few_step"]``) through the `vqldm sample` path, decode included, against
+        the reference loop's DDIM (the sampling row's reference, ``sample_steps`` steps)."""
+        cfg, spec, rt = self.cfg, self.spec, self.rt
+        fs, n_ref, n_vq = spec["few_step"], spec["ref_sample_batch"], spec["sample_batch"]
+        runs = 1 if spec is SPECS["smoke"] else 3
+        t_ref, _ = self.reference("sample_volumes_per_s", lambda: ref_sample(cfg, spec, self.dev), runs, 1)
+        t_vq, m_vq = self.measure(lambda: vq_sample(cfg, spec, rt, fs["sampler"], fs["steps"]), runs,
+                                  2 if rt.is_cuda else 1)
+        self.row("few_step_sample_volumes_per_s", n_ref / t_ref, n_vq / t_vq, "volumes/s", steps=fs["steps"],
+                 scheduler=fs["sampler"], reference_steps=spec["sample_steps"], reference_scheduler="ddim",
+                 decode_included=True, reference_batch=n_ref, vqldm_batch=n_vq,
+                 **({"peak_gib_per_volume": m_vq / n_vq} if m_vq is not None else {}))
 
     def engine_overhead(self) -> None:
         """The engine's cost over a bare loop of the same task, network and batch (graphs off on
@@ -457,7 +503,8 @@ def run_benchmark(smoke: bool = False, device: str | None = None, only: str = ""
     spec = SPECS["smoke" if smoke else "full"]
     bench = _Bench(spec, _config(spec, device, compile_), smoke, sweep)
     parts = {"stage1_train_volumes_per_s": bench.stage1, "stage2_train_latents_per_s": bench.stage2,
-             "sample_volumes_per_s": bench.sample, "engine_overhead": bench.engine_overhead,
+             "stage2_best_batch_latents_per_s": bench.stage2_best_batch, "sample_volumes_per_s": bench.sample,
+             "few_step_sample_volumes_per_s": bench.few_step_sample, "engine_overhead": bench.engine_overhead,
              "data_pipeline": bench.data_pipeline, "token_sampling_tokens_per_s": bench.token_sampling}
     for part in PARTS:
         if not wanted or part in wanted:
