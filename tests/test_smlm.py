@@ -265,3 +265,31 @@ def test_synth_tables_stay_inside_the_field_after_rounding(monkeypatch):
     _, truth, pts = mt.synth_volume_and_locs(SHAPE, np.random.default_rng(0))
     assert g.inside(np.round(pts, 3)).all() and len(pts) <= truth["n_localisations"]
     assert np.isclose(pts[:, 0], 7999.999, atol=1e-3).any()  # kept, a hair inside
+
+
+def test_scale_rules(synth_locs, tmp_path, capsys):
+    """peak keeps every intensity within [0, 1]; the p99.9 default lifts filaments, keeping the density."""
+    from vqldm.data.io import read_volume
+
+    def run(name, *extra):
+        assert run_cli("--quiet", "voxelize", "--input", synth_locs / "locs" / "train", "--out", tmp_path / name,
+                       "--fov", *FOV, "--shape", *SHAPE, "--val-fraction", 0, *extra) == 0
+        info = json.loads((tmp_path / name / "dataset_info.json").read_text())
+        vols = [read_volume(tmp_path / name / rel).array for rel in info["files"]]
+        return info, vols
+
+    peak, vp = run("peak", "--scale", "peak")
+    p999, v9 = run("p999")
+    fixed, _ = run("fixed", "--scale", 7.5)
+    assert max(v.max() for v in vp) == pytest.approx(1.0) and peak["above_one_fraction"] == 0
+    assert p999["scale_rule"] == "p99.9" and p999["counts_per_intensity"] < peak["counts_per_intensity"]
+    assert max(v.max() for v in v9) > 1 and 0 < p999["above_one_fraction"] < 0.05
+    assert np.mean([(v > 0.1).mean() for v in v9]) > np.mean([(v > 0.1).mean() for v in vp])
+    for info, vols in ((peak, vp), (p999, v9)):  # either way the files restore every localisation
+        counts = [r["n_localisations"] for r in info["files"].values()]
+        assert [point_count(v, info["counts_per_intensity"]) for v in vols] == pytest.approx(counts, abs=1)
+    assert fixed["counts_per_intensity"] == 7.5
+    capsys.readouterr()
+    assert run_cli("voxelize", "--input", synth_locs / "locs" / "train", "--out", tmp_path / "bad",
+                   "--shape", *SHAPE, "--scale", "p0") != 0
+    assert "--scale 'p0'" in capsys.readouterr().err

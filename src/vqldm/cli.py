@@ -297,8 +297,10 @@ def _add_voxelize(sub) -> None:
                    help="shift each table so its own minimum is the origin (recorded; `vqldm points` undoes it)")
     s.add_argument("--drop-outside", action="store_true",
                    help="drop localisations outside the field of view (counted) instead of refusing the table")
-    s.add_argument("--scale", type=float, default=None, metavar="COUNTS",
-                   help="localisations per unit intensity (default: the data set's peak, so nothing is clipped)")
+    s.add_argument("--scale", default="p99.9", metavar="RULE",
+                   help="localisations per unit intensity: pNN.N, a percentile of the data set's occupied voxels "
+                        "(default p99.9: filaments at trainable intensities; the densest voxels keep values above 1, "
+                        "which training clips), peak (all within [0, 1]) or a number")
     s.add_argument("--val-fraction", type=float, default=0.2, help="share of tables for val/ (default 0.2)")
     s.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     s.add_argument("--key", default=None, help="HDF5 dataset name (default: the file's only dataset)")

@@ -41,7 +41,7 @@ class VoxelizeOptions:
     shape: list[int] | None = None
     per_file_origin: bool = False  # shift each table so that its own minimum sits at the origin
     drop_outside: bool = False  # drop points outside the field of view instead of refusing the table
-    scale: float | None = None  # counts per unit intensity; default: the data set's peak density
+    scale: str = "p99.9"  # counts per unit intensity: peak, a percentile of occupied voxels (pNN.N) or a number
     val_fraction: float = 0.2
     seed: int = 0
     key: str | None = None  # HDF5 dataset name
@@ -89,14 +89,16 @@ def _inside(pts: np.ndarray, path: Path, grid: Grid, drop: bool) -> np.ndarray:
 
 def _scale(tables: list[Path], grid: Grid, opts: VoxelizeOptions) -> float:
     """Pass 2: the data set's counts per unit intensity (see :func:`vqldm.smlm.voxelize.counts_per_intensity`)."""
-    if opts.scale is not None and opts.method != "occupancy":
-        return V.counts_per_intensity(opts.method, 0.0, 0, 0, opts.scale)
-    peak, n_points, n_occupied = 0.0, 0, 0
+    if V.parse_scale(opts.scale)[0] == "value" and opts.method != "occupancy":
+        return V.counts_per_intensity(opts.method, opts.scale, 0.0, np.zeros(0), 0, 0)
+    peak, n_points, n_occupied, values = 0.0, 0, 0, []
+    rng = np.random.default_rng(opts.seed)
     for path in _bar(tables, "voxelize 2/3: scale", opts.progress):
         pts = _inside(_load(path, opts)[0], path, grid, opts.drop_outside)
         raw = V.raw_density(pts, grid, opts.method, opts.sigma_nm)
         peak, n_points, n_occupied = max(peak, float(raw.max())), n_points + len(pts), n_occupied + int((raw > 0).sum())
-    return V.counts_per_intensity(opts.method, peak, n_points, n_occupied, opts.scale)
+        values.append(V.occupied_sample(raw, rng))
+    return V.counts_per_intensity(opts.method, opts.scale, peak, np.concatenate(values), n_points, n_occupied)
 
 
 def split_names(stems: list[str], val_fraction: float, seed: int) -> dict[str, str]:
@@ -137,18 +139,19 @@ def _write(tables, stems, split, grid, cpi, opts: VoxelizeOptions, stage: Path) 
         pts, shift = _load(path, opts)
         n_in = len(pts)
         pts = _inside(pts, path, grid, opts.drop_outside)
-        vol, clipped = V.to_intensity(V.raw_density(pts, grid, opts.method, opts.sigma_nm), opts.method, cpi)
+        vol, above = V.to_intensity(V.raw_density(pts, grid, opts.method, opts.sigma_nm), opts.method, cpi)
         rel = f"{split[stem]}/{stem}.nii.gz"
         (stage / rel).parent.mkdir(parents=True, exist_ok=True)
         write_volume(stage / rel, vol, grid.spacing_um, "micron")
         files[rel] = {"source": str(path.resolve()), "n_localisations": len(pts), "n_outside_dropped": n_in - len(pts),
-                      "shift_nm": [float(v) for v in shift], "clipped_fraction": round(clipped, 6)}
+                      "shift_nm": [float(v) for v in shift], "above_one_fraction": round(above, 6)}
     return files
 
 
 def voxelize_tables(opts: VoxelizeOptions) -> dict:
     """Run the three passes and write OUT/train, OUT/val and OUT/dataset_info.json; returns the info."""
     V.check_method(opts.method, opts.sigma_nm if opts.sigma_nm is not None or opts.method != "gaussian" else [1.0])
+    V.parse_scale(opts.scale)
     out = Path(opts.out_dir)
     _check_out(out)
     tables = list_tables(opts.inputs)
@@ -180,12 +183,19 @@ def _info(opts: VoxelizeOptions, grid: Grid, cpi: float, files: dict) -> dict:
         "format": FORMAT, "version": 1,
         "grid": grid.to_dict(), "spacing_unit_in_files": "micron", "coordinate_unit": "nm",
         "method": opts.method, "sigma_nm": sigma if opts.method == "gaussian" else None,
-        "counts_per_intensity": cpi,
+        "counts_per_intensity": cpi, "scale_rule": str(opts.scale),
+        "above_one_fraction": _above_one(files),
         "per_file_origin": opts.per_file_origin, "padding_nm": [float(v) for v in opts.padding_nm],
         "split": {"seed": opts.seed, "val_fraction": opts.val_fraction,
                   "train": sum(k.startswith("train/") for k in files), "val": sum(k.startswith("val/") for k in files)},
         "files": files,
     }
+
+
+def _above_one(files: dict) -> float:
+    """The share of the data set's density above intensity 1 (kept in the files; training clips it)."""
+    n = sum(r["n_localisations"] for r in files.values())
+    return round(sum(r["above_one_fraction"] * r["n_localisations"] for r in files.values()) / max(n, 1), 6)
 
 
 def summary_lines(out: Path, info: dict) -> dict[str, object]:
@@ -194,6 +204,7 @@ def summary_lines(out: Path, info: dict) -> dict[str, object]:
         "train": f"{out / 'train'} ({len(list_volumes(out / 'train'))} volumes)",
         "val": f"{out / 'val'} ({len(list_volumes(out / 'val'))} volumes)",
         "grid": f"{g['shape']} voxels of {[round(v, 3) for v in g['voxel_nm']]} nm from {g['origin_nm']} nm",
-        "density scale": f"{info['counts_per_intensity']:.6g} localisations per unit intensity",
+        "density scale": f"{info['counts_per_intensity']:.6g} localisations per unit intensity ({info['scale_rule']}; "
+                         f"{100 * info['above_one_fraction']:.2f} % of the density above 1)",
         "dataset info": out / INFO_NAME,
     }

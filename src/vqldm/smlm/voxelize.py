@@ -7,6 +7,13 @@ or 1 where a voxel holds any localisation (``occupancy``). A data set is then di
 localisation density (the upstream converter normalises each volume on its own, which loses it).
 The scale is recorded, and ``sum(intensity) * counts_per_intensity`` restores the localisation
 count of a volume (:mod:`vqldm.smlm.points`).
+
+The scale follows a rule (:func:`parse_scale`): ``p99.9`` (the default) is the 99.9th percentile of
+the data set's occupied voxels, which puts filaments at the intensities the networks' foreground
+threshold (0.1) expects; ``peak`` is the largest voxel (intensities within [0, 1], but sparse
+filaments then sit mostly below 0.1); a number fixes it. The few voxels denser than the scale keep
+intensities above 1 in the files, so that the files still restore every localisation; training
+(``data.normalize: fixed``) clips them at 1, about 0.4 % of the density of synthetic microtubules.
 """
 
 from __future__ import annotations
@@ -49,26 +56,56 @@ def raw_density(points_nm: np.ndarray, grid: Grid, method: str, sigma_nm=None) -
     return ndimage.gaussian_filter(counts, sigma_vox, mode="reflect", truncate=4.0)
 
 
-def counts_per_intensity(method: str, peak: float, n_points: int, n_occupied: int, scale: float | None) -> float:
+SAMPLE_PER_VOLUME = 20_000  # occupied-voxel values kept per volume (seeded) for a percentile scale
+
+
+def parse_scale(rule: str | float) -> tuple[str, float | None]:
+    """``"peak"``, ``"pNN.N"`` (a percentile of occupied voxels) or a positive number, as (kind, value)."""
+    text = str(rule).strip().lower()
+    if text == "peak":
+        return "peak", None
+    try:
+        if text.startswith("p"):
+            q = float(text[1:])
+            if 0 < q <= 100:
+                return "percentile", q
+        elif float(text) > 0:
+            return "value", float(text)
+    except ValueError:
+        pass
+    raise VqldmError(f"--scale {rule!r}: give peak, a percentile such as p99.9, or a positive number of "
+                     f"localisations per unit intensity")
+
+
+def occupied_sample(raw: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``SAMPLE_PER_VOLUME`` values of the occupied voxels (for a percentile scale)."""
+    vals = raw[raw > raw.max() * 1e-6] if raw.max() > 0 else raw[:0].ravel()
+    return vals if vals.size <= SAMPLE_PER_VOLUME else rng.choice(vals, SAMPLE_PER_VOLUME, replace=False)
+
+
+def counts_per_intensity(method: str, rule: str | float, peak: float, values: np.ndarray, n_points: int,
+                         n_occupied: int) -> float:
     """Localisations per unit of summed intensity for a data set.
 
-    ``counts``/``gaussian``: the volumes are the density divided by ``scale`` (default: the data
-    set's peak, so intensities span [0, 1] and nothing is clipped). ``occupancy``: the mean number
-    of localisations per occupied voxel, so that the summed occupancy still restores the count.
+    ``counts``/``gaussian``: the volumes are the density divided by the scale its ``rule`` gives
+    (:func:`parse_scale`; ``values`` are occupied voxels of the whole data set). ``occupancy``: the
+    mean number of localisations per occupied voxel, so that the summed occupancy restores the count.
     """
     if method == "occupancy":
         return float(n_points) / max(int(n_occupied), 1)
-    value = float(scale) if scale is not None else float(peak)
+    kind, v = parse_scale(rule)
+    value = v if kind == "value" else peak if kind == "peak" else \
+        (float(np.percentile(values, v)) if values.size else 0.0)
     if not value > 0:
         raise VqldmError("the localisation tables put no points inside the field of view")
-    return value
+    return float(value)
 
 
 def to_intensity(raw: np.ndarray, method: str, cpi: float) -> tuple[np.ndarray, float]:
-    """The float32 volume in [0, 1] and the fraction of its density lost to clipping at 1."""
+    """The float32 volume (density / ``cpi``, not clipped) and the share of its density above 1."""
     if method == "occupancy":
         return raw.astype(np.float32), 0.0
     vol = raw / cpi
     total = float(vol.sum())
-    clipped = float(np.clip(vol - 1.0, 0.0, None).sum())
-    return np.clip(vol, 0.0, 1.0).astype(np.float32), clipped / total if total > 0 else 0.0
+    above = float(np.clip(vol - 1.0, 0.0, None).sum())
+    return vol.astype(np.float32), above / total if total > 0 else 0.0
