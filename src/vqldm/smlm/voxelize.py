@@ -13,7 +13,7 @@ the data set's occupied voxels, which puts filaments at the intensities the netw
 threshold (0.1) expects; ``peak`` is the largest voxel (intensities within [0, 1], but sparse
 filaments then sit mostly below 0.1); a number fixes it. The few voxels denser than the scale keep
 intensities above 1 in the files, so that the files still restore every localisation; training
-(``data.normalize: fixed``) clips them at 1, about 0.4 % of the density of synthetic microtubules.
+(``data.normalize: fixed``) clips them at 1, about 0.8 % of the density of synthetic microtubules.
 """
 
 from __future__ import annotations
