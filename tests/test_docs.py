@@ -39,7 +39,7 @@ def test_ci_runs_the_readme_test_command():
     assert test_cmd.strip() in ci
 
 
-SUBCOMMANDS = ["synth", "voxelize", "points", "check", "train-vqvae", "train-diffusion", "train-prior", "sample", "reconstruct", "evaluate", "score", "demo", "benchmark"]
+SUBCOMMANDS = ["synth", "voxelize", "points", "check", "train-vqvae", "train-diffusion", "train-prior", "sample", "reconstruct", "edit", "evaluate", "score", "demo", "benchmark"]
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS)
