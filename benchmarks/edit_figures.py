@@ -22,8 +22,13 @@ inpaint: ``vqldm edit inpaint`` of the central box (half the patch per axis) of 
 the foreground fraction inside the box against the 5-95 % range of real volumes' (train and val)
 in the same box, and the voxels changed outside the feathered mask (must be 0).
 
+tiled: ``vqldm sample --shape`` of 4 x 4 training patches (tiled latent sampling, sliding-window
+decoding): peak resident memory over one training-size sample's, each in a fresh process (2 DDIM
+steps; the UNet on the whole latent for contrast), and the seam ratio at the tile borders of ``--n``
+samples.
+
 usage: OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/edit_figures.py --config CONFIG \
-           --part reconstruct|invert|interpolate|sdedit|inpaint [--n 8] [--steps 50] [--frames 8]
+           --part reconstruct|invert|interpolate|sdedit|inpaint|tiled [--n 8] [--steps 50] [--frames 8]
 """
 
 from __future__ import annotations
@@ -154,10 +159,54 @@ def inpaint_part(cfg, n: int, steps: int, **_) -> dict:
             "voxels_changed_outside_feather_total": int(sum(r[1] for r in rows))}
 
 
+PEAK = """
+import json, resource, sys, torch
+torch.set_num_threads(1)
+from vqldm.config import load_config
+from vqldm.priors.diffusion.pipeline import load_pipeline
+from vqldm.sampling.samplers import sample_latents
+import vqldm.sampling.window, monai.inferers, tqdm  # imported before measuring: code is not sampling memory
+pipe = load_pipeline(load_config(sys.argv[1]))
+shape, mode = [int(v) for v in sys.argv[2:5]], sys.argv[5]
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4  # resident, KiB
+before = rss()
+if mode == "whole":  # the UNet on the whole latent at once (what --shape did before tiling)
+    z = sample_latents("ddim", pipe.denoiser(), pipe.noise([0], 0, pipe.latent_shape(shape)), 2, pipe.schedule)
+else:
+    pipe.generate([0], 0, 2, "ddim", 1, True, shape)
+print(json.dumps({"peak_minus_before_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+"""
+
+
+def tiled_part(cfg, n: int, steps: int, config_path: str = "", **_) -> dict:
+    """Peak resident memory of sampling one training-size volume and a 4 x 4-patch one (2 DDIM steps,
+    fresh processes), and the seam ratio of ``n`` 4 x 4-patch samples at the tile borders."""
+    import subprocess
+    import sys
+
+    patch = list(cfg.data.patch_size)
+    big = [patch[0] * 4, patch[1] * 4, patch[2]]
+    mem = {}
+    for name, shape, mode in [("one_tile", patch, "tiled"), ("4x4_tiled", big, "tiled"), ("4x4_whole_unet", big, "whole")]:
+        out = subprocess.run([sys.executable, "-c", PEAK, config_path, *map(str, shape), mode], capture_output=True,
+                             text=True, check=True).stdout.strip().splitlines()[-1]
+        mem[name] = json.loads(out)["peak_minus_before_mib"]
+    from vqldm.priors.diffusion.pipeline import load_pipeline
+
+    pipe = load_pipeline(cfg)
+    stride = big[0] // pipe.latent_shape(big)[1]
+    lat_b = window_borders(pipe.latent_shape(big)[1:], list(pipe.diff_ckpt["latent_shape"])[1:], 1)
+    borders = [[b * stride for b in axis] for axis in lat_b]
+    vols = pipe.generate(list(range(n)), 0, steps, "ddim", 1, True, big) if n else []
+    seams = [seam_ratio(v[0], borders) for v in vols]
+    return {"shape": big, "peak_memory_mib": mem, "ratio_4x4_to_one_tile": mem["4x4_tiled"] / mem["one_tile"],
+            "seam_ratio_samples": seams, "seam_ratio_mean": float(np.mean(seams)) if seams else None, "steps": steps}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True)
-    ap.add_argument("--part", choices=["reconstruct", "invert", "interpolate", "sdedit", "inpaint"], required=True)
+    ap.add_argument("--part", choices=["reconstruct", "invert", "interpolate", "sdedit", "inpaint", "tiled"], required=True)
     ap.add_argument("--n", type=int, default=8, help="volumes (pairs) per figure (default 8)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     ap.add_argument("--frames", type=int, default=8, help="interpolation frames (default 8)")
@@ -165,8 +214,8 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(args.config)
     parts = {"reconstruct": reconstruct_part, "invert": invert_part, "interpolate": interpolate_part,
-             "sdedit": sdedit_part, "inpaint": inpaint_part}
-    res = parts[args.part](cfg, args.n, steps=args.steps, frames=args.frames)
+             "sdedit": sdedit_part, "inpaint": inpaint_part, "tiled": tiled_part}
+    res = parts[args.part](cfg, args.n, steps=args.steps, frames=args.frames, config_path=args.config)
     print(json.dumps(res, indent=2, default=float))
 
 

@@ -274,3 +274,48 @@ def test_outpaint_grows_the_volume_and_keeps_the_input(trained_stage2, tmp_path,
     capsys.readouterr()
     assert _edit(trained_stage2, "outpaint", tmp_path / "p", "--input", val[0], "--pad", "3", "0", "0") == 2
     assert "not one the VQ-VAE decodes to" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ large samples
+def test_tiled_denoiser_runs_tiles_and_blends_them_exactly():
+    """A voxel-wise model gives the same output tiled as whole (the blend weights sum to one), each
+    sample keeps its own timestep, and the model never sees more than one tile."""
+    from vqldm.sampling.window import tiled_denoiser
+
+    seen = []
+
+    def f(x, t, condition=None):
+        seen.append(tuple(x.shape))
+        return x * t.view(-1, 1, 1, 1, 1).float() + 1.0
+
+    x = torch.randn(2, 3, 20, 12, 6, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([3, 7])
+    out = tiled_denoiser(f, [8, 8, 6])(x, t)
+    assert torch.allclose(out, f(x, t), atol=1e-5)
+    assert max(s[2] for s in seen[:-1]) == 8 and all(s[3] <= 8 and s[0] == 1 for s in seen[:-1])
+    seen.clear()
+    small = x[:, :, :8, :8]
+    assert torch.equal(tiled_denoiser(f, [8, 8, 6])(small, t), f(small, t)) and seen[0] == tuple(small.shape)
+
+
+def test_sample_beyond_the_patch_is_tiled_and_seamless_in_shape(trained_stage2, tmp_path, monkeypatch):
+    """--shape beyond the training patch: the UNet sees training-size tiles only."""
+    from vqldm.priors.diffusion import pipeline
+
+    sizes = []
+    real = pipeline.as_denoiser
+
+    def spy(net):
+        call = real(net)
+
+        def wrapped(x, t, condition=None):
+            sizes.append(tuple(x.shape[2:]))
+            return call(x, t, condition)
+        return wrapped
+
+    monkeypatch.setattr(pipeline, "as_denoiser", spy)
+    assert run_cli("--quiet", "sample", "--config", trained_stage2["config_path"], "-n", "1", "--steps", "3",
+                   "--scheduler", "ddim", "--shape", "64", "32", "32", "--out", tmp_path / "S") == 0
+    v = read_volume(tmp_path / "S" / "sample_0000.nii.gz")
+    assert v.array.shape == (64, 32, 32) and np.isfinite(v.array).all()
+    assert sizes and set(sizes) == {(8, 8, 8)}  # the training latent of the 32^3 patch

@@ -363,7 +363,9 @@ def _add_sample(sub) -> None:
     s.add_argument("--vqvae-checkpoint", default=None,
                    help="stage-1 checkpoint (default: the one recorded when stage 2 trained)")
     s.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="output volume size in voxels (default: the training patch size)")
+                   help="output volume size in voxels (default: the training patch size); beyond it the UNet "
+                        "runs on overlapping training-size latent tiles blended every step (MultiDiffusion) and "
+                        "the decoder on windows, so memory stays about one tile's")
     s.add_argument("--snap", choices=["on", "off"], default=None,
                    help="snap the denoised latent to the codebook before decoding (default: diffusion.snap_to_codebook)")
     s.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA weights")

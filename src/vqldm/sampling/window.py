@@ -102,3 +102,23 @@ def decode_windowed(vqvae: torch.nn.Module, z: torch.Tensor, latent_roi: list[in
     roi = [min(r, n) for r, n in zip(latent_roi, z.shape[2:])]
     img = _blend(dec, z.float(), roi, aligned_overlap(roi, 1, overlap), progress)
     return apply_calibration(to_unit(img, intensity_range), calibration).clamp(0, 1).cpu()
+
+
+def tiled_denoiser(denoiser, latent_roi: list[int], overlap: float = 0.25):
+    """A denoiser for latents larger than the training latent: the UNet runs on overlapping
+    ``latent_roi`` tiles, one at a time, and the tiles' predictions are blended with Gaussian weights
+    (MultiDiffusion, Bar-Tal et al., 2023, with weighted averaging). Samplers step linearly in the
+    model output, so blending the predictions at every step is blending the tiles' next latents.
+    Latents no larger than ``latent_roi`` go to ``denoiser`` whole."""
+    def call(x, t, condition=None):
+        if all(n <= r for n, r in zip(x.shape[2:], latent_roi)):
+            return denoiser(x, t, condition)
+        outs = []
+        for b in range(x.shape[0]):  # a tile's timestep is its sample's
+            def tile(w, b=b):
+                return denoiser(w, t[b:b + 1].expand(w.shape[0]), condition).float()
+
+            outs.append(_blend(tile, x[b:b + 1].float(), list(latent_roi), aligned_overlap(latent_roi, 1, overlap),
+                               False))
+        return torch.cat(outs)
+    return call
