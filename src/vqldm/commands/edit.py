@@ -7,7 +7,8 @@
   (Meng et al., 2022): small strengths keep the input's layout, 1 draws a fresh sample.
 
 Latents are encoded and decoded through :mod:`vqldm.sampling.window` (one window where the input is
-the training patch), the UNet runs on the whole latent. Every file carries the input's voxel spacing,
+the training patch); on a latent larger than the training latent the UNet runs on blended tiles
+(:func:`vqldm.sampling.window.tiled_denoiser`), as ``vqldm sample --shape`` does. Every file carries the input's voxel spacing,
 unit and affine; ``<edit>.png`` shows the MIPs and ``<edit>.json`` records the settings and figures.
 """
 
@@ -67,6 +68,15 @@ class Editor:
 
             z = snap_to_codebook(self.pipe.vqvae, z)
         return self.stage1.decode(z, self.opts.overlap)[:, 0].numpy()
+
+    def denoiser(self, z: torch.Tensor):
+        """The UNet call for latents like ``z``: whole up to the training latent, tiled beyond."""
+        tiled, train = self.pipe.tiled(list(z.shape[1:]))
+        if not tiled:
+            return self.pipe.denoiser()
+        from vqldm.sampling.window import tiled_denoiser
+
+        return tiled_denoiser(self.pipe.plain_denoiser(), train, self.opts.overlap)
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> the nearest code of every latent voxel, (B, x, y, z)."""
@@ -131,7 +141,7 @@ def interpolate(cfg: Config, a: Path, b: Path, frames: int, opts: EditOptions) -
     if va.array.shape != vb.array.shape:
         raise VqldmError(f"--b {b}: shape {list(vb.array.shape)} differs from --a's {list(va.array.shape)}")
     prepare_out(opts.out_dir, ("frame_*", "frame.png", "frame.json"), opts.overwrite)
-    t0, steps, sched, den = time.perf_counter(), opts.steps, ed.pipe.schedule, ed.pipe.denoiser()
+    t0, steps, sched, den = time.perf_counter(), opts.steps, ed.pipe.schedule, ed.denoiser(za)
     noise = ddim_invert(den, torch.cat([za, zb]), steps, sched, autocast=ed.pipe.rt.autocast,
                         desc=ed.desc("DDIM inversion"))
     x = torch.cat([slerp(noise[:1], noise[1:], k / frames) for k in range(frames + 1)])
@@ -166,7 +176,7 @@ def sdedit(cfg: Config, source: Path, strength: float, num: int, opts: EditOptio
     t0 = time.perf_counter()
     gens = [torch.Generator().manual_seed(int(opts.seed) * 1_000_003 + i) for i in range(num)]
     x = torch.cat([noise_to(z0, t, ed.pipe.schedule, g) for g in gens])
-    z = ddim_from(ed.pipe.denoiser(), x, opts.steps, ed.pipe.schedule, first, autocast=ed.pipe.rt.autocast,
+    z = ddim_from(ed.denoiser(z0), x, opts.steps, ed.pipe.schedule, first, autocast=ed.pipe.rt.autocast,
                   desc=ed.desc("SDEdit denoising"))
     vols, rec = ed.decode(z), ed.decode(z0)[0]
     same = (ed.codes(z) == ed.codes(z0)).flatten(1).float().mean(1)
@@ -223,7 +233,7 @@ def paint(ed: Editor, vol: Volume, raw: np.ndarray, mask: np.ndarray, po: PaintO
     t0, m = time.perf_counter(), latent_mask(mask, ed.stage1.stride).to(z0.device)
     noise = ed.pipe.noise([0], ed.opts.seed, list(z0.shape[1:]))
     g = torch.Generator(device=z0.device).manual_seed(int(ed.opts.seed) * 7919)
-    z = repaint(ed.pipe.denoiser(), z0, m, noise, ed.opts.steps, ed.pipe.schedule, g, resample=po.resample,
+    z = repaint(ed.denoiser(z0), z0, m, noise, ed.opts.steps, ed.pipe.schedule, g, resample=po.resample,
                 autocast=ed.pipe.rt.autocast, desc=ed.desc(f"{name} (RePaint)"))
     w = feather(mask, po.feather)
     gen = to_raw(ed.decode(z)[0], raw, norm.method)

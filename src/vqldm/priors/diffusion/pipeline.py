@@ -83,7 +83,7 @@ class DiffusionPipeline(RecordedGrid):
         return decode_latents(self.vqvae, z, self.norm, self.vq_ckpt["normalization"]["intensity_range"],
                               snap, self.rt.autocast, self.vq_ckpt.get("intensity_calibration"))
 
-    def _plain_denoiser(self) -> Denoiser:
+    def plain_denoiser(self) -> Denoiser:
         """The UNet call without CUDA graphs (tiles vary in batch position; compiled where asked)."""
         return as_denoiser(torch.compile(self.unet, dynamic=False) if self.rt.compile else self.unet)
 
@@ -136,7 +136,7 @@ class DiffusionPipeline(RecordedGrid):
         if tiled:
             from vqldm.sampling.window import tiled_denoiser
 
-            denoiser = tiled_denoiser(self._plain_denoiser(), train)
+            denoiser = tiled_denoiser(self.plain_denoiser(), train)
         clip_range = self.norm.codebook_range(self.vqvae) if clip else None
         outs = []
         for start in range(0, len(indices), batch_size):
