@@ -40,7 +40,8 @@ def test_ci_runs_the_readme_test_command():
 
 
 SUBCOMMANDS = ["synth", "voxelize", "points", "check", "config", "train-vqvae", "train-diffusion", "train-prior",
-               "import-checkpoint", "sample", "export-bundle", "evaluate", "score", "demo", "benchmark"]
+               "import-checkpoint", "sample", "reconstruct", "edit", "export-bundle", "evaluate", "score", "demo",
+               "benchmark"]
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS)

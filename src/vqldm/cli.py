@@ -208,6 +208,40 @@ def cmd_export_bundle(args) -> int:
     return 0
 
 
+def cmd_reconstruct(args) -> int:
+    from vqldm.commands.reconstruct import ReconstructOptions, reconstruct_volumes
+
+    cfg = _load(args, check_paths=False)
+    opts = ReconstructOptions(volumes=Path(args.volumes), out_dir=Path(args.out),
+                              vqvae_checkpoint=args.vqvae_checkpoint, overlap=args.overlap,
+                              overwrite=args.overwrite, progress=not args.quiet)
+    rec = reconstruct_volumes(cfg, opts)
+    _print_paths(f"{len(rec['volumes'])} volumes reconstructed:", {
+        "volumes": f"{opts.out_dir}/recon_*.nii.gz", "picture": opts.out_dir / "reconstruct.png",
+        "record": opts.out_dir / "reconstruct.json"})
+    return 0
+
+
+def cmd_edit(args) -> int:
+    from vqldm.commands import edit
+
+    cfg = _load(args, check_paths=False)
+    opts = edit.EditOptions(out_dir=Path(args.out), steps=args.steps, seed=args.seed, snap=args.snap == "on",
+                            overlap=args.overlap, diffusion_checkpoint=args.diffusion_checkpoint,
+                            vqvae_checkpoint=args.vqvae_checkpoint, use_ema=not args.no_ema,
+                            overwrite=args.overwrite, progress=not args.quiet)
+    if args.edit == "interpolate":
+        res = edit.interpolate(cfg, Path(args.a), Path(args.b), args.frames, opts)
+    elif args.edit == "sdedit":
+        res = edit.sdedit(cfg, Path(args.input), args.strength, args.num_samples, opts)
+    elif args.edit == "inpaint":
+        res = edit.inpaint(cfg, Path(args.input), Path(args.mask), opts, edit.PaintOptions(args.feather, args.resample))
+    else:
+        res = edit.outpaint(cfg, Path(args.input), args.pad, opts, edit.PaintOptions(args.feather, args.resample))
+    _print_paths(f"edit {args.edit} written:", res)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from vqldm.commands.evaluate import evaluate
 
@@ -411,7 +445,9 @@ def _add_sample(sub) -> None:
                         "`vqldm voxelize` data set) (default nifti)")
     _add_checkpoints(s)
     s.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="output volume size in voxels (default: the training patch size)")
+                   help="output volume size in voxels (default: the training patch size); beyond it the UNet "
+                        "runs on overlapping training-size latent tiles blended every step (MultiDiffusion) and "
+                        "the decoder on windows, so memory stays about one tile's")
     s.add_argument("--snap", choices=["on", "off"], default=None,
                    help="snap the denoised latent to the codebook before decoding (default: diffusion.snap_to_codebook)")
     s.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA weights")
@@ -444,6 +480,99 @@ def _add_export_bundle(sub) -> None:
     s.add_argument("--num-samples", "-n", type=int, default=4, help="the bundle's default number of volumes (default 4)")
     s.add_argument("--overwrite", action="store_true", help="move an earlier bundle in --out aside first")
     s.set_defaults(func=cmd_export_bundle)
+
+
+def _add_reconstruct(sub) -> None:
+    s = sub.add_parser("reconstruct", help="encode and decode volumes of any size with the VQ-VAE (sliding window)",
+                       description="Encode and decode each volume with the stage-1 VQ-VAE one training-patch window "
+                                   "at a time (MONAI sliding_window_inference): the windows' pre-quantisation latents "
+                                   "are Gaussian-blended and quantised once, so neighbouring windows agree on every "
+                                   "code, then decoded window by window and blended again. Volumes must have the "
+                                   "training data's voxel spacing. Writes OUT/recon_<name>.nii.gz (the input's "
+                                   "spacing, unit and affine), OUT/reconstruct.png (input over reconstruction MIPs) "
+                                   "and OUT/reconstruct.json (PSNR per volume).")
+    _add_config(s)
+    s.add_argument("--volumes", required=True, help="folder of volumes (.nii, .nii.gz, .tif, .tiff, .ome.tif)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--vqvae-checkpoint", default=None,
+                   help="stage-1 checkpoint (default: vqvae.checkpoints.output_dir/best_model.pt)")
+    s.add_argument("--overlap", type=float, default=0.25,
+                   help="share of a window that its neighbour covers, rounded to the latent grid (default 0.25)")
+    s.add_argument("--overwrite", action="store_true", help="move earlier outputs in --out to previous_<time>/")
+    s.set_defaults(func=cmd_reconstruct)
+
+
+def _edit_common(s) -> None:
+    _add_config(s)
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--steps", type=int, default=50, help="DDIM steps of the whole chain (default 50)")
+    s.add_argument("--seed", type=int, default=0, help="seed of any noise the edit draws (default 0)")
+    s.add_argument("--snap", choices=["on", "off"], default="on",
+                   help="snap the edited latent to the codebook before decoding (default on)")
+    s.add_argument("--overlap", type=float, default=0.25,
+                   help="sliding-window overlap for encoding and decoding (default 0.25)")
+    s.add_argument("--diffusion-checkpoint", default=None,
+                   help="stage-2 checkpoint (default: diffusion.checkpoints.output_dir/best_model.pt)")
+    s.add_argument("--vqvae-checkpoint", default=None,
+                   help="stage-1 checkpoint (default: the one recorded when stage 2 trained)")
+    s.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA weights")
+    s.add_argument("--overwrite", action="store_true", help="move earlier outputs in --out to previous_<time>/")
+    s.set_defaults(func=cmd_edit)
+
+
+def _add_edit(sub) -> None:
+    s = sub.add_parser("edit", help="edit volumes with the diffusion prior: interpolate, sdedit, inpaint, outpaint",
+                       description="Edit existing volumes with the trained diffusion prior (a model trained with "
+                                   "the ddpm objective). Inputs must have the training data's voxel spacing and a "
+                                   "shape the networks decode to. Each edit writes volumes with the input's "
+                                   "spacing, unit and affine, a MIP picture and a JSON record. See docs/editing.md.")
+    e = s.add_subparsers(dest="edit", metavar="EDIT")
+    e.required = True
+    i = e.add_parser("interpolate", help="frames between two volumes (DDIM inversion, slerp, regeneration)",
+                     description="Encode A and B, invert each latent to its DDIM noise, slerp the two noises and "
+                                 "regenerate each frame with the same DDIM chain; frame 0 is A's VQ-VAE "
+                                 "reconstruction, frame N B's. Writes OUT/frame_0000.nii.gz ... frame_N, "
+                                 "OUT/frame.png (A and B, then the frames in rows of five) and "
+                                 "OUT/frame.json (foreground fraction per frame, end-frame PSNR).")
+    i.add_argument("--a", required=True, help="first volume")
+    i.add_argument("--b", required=True, help="last volume (the same shape as --a)")
+    i.add_argument("--frames", type=int, default=8, help="N: writes frames 0..N (default 8)")
+    _edit_common(i)
+    d = e.add_parser("sdedit", help="variants of a volume: noise its latent part way and denoise (SDEdit)",
+                     description="Noise the input's latent to strength x T with seeded noise and denoise it with "
+                                 "DDIM: a small strength keeps the input's layout, 1 draws a new sample. Writes "
+                                 "OUT/sdedit_0000.nii.gz ..., OUT/sdedit.png (input and its reconstruction over "
+                                 "the variants) and OUT/sdedit.json.")
+    d.add_argument("--input", required=True, help="the volume to edit")
+    d.add_argument("--strength", type=float, default=0.5, help="noise level in (0, 1] (default 0.5)")
+    d.add_argument("--num-samples", "-n", type=int, default=4, help="variants to draw (default 4)")
+    _edit_common(d)
+    p = e.add_parser("inpaint", help="regenerate a masked region of a volume (RePaint on DDIM)",
+                     description="Regenerate the voxels where --mask is nonzero: the mask is dilated to the latent "
+                                 "grid, the latent is regenerated there (RePaint: the rest is pasted back at every "
+                                 "step's noise level) and the decoded region is feathered back into the input over "
+                                 "--feather voxels; every voxel outside the feathered mask keeps its input value. "
+                                 "Writes OUT/inpaint_0000.nii.gz, OUT/inpaint.png (input | feathered mask | "
+                                 "result) and OUT/inpaint.json.")
+    p.add_argument("--input", required=True, help="the volume to edit")
+    p.add_argument("--mask", required=True, help="a volume of the input's shape; nonzero voxels are regenerated")
+    _paint_common(p)
+    o = e.add_parser("outpaint", help="extend a volume beyond its borders (inpainting a padded volume)",
+                     description="Pad the input by PX PY PZ voxels on both sides of each axis and generate the new "
+                                 "border as inpaint does; the input's voxels more than --feather voxels inside its border are kept "
+                                 "exactly. Writes "
+                                 "OUT/outpaint_0000.nii.gz (the affine shifted to the new origin), OUT/outpaint.png "
+                                 "and OUT/outpaint.json.")
+    o.add_argument("--input", required=True, help="the volume to extend")
+    o.add_argument("--pad", type=int, nargs=3, required=True, metavar=("PX", "PY", "PZ"),
+                   help="voxels to add on each side of each axis (the result must be a shape the networks take)")
+    _paint_common(o)
+
+
+def _paint_common(s) -> None:
+    s.add_argument("--feather", type=int, default=2, help="voxels over which the new region blends in (default 2)")
+    s.add_argument("--resample", type=int, default=2, help="RePaint redos per step; 1: none (default 2)")
+    _edit_common(s)
 
 
 def _add_evaluate(sub) -> None:
@@ -541,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_add_synth, _add_voxelize, _add_points, _add_check, _add_config_cmd, _add_train, _add_import,
-                _add_sample, _add_export_bundle, _add_evaluate, _add_score, _add_demo, _add_benchmark):
+                _add_sample, _add_reconstruct, _add_edit, _add_export_bundle, _add_evaluate, _add_score, _add_demo,
+                _add_benchmark):
         add(sub)
     return p
 

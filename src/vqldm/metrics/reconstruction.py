@@ -43,3 +43,23 @@ def reconstruction_metrics(rec_unit: torch.Tensor, target_unit: torch.Tensor, th
         "ssim": ssim(rec_unit, target_unit),
         "dice": foreground_dice(rec_unit, target_unit, threshold),
     }
+
+
+def seam_ratio(vol, borders: list[list[int]]) -> float:
+    """Mean absolute step between neighbouring voxels across the planes in ``borders`` (per axis, the
+    index ``i`` of each plane between voxels ``i - 1`` and ``i``: where windows begin or end) over the
+    same across every other plane. About 1 without seams; a visible seam raises it."""
+    v = torch.as_tensor(vol).float()
+    at, off = [], []
+    for axis, planes in enumerate(borders):
+        d = v.diff(dim=axis).abs().movedim(axis, 0).flatten(1).mean(1)  # d[i-1]: the step across plane i
+        mask = torch.zeros(len(d), dtype=torch.bool)
+        for i in planes:
+            if 0 < i < v.shape[axis]:
+                mask[i - 1] = True
+        at.append(d[mask])
+        off.append(d[~mask])
+    border, interior = torch.cat(at), torch.cat(off)
+    if len(border) == 0 or float(interior.mean()) == 0:
+        return 1.0
+    return float(border.mean() / interior.mean())

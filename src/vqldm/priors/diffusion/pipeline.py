@@ -83,6 +83,10 @@ class DiffusionPipeline(RecordedGrid):
         return decode_latents(self.vqvae, z, self.norm, self.vq_ckpt["normalization"]["intensity_range"],
                               snap, self.rt.autocast, self.vq_ckpt.get("intensity_calibration"))
 
+    def plain_denoiser(self) -> Denoiser:
+        """The UNet call without CUDA graphs (tiles vary in batch position; compiled where asked)."""
+        return as_denoiser(torch.compile(self.unet, dynamic=False) if self.rt.compile else self.unet)
+
     def denoiser(self) -> Denoiser:
         """The UNet call, built once: compiled where ``device.compile`` is on, replayed from a CUDA
         graph (one per batch shape) where ``device.cuda_graphs`` is on."""
@@ -101,11 +105,38 @@ class DiffusionPipeline(RecordedGrid):
                 self._denoise = call
         return self._denoise
 
+    def tiled(self, lat: list[int]) -> tuple[bool, list[int]]:
+        """Whether a latent of ``lat`` (D, x, y, z) exceeds the training latent (then the UNet runs on
+        tiles of it and the decoder on windows), and the training latent's spatial size."""
+        train = list(self.diff_ckpt["latent_shape"])[1:]
+        return any(n > r for n, r in zip(lat[1:], train)), train
+
+    def decode_any(self, z: torch.Tensor, snap: bool, tiled: bool) -> torch.Tensor:
+        """:meth:`decode`, or for latents beyond the training latent the sliding-window decoder."""
+        if not tiled:
+            return self.decode(z, snap)
+        from vqldm.autoencoder.model import snap_to_codebook, total_stride
+        from vqldm.sampling.window import decode_windowed
+
+        z = self.norm.denormalize(z)
+        z = snap_to_codebook(self.vqvae, z) if snap else z
+        return decode_windowed(self.vqvae, z, self.tiled(list(z.shape[1:]))[1], total_stride(self.vq_ckpt["network"]),
+                               self.vq_ckpt["normalization"]["intensity_range"], autocast=self.rt.autocast,
+                               calibration=self.vq_ckpt.get("intensity_calibration"))
+
     @torch.no_grad()
     def generate(self, indices: list[int], seed: int, steps: int, sampler: str, batch_size: int, snap: bool,
                  shape: list[int] | None = None, progress: bool = False, clip: bool = True) -> torch.Tensor:
-        """Volumes (N, 1, X, Y, Z) in [0, 1] for sample ``indices``; batches the UNet."""
+        """Volumes (N, 1, X, Y, Z) in [0, 1] for sample ``indices``; batches the UNet. A ``shape`` beyond
+        the training patch is sampled on overlapping latent tiles (MultiDiffusion) and decoded by
+        sliding window, so the networks hold one tile at a time."""
         lat = self.latent_shape(shape)
+        tiled, train = self.tiled(lat)
+        denoiser = self.denoiser()
+        if tiled:
+            from vqldm.sampling.window import tiled_denoiser
+
+            denoiser = tiled_denoiser(self.plain_denoiser(), train)
         clip_range = self.norm.codebook_range(self.vqvae) if clip else None
         outs = []
         for start in range(0, len(indices), batch_size):
@@ -113,10 +144,10 @@ class DiffusionPipeline(RecordedGrid):
             noise = self.noise(idx, seed, lat)
             # noise drawn during sampling (DDPM) is seeded per batch, for repeatable files
             g = torch.Generator(device=noise.device).manual_seed(int(seed) * 7919 + idx[0])
-            z = sample_latents(sampler, self.denoiser(), noise, steps, self.schedule, generator=g,
+            z = sample_latents(sampler, denoiser, noise, steps, self.schedule, generator=g,
                                clip_range=clip_range, autocast=self.rt.autocast,
                                desc=f"{sampler} sampling" if progress else None)
-            outs.append(self.decode(z, snap))
+            outs.append(self.decode_any(z, snap, tiled))
         return torch.cat(outs) if outs else torch.zeros([0, 1] + (shape or []))
 
 
