@@ -49,6 +49,14 @@ def test_bad_labels_files_are_refused_in_one_line(tmp_path, text, match):
     assert "\n" not in str(e.value)
 
 
+def test_a_label_for_a_file_left_out_by_a_volume_limit_is_not_an_error(tmp_path):
+    (tmp_path / "l.csv").write_text("x.nii.gz,a\ny.nii.gz,b\nz.nii.gz,a\n")
+    used, all_files = _files(tmp_path, ["x.nii.gz", "y.nii.gz"]), _files(tmp_path, ["x.nii.gz", "y.nii.gz", "z.nii.gz"])
+    assert class_labels(tmp_path / "l.csv", used, [], existing=all_files).train == [0, 1]
+    with pytest.raises(VqldmError, match="a label for z.nii.gz"):
+        class_labels(tmp_path / "l.csv", used, [])
+
+
 def test_class_names_at_sampling():
     assert class_index(["a", "b"], "b") == 1
     with pytest.raises(VqldmError, match="unknown class; this model knows a, b"):
@@ -180,3 +188,18 @@ def test_on_the_fly_patches_carry_their_labels_too(labelled_run, tmp_path):
     assert run_cli("--quiet", "train-diffusion", "--config", write_config(tmp_path / "c.yaml", cfg)) == 0
     best = Path(cfg["diffusion"]["checkpoints"]["output_dir"]) / "best_model.pt"
     assert load_checkpoint(best, kind="diffusion", what="test")["classes"] == ["level0", "level1", "level2"]
+
+
+def test_api_guidance_zero_samples_exactly_the_null_class(labelled_run):
+    import numpy as np
+
+    import vqldm
+
+    model = vqldm.load_model(labelled_run["config_path"], device="cpu")
+    kw = dict(seed=4, sampler="ddim", steps=3, batch_size=2)
+    null = model.sample(2, **kw).volumes
+    w0 = model.sample(2, class_name="level1", guidance=0.0, **kw).volumes
+    w1 = model.sample(2, class_name="level1", guidance=1.0, **kw).volumes
+    assert np.array_equal(w0, null) and w1.shape == null.shape and np.isfinite(w1).all()
+    with pytest.raises(VqldmError, match="unknown class"):
+        model.sample(1, class_name="nope", **kw)

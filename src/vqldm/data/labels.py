@@ -63,15 +63,18 @@ class ClassLabels:
         return len(self.classes)
 
 
-def class_labels(path: str | Path, train_files: list[Path], val_files: list[Path]) -> ClassLabels:
+def class_labels(path: str | Path, train_files: list[Path], val_files: list[Path],
+                 existing: list[Path] | None = None) -> ClassLabels:
     """Every train and val file's class, checked: a file without a label and a label for a file that
-    is in neither folder are each refused in one line."""
+    is in neither folder (``existing``: every volume there, including any a volume limit leaves out;
+    default the files given) are each refused in one line."""
     labels = read_labels(path)
     names = {Path(f).name for f in list(train_files) + list(val_files)}
+    there = names | {Path(f).name for f in existing or []}
     missing = [Path(f).name for f in list(train_files) + list(val_files) if Path(f).name not in labels]
     if missing:
         raise VqldmError(f"data.labels_file {path}: {len(missing)} file(s) without a label, e.g. {missing[0]}")
-    extra = sorted(set(labels) - names)
+    extra = sorted(set(labels) - there)
     if extra:
         raise VqldmError(f"data.labels_file {path}: a label for {extra[0]}, which is in neither data folder "
                          f"({len(extra)} such)")

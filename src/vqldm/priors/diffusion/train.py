@@ -13,6 +13,7 @@ from vqldm.autoencoder.model import total_stride
 from vqldm.checkpoint import load_checkpoint
 from vqldm.config import Config, check_latent_for_unet
 from vqldm.data import pipeline
+from vqldm.data.io import list_volumes
 from vqldm.data.labels import ClassLabels, LabelledDataset, class_labels
 from vqldm.engine import setup
 from vqldm.engine.trainer import FitResult, Trainer, resume_path
@@ -82,7 +83,8 @@ def _labels(cfg: Config, train_info, val_info) -> ClassLabels | None:
     """Every file's class (``data.labels_file``), checked before any compute; None: unconditional."""
     if not cfg.data.labels_file:
         return None
-    labels = class_labels(cfg.data.labels_file, train_info.files, val_info.files)
+    existing = list_volumes(cfg.data.train_data_dir) + list_volumes(cfg.data.val_data_dir)
+    labels = class_labels(cfg.data.labels_file, train_info.files, val_info.files, existing)
     log.info("class-conditional UNet: %d classes (%s), condition_drop_prob %g", len(labels.classes),
              ", ".join(labels.classes), cfg.diffusion.condition_drop_prob)
     return labels
