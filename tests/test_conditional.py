@@ -138,9 +138,19 @@ def test_synth_writes_density_levels_and_their_labels(labelled_run):
     assert (data / "labels.csv").read_text().splitlines() == [
         "file,label", "mt_0000.nii.gz,level0", "mt_0001.nii.gz,level1", "mt_0002.nii.gz,level2"]
     gt = json.loads((data / "ground_truth.json").read_text())
-    assert [gt["levels"][f"level{k}"]["n_filaments"] for k in range(3)] == [[5, 8], [9, 12], [13, 15]]
+    assert [gt["levels"][f"level{k}"]["n_filaments"] for k in range(3)] == [[4, 6], [10, 15], [25, 35]]
     counts = [gt["train"][f"mt_{i:04d}.nii.gz"]["n_filaments"] for i in range(3)]
-    assert 5 <= counts[0] <= 8 and 9 <= counts[1] <= 12 and 13 <= counts[2] <= 15
+    assert 4 <= counts[0] <= 6 and 10 <= counts[1] <= 15 and 25 <= counts[2] <= 35
+
+
+def test_too_many_density_levels_are_refused_in_one_line():
+    from vqldm.synth.microtubules import MicrotubuleParams, density_levels
+
+    assert len(density_levels(MicrotubuleParams(), 4)) == 4
+    with pytest.raises(VqldmError, match="ranges would overlap"):
+        density_levels(MicrotubuleParams(), 12)
+    with pytest.raises(VqldmError, match="at least 2"):
+        density_levels(MicrotubuleParams(), 1)
 
 
 def test_the_checkpoint_records_the_classes_and_the_class_embedding(labelled_run):
@@ -203,3 +213,28 @@ def test_api_guidance_zero_samples_exactly_the_null_class(labelled_run):
     assert np.array_equal(w0, null) and w1.shape == null.shape and np.isfinite(w1).all()
     with pytest.raises(VqldmError, match="unknown class"):
         model.sample(1, class_name="nope", **kw)
+
+
+def test_real_density_levels_are_told_apart_by_simple_statistics(tmp_path):
+    """The levels must be separable in real volumes, or no condition-accuracy goal could be met: nearest
+    centroid on (foreground fraction, mean intensity), leave one out, 10 volumes per level."""
+    import numpy as np
+
+    from vqldm.data.io import list_volumes, read_volume
+    from vqldm.synth import write_dataset
+
+    s = write_dataset(tmp_path / "d", 30, 0, (64, 64, 32), seed=1, progress=False, levels=3)
+    labels = read_labels(s["labels_file"])
+    feats, y = [], []
+    for f in list_volumes(tmp_path / "d" / "train"):
+        v = read_volume(f).array
+        feats.append([(v > 0.1).mean(), v.mean()])
+        y.append(int(labels[f.name][-1]))
+    z, y = np.array(feats), np.array(y)
+    z = (z - z.mean(0)) / z.std(0)
+    hits = 0
+    for i in range(len(y)):
+        rest = np.arange(len(y)) != i
+        centres = np.array([z[rest & (y == k)].mean(0) for k in range(3)])
+        hits += int(np.argmin(((centres - z[i]) ** 2).sum(1)) == y[i])
+    assert hits / len(y) >= 0.9

@@ -308,8 +308,9 @@ def _add_synth(sub) -> None:
                         "OUT/locs/train/*.csv and OUT/locs/val/*.csv")
     s.add_argument("--vary", choices=["density"], default=None,
                    help="draw classes: density varies the number of filaments per volume in --levels levels "
-                        "(volume i at level i mod N) and writes OUT/labels.csv (file,label) for data.labels_file")
-    s.add_argument("--levels", type=int, default=None, metavar="N", help="with --vary: how many levels (e.g. 3)")
+                        "(volume i at level i mod N; 3 levels: 4-6, 10-15, 25-35 filaments) and writes "
+                        "OUT/labels.csv (file,label) for data.labels_file")
+    s.add_argument("--levels", type=int, default=None, metavar="N", help="with --vary: how many levels, 2 to 4 (e.g. 3)")
     s.set_defaults(func=cmd_synth)
 
 
