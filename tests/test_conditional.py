@@ -206,7 +206,7 @@ def test_api_guidance_zero_samples_exactly_the_null_class(labelled_run):
     import vqldm
 
     model = vqldm.load_model(labelled_run["config_path"], device="cpu")
-    kw = dict(seed=4, sampler="ddim", steps=3, batch_size=2)
+    kw = {"seed": 4, "sampler": "ddim", "steps": 3, "batch_size": 2}
     null = model.sample(2, **kw).volumes
     w0 = model.sample(2, class_name="level1", guidance=0.0, **kw).volumes
     w1 = model.sample(2, class_name="level1", guidance=1.0, **kw).volumes
@@ -238,3 +238,26 @@ def test_real_density_levels_are_told_apart_by_simple_statistics(tmp_path):
         centres = np.array([z[rest & (y == k)].mean(0) for k in range(3)])
         hits += int(np.argmin(((centres - z[i]) ** 2).sum(1)) == y[i])
     assert hits / len(y) >= 0.9
+
+
+def test_conditional_resume_equals_uninterrupted_and_other_classes_are_refused(labelled_run, trained_stage1,
+                                                                              tmp_path, capsys):
+    from test_reliability import (BEST, LATEST, assert_same_checkpoint, cli, out_dir, stage2_cfg,
+                                  stage2_resumed_and_uninterrupted)
+
+    def cfg(name, n):
+        c = stage2_cfg(tmp_path / name, labelled_run["data"], trained_stage1["best"], n_epochs=n)
+        c["data"]["labels_file"] = labelled_run["config"]["data"]["labels_file"]
+        return c
+
+    a, u = cfg("a", 1), cfg("u", 3)
+    cfg_a, latest_a = stage2_resumed_and_uninterrupted(capsys, tmp_path, a, u)
+    roots = (tmp_path / "a", tmp_path / "u")
+    assert_same_checkpoint(latest_a, out_dir(u, "diffusion") / LATEST, roots)
+    assert_same_checkpoint(out_dir(a, "diffusion") / BEST, out_dir(u, "diffusion") / BEST, roots)
+
+    other = tmp_path / "other.csv"  # the same files, other class names
+    other.write_text("mt_0000.nii.gz,low\nmt_0001.nii.gz,mid\nmt_0002.nii.gz,high\n")
+    rc, _, err = cli(capsys, "train-diffusion", "--config", cfg_a, "--set", "diffusion.training.n_epochs=4",
+                     "--set", f"diffusion.checkpoints.resume_from={latest_a}", "--set", f"data.labels_file={other}")
+    assert rc != 0 and "was trained with classes ['level0', 'level1', 'level2']" in err

@@ -78,7 +78,7 @@ def class_labels(path: str | Path, train_files: list[Path], val_files: list[Path
     if extra:
         raise VqldmError(f"data.labels_file {path}: a label for {extra[0]}, which is in neither data folder "
                          f"({len(extra)} such)")
-    classes = sorted(set(labels[n] for n in names))
+    classes = sorted({labels[n] for n in names})
     if len(classes) < 2:
         raise VqldmError(f"data.labels_file {path}: needs at least two classes, got {classes}")
     index = {c: k for k, c in enumerate(classes)}

@@ -18,6 +18,7 @@ Everything is vectorised over filaments and points; each volume depends only on 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
@@ -317,7 +318,7 @@ def density_levels(params: MicrotubuleParams, levels: int) -> dict[str, Microtub
     if levels < 2:
         raise VqldmError(f"synth: --levels {levels}: needs at least 2 levels")
     ranges = [(max(1, math.floor(0.85 * c)), math.ceil(1.15 * c)) for c in np.geomspace(lo, 2 * hi, levels)]
-    if any(a[1] >= b[0] for a, b in zip(ranges, ranges[1:])):
+    if any(a[1] >= b[0] for a, b in itertools.pairwise(ranges)):
         raise VqldmError(f"synth: --levels {levels}: too many levels for filament counts {lo} to {2 * hi} "
                          f"(the levels' ranges would overlap); use fewer")
     return {f"level{k}": replace(params, n_filaments=r) for k, r in enumerate(ranges)}

@@ -16,9 +16,9 @@ import torch
 
 from vqldm.checkpoint import inference_weights, load_checkpoint, rebuild
 from vqldm.config import Config, check_latent_for_unet, decoded_spatial, latent_spatial, vqvae_from_network
+from vqldm.data.labels import class_index
 from vqldm.errors import VqldmError
 from vqldm.latents import LatentNorm, RecordedGrid, recorded_stage1
-from vqldm.data.labels import class_index
 from vqldm.priors.diffusion.unet import as_denoiser, build_unet, class_guided
 from vqldm.runtime import Runtime, make_runtime
 from vqldm.sampling.decode import decode_latents

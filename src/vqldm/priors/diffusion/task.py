@@ -9,8 +9,8 @@ from torch import nn
 
 from vqldm.config import Config
 from vqldm.engine.tensorboard import Board
-from vqldm.errors import VqldmError
 from vqldm.engine.trainer import OptimizerSpec, StepContext, Task, make_optimizer
+from vqldm.errors import VqldmError
 from vqldm.latents import LatentNorm, check_same_stage1, encode
 from vqldm.priors.diffusion.objective import Objective
 from vqldm.priors.diffusion.unet import as_denoiser, build_unet
