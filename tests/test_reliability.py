@@ -252,16 +252,24 @@ def test_stage1_resume_twice_equals_uninterrupted_with_ema(tmp_path, data_dir, c
     assert min(s for t, s in own if t.startswith("val/")) == 3
 
 
-def test_stage2_resume_equals_uninterrupted(tmp_path, data_dir, trained_stage1, capsys):
-    a = stage2_cfg(tmp_path / "a", data_dir, trained_stage1["best"], n_epochs=1)
+def stage2_resumed_and_uninterrupted(capsys, tmp_path: Path, a: dict, u: dict) -> tuple[Path, Path]:
+    """Stage 2 trained with config ``a`` (1 epoch), resumed up to ``u``'s epochs, and ``u`` in one go;
+    returns (a's config file, a's latest checkpoint)."""
     cfg_a = write_config(tmp_path / "a.yaml", a)
     latest_a = out_dir(a, "diffusion") / LATEST
     assert cli(capsys, "--quiet", "train-diffusion", "--config", cfg_a)[0] == 0
-    rc, _, err = cli(capsys, "--quiet", "train-diffusion", "--config", cfg_a, "--set", "diffusion.training.n_epochs=3",
+    n = u["diffusion"]["training"]["n_epochs"]
+    rc, _, err = cli(capsys, "--quiet", "train-diffusion", "--config", cfg_a, "--set", f"diffusion.training.n_epochs={n}",
                      "--set", f"diffusion.checkpoints.resume_from={latest_a}")
     assert rc == 0, err
-    u = stage2_cfg(tmp_path / "u", data_dir, trained_stage1["best"], n_epochs=3)
     assert cli(capsys, "--quiet", "train-diffusion", "--config", write_config(tmp_path / "u.yaml", u))[0] == 0
+    return cfg_a, latest_a
+
+
+def test_stage2_resume_equals_uninterrupted(tmp_path, data_dir, trained_stage1, capsys):
+    a = stage2_cfg(tmp_path / "a", data_dir, trained_stage1["best"], n_epochs=1)
+    u = stage2_cfg(tmp_path / "u", data_dir, trained_stage1["best"], n_epochs=3)
+    _, latest_a = stage2_resumed_and_uninterrupted(capsys, tmp_path, a, u)
 
     r = load(latest_a)
     assert r["epoch"] == 3 and r["step"] == 6 and r["training_state"]["ema"] is not None

@@ -135,9 +135,10 @@ class Model:
     def sample(self, n: int, *, seed: int = 0, sampler: str | None = None, steps: int | None = None,
                batch_size: int = 8, snap: bool | None = None, shape: list[int] | None = None,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-               progress: bool = False) -> Samples:
+               progress: bool = False, class_name: str | None = None, guidance: float = 1.0) -> Samples:
         """``n`` volumes; sample ``i`` is seeded by ``(seed, i)``. Diffusion: ``sampler`` (ddim, ddpm, rflow),
-        ``steps``, ``snap``, ``shape``; token prior: ``temperature``, ``top_k``, ``top_p``. None: as
+        ``steps``, ``snap``, ``shape``, and for a class-conditional model ``class_name`` and ``guidance``
+        (as ``--class`` and ``--guidance``); token prior: ``temperature``, ``top_k``, ``top_p``. None: as
         ``vqldm sample`` (the config's, then the model's defaults)."""
         from vqldm.commands.sample import SampleOptions, sampling_settings, token_settings
 
@@ -148,8 +149,12 @@ class Model:
                              temperature=temperature, top_k=top_k, top_p=top_p)
         indices = list(range(n))
         if self.prior == "transformer":
+            if class_name is not None or guidance != 1.0:
+                raise VqldmError("sample: class_name and guidance are the diffusion prior's; the token prior is "
+                                 "unconditional")
             vols = self.pipeline.generate(indices, seed, batch_size, progress=progress, **token_settings(self.config, opts))
         else:
+            self.pipeline.set_class(class_name, guidance)
             name, k, on = sampling_settings(self.config, opts, self.pipeline)
             vols = self.pipeline.generate(indices, seed, k, name, batch_size, on, shape, progress,
                                           self.config.diffusion.clip_to_codebook_range)

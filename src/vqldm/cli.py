@@ -55,8 +55,10 @@ def _print_paths(title: str, items: dict[str, object]) -> None:
 def cmd_synth(args) -> int:
     from vqldm.synth import write_dataset
 
+    if (args.vary is None) != (args.levels is None):
+        raise VqldmError("synth: --vary and --levels go together (e.g. --vary density --levels 3)")
     s = write_dataset(args.out, args.num_train, args.num_val, tuple(args.shape), args.seed, progress=not args.quiet,
-                      locs=args.locs)
+                      locs=args.locs, levels=args.levels or 0)
     lines = {
         "train": f"{Path(args.out) / 'train'} ({s['num_train']} volumes)",
         "val": f"{Path(args.out) / 'val'} ({s['num_val']} volumes)",
@@ -65,6 +67,8 @@ def cmd_synth(args) -> int:
     }
     if args.locs:
         lines["localisations"] = f"{s['locs_dir']}/train, {s['locs_dir']}/val (x [nm],y [nm],z [nm])"
+    if s["labels_file"]:
+        lines["labels"] = f"{s['labels_file']} (file,label: {args.levels} density levels; data.labels_file)"
     _print_paths("synthetic microtubules written:", lines)
     return 0
 
@@ -183,7 +187,8 @@ def cmd_sample(args) -> int:
                          diffusion_checkpoint=args.diffusion_checkpoint, vqvae_checkpoint=args.vqvae_checkpoint,
                          shape=args.shape, snap=args.snap, use_ema=not args.no_ema, progress=not args.quiet,
                          overwrite=args.overwrite, prior=args.prior, prior_checkpoint=args.prior_checkpoint,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         class_name=args.class_name, guidance=args.guidance)
     res = sample_to_files(cfg, opts)
     from vqldm import distributed as dist
 
@@ -301,6 +306,11 @@ def _add_synth(sub) -> None:
     s.add_argument("--locs", action="store_true",
                    help="also write each volume's ground-truth localisations (inside the field of view) as "
                         "OUT/locs/train/*.csv and OUT/locs/val/*.csv")
+    s.add_argument("--vary", choices=["density"], default=None,
+                   help="draw classes: density varies the number of filaments per volume in --levels levels "
+                        "(volume i at level i mod N; 3 levels: 4-6, 10-15, 25-35 filaments) and writes "
+                        "OUT/labels.csv (file,label) for data.labels_file")
+    s.add_argument("--levels", type=int, default=None, metavar="N", help="with --vary: how many levels, 2 to 4 (e.g. 3)")
     s.set_defaults(func=cmd_synth)
 
 
@@ -460,6 +470,12 @@ def _add_sample(sub) -> None:
     s.add_argument("--top-k", type=int, default=None, help="transformer: keep the k likeliest codes (default: prior.top_k)")
     s.add_argument("--top-p", type=float, default=None,
                    help="transformer: keep the smallest set of codes holding this probability (default: prior.top_p)")
+    s.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                   help="class-conditional model (trained with data.labels_file): sample this class (default: the "
+                        "null class, unconditional); an unconditional model refuses it")
+    s.add_argument("--guidance", type=float, default=1.0, metavar="W",
+                   help="classifier-free guidance with --class: uncond + W (cond - uncond); 0: unconditional, "
+                        "1: conditional (default 1), above 1: stronger")
     s.add_argument("--overwrite", action="store_true", help="replace sample files already in --out")
     s.set_defaults(func=cmd_sample)
 

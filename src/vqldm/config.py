@@ -67,6 +67,7 @@ class DataConfig:
     skip_unreadable: bool = False  # skip corrupt files with a warning instead of stopping
     max_train_volumes: int | None = None  # use only the first N training volumes (by name); null: all
     max_val_volumes: int | None = None  # use only the first N validation volumes (by name); null: all
+    labels_file: str | None = None  # class labels (CSV file,label or JSON {file: label}): a class-conditional UNet
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ class DiffusionConfig:
     sampler: str | None = None  # sampling: ddim | ddpm | dpmpp_2m | rflow (null: ddim for a DDPM-trained model, rflow for rflow)
     snap_to_codebook: bool = True  # sampling: quantise the denoised latent before decoding
     clip_to_codebook_range: bool = True  # sampling: bound each predicted clean latent by the codebook's range
+    condition_drop_prob: float = 0.15  # with data.labels_file: share of training labels replaced by the null class
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(ema=True, n_epochs=300))
     checkpoints: CheckpointConfig = field(
@@ -538,6 +540,7 @@ def _validate_data(d: DataConfig) -> None:
     for key in ("max_train_volumes", "max_val_volumes"):
         _require(getattr(d, key) is None or getattr(d, key) >= 1, f"data.{key} must be >= 1 or null")
     _require(0.0 < d.foreground_threshold < 1.0, "data.foreground_threshold must lie in (0, 1)")
+    _require(d.labels_file is None or bool(str(d.labels_file).strip()), "data.labels_file must be a path or null")
 
 
 def _validate_vqvae(v: VQVAEConfig, d: DataConfig) -> None:
@@ -683,6 +686,8 @@ def _validate_scheduler(u: DiffusionConfig) -> None:
                                     f"{s.type} model, got {u.sampler!r}")
     _require(u.latent_norm in ("global", "channel"),
              f"diffusion.latent_norm must be global or channel, got {u.latent_norm!r}")
+    _require(0.0 <= u.condition_drop_prob < 1.0,
+             f"diffusion.condition_drop_prob must lie in [0, 1), got {u.condition_drop_prob}")
 
 
 ORDERINGS = ("raster_scan", "s_curve", "random")

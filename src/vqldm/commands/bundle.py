@@ -51,6 +51,9 @@ def _refuse_what_monai_lacks(cfg: Config, pipe: DiffusionPipeline) -> None:
     if pipe.vq_ckpt.get("intensity_calibration"):
         raise VqldmError(f"export-bundle: {pipe.vq_path} carries an intensity calibration "
                          f"(vqvae.intensity_calibration), which MONAI's decoder has no step for")
+    if pipe.classes:
+        raise VqldmError(f"export-bundle: {path} is class-conditional (classes {', '.join(pipe.classes)}); MONAI's "
+                         f"LatentDiffusionInferer drops class labels, so only unconditional models export")
     if not cfg.diffusion.snap_to_codebook:
         raise VqldmError("export-bundle: diffusion.snap_to_codebook is false, but MONAI's VQVAE.decode_stage_2_outputs "
                          "always quantises; export with diffusion.snap_to_codebook: true")

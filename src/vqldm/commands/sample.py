@@ -57,6 +57,8 @@ class SampleOptions:
     temperature: float | None = None  # transformer: default prior.temperature
     top_k: int | None = None  # transformer: default prior.top_k
     top_p: float | None = None  # transformer: default prior.top_p
+    class_name: str | None = None  # diffusion, class-conditional UNet: the class to sample (None: unconditional)
+    guidance: float = 1.0  # classifier-free guidance weight W (0: unconditional, 1: conditional)
 
 
 # --format -> file suffix; "points" writes NIfTI volumes and a localisation table (CSV, nm) beside each
@@ -123,6 +125,7 @@ def _my_share(opts: SampleOptions) -> list[int]:
 def _diffusion_run(cfg: Config, opts: SampleOptions):
     """The diffusion prior: its pipeline, a function of the sample indices, and what samples.json records."""
     pipe = load_pipeline(cfg, opts.diffusion_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
+    pipe.set_class(opts.class_name, opts.guidance)
     sampler, steps, snap = sampling_settings(cfg, opts, pipe)
     clip = cfg.diffusion.clip_to_codebook_range
 
@@ -134,8 +137,18 @@ def _diffusion_run(cfg: Config, opts: SampleOptions):
               "clip_to_codebook_range": clip and sampler != "rflow", "ema": opts.use_ema and bool(pipe.diff_ckpt.get("ema")),
               "diffusion_checkpoint": str(pipe.diff_path), "diffusion_sha256": file_sha256(pipe.diff_path),
               "scale_factor": pipe.scale_factor, "latent_norm": "global" if pipe.norm.shift is None else "channel",
-              "intensity_calibration": bool(pipe.vq_ckpt.get("intensity_calibration"))}
+              "intensity_calibration": bool(pipe.vq_ckpt.get("intensity_calibration")),
+              **_class_record(pipe, opts)}
     return pipe, run, record
+
+
+def _class_record(pipe: DiffusionPipeline, opts: SampleOptions) -> dict:
+    """samples.json's conditions: every sample's class and guidance weight (a conditional model only)."""
+    if not pipe.classes:
+        return {}
+    return {"classes": list(pipe.classes), "class": opts.class_name, "guidance": opts.guidance,
+            "conditions": {f"sample_{i:04d}": {"class": opts.class_name, "guidance": opts.guidance}
+                           for i in range(opts.num_samples)}}
 
 
 def token_settings(cfg: Config, opts: SampleOptions) -> dict:
@@ -160,6 +173,9 @@ def _token_run(cfg: Config, opts: SampleOptions):
     if opts.scheduler is not None or opts.steps is not None or opts.snap is not None:
         raise VqldmError("--scheduler, --steps and --snap are diffusion sampling options; the token prior takes "
                          "--temperature, --top-k and --top-p")
+    if opts.class_name is not None or opts.guidance != 1.0:
+        raise VqldmError("--class and --guidance: the token prior is unconditional; class conditions are the "
+                         "diffusion prior's (data.labels_file)")
     knobs = token_settings(cfg, opts)
     pipe = load_token_pipeline(cfg, opts.prior_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
 

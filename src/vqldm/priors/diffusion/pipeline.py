@@ -16,9 +16,10 @@ import torch
 
 from vqldm.checkpoint import inference_weights, load_checkpoint, rebuild
 from vqldm.config import Config, check_latent_for_unet, decoded_spatial, latent_spatial, vqvae_from_network
+from vqldm.data.labels import class_index
 from vqldm.errors import VqldmError
 from vqldm.latents import LatentNorm, RecordedGrid, recorded_stage1
-from vqldm.priors.diffusion.unet import as_denoiser, build_unet
+from vqldm.priors.diffusion.unet import as_denoiser, build_unet, class_guided
 from vqldm.runtime import Runtime, make_runtime
 from vqldm.sampling.decode import decode_latents
 from vqldm.sampling.samplers import Denoiser, sample_latents
@@ -40,6 +41,29 @@ class DiffusionPipeline(RecordedGrid):
     vq_path: Path
     vq_sha256: str | None = None  # of the stage-1 file actually loaded
     _denoise: Denoiser | None = None  # the (possibly CUDA-graph-replayed) UNet call, built once
+    sample_class: str | None = None  # a class-conditional UNet: the class asked for (None: the null class)
+    guidance: float = 1.0  # classifier-free guidance weight W: uncond + W (cond - uncond)
+
+    @property
+    def classes(self) -> list[str] | None:
+        """The class names of a class-conditional UNet (recorded in its checkpoint), else None."""
+        return self.diff_ckpt.get("classes")
+
+    def set_class(self, name: str | None, guidance: float = 1.0) -> None:
+        """Sample class ``name`` with guidance ``guidance`` (a conditional model without a class samples
+        the null class, i.e. unconditionally); an unconditional model refuses a class in one line."""
+        if name is not None:
+            class_index(self.classes, name)
+        elif guidance != 1.0:
+            raise VqldmError("--guidance needs --class: it mixes a class's prediction with the unconditional one")
+        self.sample_class, self.guidance, self._denoise = name, float(guidance), None
+
+    def _conditioned(self, call: Denoiser) -> Denoiser:
+        """``call`` with this pipeline's class and guidance (unchanged for an unconditional UNet)."""
+        if not self.classes:
+            return call
+        label = None if self.sample_class is None else self.classes.index(self.sample_class)
+        return class_guided(call, label, len(self.classes), self.guidance)
 
     @property
     def scale_factor(self) -> float:
@@ -85,7 +109,7 @@ class DiffusionPipeline(RecordedGrid):
 
     def plain_denoiser(self) -> Denoiser:
         """The UNet call without CUDA graphs (tiles vary in batch position; compiled where asked)."""
-        return as_denoiser(torch.compile(self.unet, dynamic=False) if self.rt.compile else self.unet)
+        return self._conditioned(as_denoiser(torch.compile(self.unet, dynamic=False) if self.rt.compile else self.unet))
 
     def denoiser(self) -> Denoiser:
         """The UNet call, built once: compiled where ``device.compile`` is on, replayed from a CUDA
@@ -94,8 +118,8 @@ class DiffusionPipeline(RecordedGrid):
             net = self.unet
             if self.rt.compile:
                 net = torch.compile(net, dynamic=False)
-            call = as_denoiser(net)
-            if self.rt.cuda_graphs:
+            call = self._conditioned(as_denoiser(net))
+            if self.rt.cuda_graphs and not self.classes:  # a graph replay would drop the class labels
                 from vqldm.graphs import CudaGraphed
 
                 graphed = CudaGraphed(lambda b: call(b["x"], b["t"]), self.rt.device, warmup=2,

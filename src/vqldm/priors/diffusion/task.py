@@ -10,6 +10,7 @@ from torch import nn
 from vqldm.config import Config
 from vqldm.engine.tensorboard import Board
 from vqldm.engine.trainer import OptimizerSpec, StepContext, Task, make_optimizer
+from vqldm.errors import VqldmError
 from vqldm.latents import LatentNorm, check_same_stage1, encode
 from vqldm.priors.diffusion.objective import Objective
 from vqldm.priors.diffusion.unet import as_denoiser, build_unet
@@ -47,18 +48,44 @@ class DiffusionTask(Task):
                 z = z.contiguous(memory_format=torch.channels_last_3d)
         return self.norm.normalize(z)
 
+    @property
+    def classes(self) -> list[str] | None:
+        """The class names of a class-conditional UNet (``data.labels_file``), else None."""
+        return self.meta.get("classes")
+
+    def condition_of(self, batch: dict, drop: bool) -> dict | None:
+        """The UNet's ``class_labels`` for a batch; in training each is replaced by the null class with
+        probability ``diffusion.condition_drop_prob`` (drawn on the device: graph-safe, resumed exactly)."""
+        if not self.classes:
+            return None
+        labels = self.rt.to_device(batch["label"]).long()
+        p = self.cfg.diffusion.condition_drop_prob
+        if drop and p > 0:
+            null = torch.full_like(labels, len(self.classes))
+            labels = torch.where(torch.rand(labels.shape, device=labels.device) < p, null, labels)
+        return {"class_labels": labels}
+
     def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         z0 = self.latent_of(batch)
         noise = torch.randn_like(z0)
         t = self.objective.sample_timesteps(z0)
-        return {"loss": self.objective.loss(as_denoiser(self.train_forward), z0, noise, t)}
+        cond = self.condition_of(batch, drop=True)
+        return {"loss": self.objective.loss(as_denoiser(self.train_forward), z0, noise, t, cond)}
 
     def validation_step(self, batch: dict, model: nn.Module) -> dict[str, torch.Tensor]:
         # fixed noise and timesteps per validation item: losses compare across epochs and runs
         z0 = self.latent_of(batch)
         noise = self.rt.to_device(batch["noise"]).float()
         t = self.rt.to_device(batch["t"]).long()
-        return {"loss": self.objective.loss(as_denoiser(model), z0, noise, t)}
+        return {"loss": self.objective.loss(as_denoiser(model), z0, noise, t, self.condition_of(batch, drop=False))}
+
+    def _sampling_denoiser(self, model: nn.Module):
+        """The previews' UNet call: a conditional model draws the classes in turn (sample i: class i mod C)."""
+        den = as_denoiser(model)
+        if not self.classes:
+            return den
+        c = len(self.classes)
+        return lambda x, t, condition=None: den(x, t, {"class_labels": torch.arange(x.shape[0], device=x.device) % c})
 
     @torch.no_grad()
     def generate(self, model: nn.Module, n: int, steps: int, seed: int, sampler: str) -> torch.Tensor:
@@ -66,7 +93,7 @@ class DiffusionTask(Task):
         shape = [n] + self.meta["latent_shape"]
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.rt.device)
         clip = self.norm.codebook_range(self.vqvae) if self.cfg.diffusion.clip_to_codebook_range else None
-        z = sample_latents(sampler, as_denoiser(model), noise, steps, self.sc, autocast=self.rt.autocast,
+        z = sample_latents(sampler, self._sampling_denoiser(model), noise, steps, self.sc, autocast=self.rt.autocast,
                            clip_range=clip, generator=torch.Generator(device=noise.device).manual_seed(seed))
         return decode_latents(self.vqvae, z, self.norm, self.meta["normalization"]["intensity_range"],
                               self.cfg.diffusion.snap_to_codebook, self.rt.autocast,
@@ -87,3 +114,6 @@ class DiffusionTask(Task):
 
     def check_resume(self, ckpt: dict, path: Path, key: str) -> None:
         check_same_stage1(ckpt, self.meta, path, key, "diffusion")
+        if ckpt.get("classes") != self.classes:
+            raise VqldmError(f"{key}: {path} was trained with classes {ckpt.get('classes')}, this run has "
+                             f"{self.classes} (data.labels_file); resume with the same labels")

@@ -13,6 +13,8 @@ from vqldm.autoencoder.model import total_stride
 from vqldm.checkpoint import load_checkpoint
 from vqldm.config import Config, check_latent_for_unet
 from vqldm.data import pipeline
+from vqldm.data.io import list_volumes
+from vqldm.data.labels import ClassLabels, LabelledDataset, class_labels
 from vqldm.engine import setup
 from vqldm.engine.trainer import FitResult, Trainer, resume_path
 from vqldm.errors import VqldmError
@@ -77,6 +79,24 @@ def _latent_norm(cfg: Config, train_ds, train_loader, sampler, use_cache: bool, 
     return norm
 
 
+def _labels(cfg: Config, train_info, val_info) -> ClassLabels | None:
+    """Every file's class (``data.labels_file``), checked before any compute; None: unconditional."""
+    if not cfg.data.labels_file:
+        return None
+    existing = list_volumes(cfg.data.train_data_dir) + list_volumes(cfg.data.val_data_dir)
+    labels = class_labels(cfg.data.labels_file, train_info.files, val_info.files, existing)
+    log.info("class-conditional UNet: %d classes (%s), condition_drop_prob %g", len(labels.classes),
+             ", ".join(labels.classes), cfg.diffusion.condition_drop_prob)
+    return labels
+
+
+def _val_labels(labels: ClassLabels | None, tiles) -> dict:
+    """The validation tiles' classes (each tile's volume's), as TensorDictDataset columns."""
+    if labels is None:
+        return {}
+    return {"label": torch.tensor([labels.val[tile[0]] for tile in tiles.tiles], dtype=torch.long)}
+
+
 def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool = True) -> Trainer:
     """Everything ``train_diffusion`` runs, ready to ``fit()`` (under torchrun: this rank's share)."""
     setup.start(cfg)
@@ -85,19 +105,25 @@ def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool
     net = vq_ckpt["network"]
     lat_shape = [net["embedding_dim"]] + lat_spatial
     train_info, val_info = setup.scan_data(cfg, progress)
+    labels = _labels(cfg, train_info, val_info)
     norm = L.stage1_normalization(cfg, vq_ckpt)
     sc = scheduler_config(cfg)
     val_z, tiles = L.encoded_tiles(cfg, "diffusion", val_info.files, norm, vqvae, rt)
     noise, t = _fixed_noise(len(val_z), lat_shape, sc["num_train_timesteps"], cfg.seed + 1)
-    val_ds = L.TensorDictDataset(latent=val_z, noise=noise, t=t)
+    val_ds = L.TensorDictDataset(latent=val_z, noise=noise, t=t, **_val_labels(labels, tiles))
     vis_real = L.real_tiles(tiles, norm, cfg.diffusion.logging.num_visualize_samples)
     train_ds, use_cache = L.train_items(cfg, "diffusion", train_info.files, norm, vqvae, rt, lat_spatial,
                                         total_stride(net), progress, latent_cache=cfg.diffusion.latent_cache)
+    if labels is not None:
+        train_ds = LabelledDataset(train_ds, labels.train)
     train_loader, sampler = setup.train_loader(cfg, "diffusion", train_ds, rt)
     val_loader = setup.val_loader(cfg, "diffusion", val_ds, rt)
     norm = _latent_norm(cfg, train_ds, train_loader, sampler, use_cache, vqvae, rt)
     meta = L.stage1_meta(cfg, "diffusion", vq_ckpt, train_info.grid, lat_shape, use_cache)
-    task = DiffusionTask(cfg, rt, vqvae, unet_net_config(cfg), sc, norm, meta, vis_real)
+    if labels is not None:
+        meta["classes"] = list(labels.classes)
+    task = DiffusionTask(cfg, rt, vqvae, unet_net_config(cfg, len(labels.classes) if labels else 0), sc, norm,
+                         meta, vis_real)
     task.train_forward = setup.wrap_for_training(task.model, rt)
     bs, world = cfg.batch_size("diffusion"), dist.world_size()
     log.info("stage 2: latent %s, batch %d per rank x %d rank(s) = effective batch %d, lr %g%s, %s scheduler",

@@ -1,0 +1,263 @@
+"""Class-conditional diffusion (issue 17, first slice): labels files, the UNet's class embedding,
+classifier-free guidance, ``vqldm sample --class/--guidance`` and ``vqldm synth --vary density``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import run_cli, tiny_config_dict, write_config
+from vqldm.checkpoint import load_checkpoint
+from vqldm.data.labels import LabelledDataset, class_index, class_labels, read_labels
+from vqldm.errors import VqldmError
+from vqldm.priors.diffusion.task import DiffusionTask
+from vqldm.priors.diffusion.unet import as_denoiser, build_unet, class_guided, guidance_mix
+
+NET = {"spatial_dims": 3, "in_channels": 4, "out_channels": 4, "channels": [16, 32],
+       "attention_levels": [False, False], "num_head_channels": [0, 8], "num_res_blocks": 1,
+       "norm_num_groups": 8, "num_class_embeds": 4}
+
+
+# ---------------------------------------------------------------------------------- labels files
+def _files(tmp_path, names):
+    return [tmp_path / n for n in names]
+
+
+def test_csv_and_json_labels_give_the_same_classes(tmp_path):
+    (tmp_path / "a.csv").write_text("file,label\nx.nii.gz,b\ny.nii.gz,a\nsub/z.nii.gz,b\n")
+    (tmp_path / "a.json").write_text(json.dumps({"x.nii.gz": "b", "y.nii.gz": "a", "z.nii.gz": "b"}))
+    assert read_labels(tmp_path / "a.csv") == read_labels(tmp_path / "a.json") == {
+        "x.nii.gz": "b", "y.nii.gz": "a", "z.nii.gz": "b"}
+    lab = class_labels(tmp_path / "a.csv", _files(tmp_path, ["x.nii.gz", "y.nii.gz"]), _files(tmp_path, ["z.nii.gz"]))
+    assert lab.classes == ["a", "b"] and lab.train == [1, 0] and lab.val == [1] and lab.null == 2
+
+
+@pytest.mark.parametrize("text, match", [
+    ("file,label\nx.nii.gz,a\n", "without a label, e.g. y.nii.gz"),
+    ("x.nii.gz,a\ny.nii.gz,b\ngone.nii.gz,a\n", "a label for gone.nii.gz, which is in neither data folder"),
+    ("x.nii.gz,a\ny.nii.gz,a\n", "at least two classes"),
+    ("x.nii.gz,a,extra\n", "is not `file,label`"),
+])
+def test_bad_labels_files_are_refused_in_one_line(tmp_path, text, match):
+    (tmp_path / "l.csv").write_text(text)
+    with pytest.raises(VqldmError, match=match) as e:
+        class_labels(tmp_path / "l.csv", _files(tmp_path, ["x.nii.gz", "y.nii.gz"]), [])
+    assert "\n" not in str(e.value)
+
+
+def test_a_label_for_a_file_left_out_by_a_volume_limit_is_not_an_error(tmp_path):
+    (tmp_path / "l.csv").write_text("x.nii.gz,a\ny.nii.gz,b\nz.nii.gz,a\n")
+    used, all_files = _files(tmp_path, ["x.nii.gz", "y.nii.gz"]), _files(tmp_path, ["x.nii.gz", "y.nii.gz", "z.nii.gz"])
+    assert class_labels(tmp_path / "l.csv", used, [], existing=all_files).train == [0, 1]
+    with pytest.raises(VqldmError, match="a label for z.nii.gz"):
+        class_labels(tmp_path / "l.csv", used, [])
+
+
+def test_class_names_at_sampling():
+    assert class_index(["a", "b"], "b") == 1
+    with pytest.raises(VqldmError, match="unknown class; this model knows a, b"):
+        class_index(["a", "b"], "c")
+    with pytest.raises(VqldmError, match="this model is unconditional"):
+        class_index(None, "a")
+
+
+def test_labelled_dataset_gives_each_item_its_volumes_class():
+    base = [{"latent": torch.zeros(1)} for _ in range(6)]  # 3 volumes x 2 crops, item i from volume i % 3
+    ds = LabelledDataset(base, [2, 0, 1])
+    assert [int(ds[i]["label"]) for i in range(6)] == [2, 0, 1, 2, 0, 1]
+
+
+# ------------------------------------------------------------------------------------- guidance
+def _unet():
+    torch.manual_seed(0)
+    net = build_unet(NET).eval()
+    with torch.no_grad():  # MONAI zero-initialises the output convolution: give every weight a value
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    return net
+
+
+def test_guidance_zero_is_the_unconditional_and_one_the_conditional_prediction():
+    net = _unet()
+    x, t = torch.randn(2, 4, 8, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        cond = net(x=x, timesteps=t, class_labels=torch.tensor([1, 1]))
+        uncond = net(x=x, timesteps=t, class_labels=torch.tensor([3, 3]))  # 3 classes + the null, index 3
+        assert not torch.allclose(cond, uncond)  # the class embedding matters
+        den = as_denoiser(net)
+        assert torch.equal(class_guided(den, 1, 3, 0.0)(x, t), uncond)
+        assert torch.equal(class_guided(den, 1, 3, 1.0)(x, t), cond)
+        assert torch.equal(class_guided(den, None, 3, 1.0)(x, t), uncond)
+        w3 = class_guided(den, 1, 3, 3.0)(x, t)
+    assert torch.allclose(w3, uncond + 3.0 * (cond - uncond), atol=1e-5)
+    assert not torch.allclose(w3, cond)
+    # the mix itself is exact at both ends, whatever the values
+    a, b = torch.randn(1000) * 1e3, torch.randn(1000)
+    assert torch.equal(guidance_mix(a, b, 0.0), a) and torch.equal(guidance_mix(a, b, 1.0), b)
+
+
+def test_condition_drop_replaces_labels_by_the_null_at_the_configured_rate():
+    def task(p):
+        return SimpleNamespace(classes=["a", "b", "c"], rt=SimpleNamespace(to_device=lambda x: x),
+                               cfg=SimpleNamespace(diffusion=SimpleNamespace(condition_drop_prob=p)))
+
+    labels = torch.randint(0, 3, (20000,))
+    torch.manual_seed(0)
+    out = DiffusionTask.condition_of(task(0.2), {"label": labels}, drop=True)["class_labels"]
+    dropped = out == 3
+    assert 0.18 < dropped.float().mean() < 0.22
+    assert torch.equal(out[~dropped], labels[~dropped])
+    assert torch.equal(DiffusionTask.condition_of(task(0.2), {"label": labels}, drop=False)["class_labels"], labels)
+    assert torch.equal(DiffusionTask.condition_of(task(0.0), {"label": labels}, drop=True)["class_labels"], labels)
+
+
+# ---------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def labelled_run(tmp_path_factory, trained_stage1):
+    """``vqldm synth --vary density --levels 3`` and a 1-epoch class-conditional stage 2 on it."""
+    root = tmp_path_factory.mktemp("cond_run")
+    data = root / "data"
+    assert run_cli("--quiet", "synth", "--out", data, "--num-train", 3, "--num-val", 3, "--shape", 32, 32, 32,
+                   "--vary", "density", "--levels", 3) == 0
+    cfg = tiny_config_dict(root, data)
+    cfg["data"]["labels_file"] = str(data / "labels.csv")
+    cfg["diffusion"]["checkpoints"]["vqvae_path"] = str(trained_stage1["best"])
+    cfg["diffusion"]["training"]["n_epochs"] = 1
+    cfg_path = write_config(root / "config.yaml", cfg)
+    assert run_cli("--quiet", "train-diffusion", "--config", cfg_path) == 0
+    return {"root": root, "data": data, "config": cfg, "config_path": cfg_path,
+            "best": Path(cfg["diffusion"]["checkpoints"]["output_dir"]) / "best_model.pt"}
+
+
+def test_synth_writes_density_levels_and_their_labels(labelled_run):
+    data = labelled_run["data"]
+    assert (data / "labels.csv").read_text().splitlines() == [
+        "file,label", "mt_0000.nii.gz,level0", "mt_0001.nii.gz,level1", "mt_0002.nii.gz,level2"]
+    gt = json.loads((data / "ground_truth.json").read_text())
+    assert [gt["levels"][f"level{k}"]["n_filaments"] for k in range(3)] == [[4, 6], [10, 15], [25, 35]]
+    counts = [gt["train"][f"mt_{i:04d}.nii.gz"]["n_filaments"] for i in range(3)]
+    assert 4 <= counts[0] <= 6 and 10 <= counts[1] <= 15 and 25 <= counts[2] <= 35
+
+
+def test_too_many_density_levels_are_refused_in_one_line():
+    from vqldm.synth.microtubules import MicrotubuleParams, density_levels
+
+    assert len(density_levels(MicrotubuleParams(), 4)) == 4
+    with pytest.raises(VqldmError, match="ranges would overlap"):
+        density_levels(MicrotubuleParams(), 12)
+    with pytest.raises(VqldmError, match="at least 2"):
+        density_levels(MicrotubuleParams(), 1)
+
+
+def test_the_checkpoint_records_the_classes_and_the_class_embedding(labelled_run):
+    ckpt = load_checkpoint(labelled_run["best"], kind="diffusion", what="test")
+    assert ckpt["classes"] == ["level0", "level1", "level2"]
+    assert ckpt["network"]["num_class_embeds"] == 4
+
+
+def test_sample_records_class_and_guidance(labelled_run, tmp_path):
+    args = ["--quiet", "sample", "--config", labelled_run["config_path"], "-n", 2, "--steps", 3, "--batch-size", 2]
+    assert run_cli(*args, "--out", tmp_path / "a", "--class", "level2", "--guidance", 2.0) == 0
+    rec = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert rec["class"] == "level2" and rec["guidance"] == 2.0 and rec["classes"] == ["level0", "level1", "level2"]
+    assert rec["conditions"]["sample_0001"] == {"class": "level2", "guidance": 2.0}
+    assert run_cli(*args, "--out", tmp_path / "b") == 0  # no --class: the null class
+    assert json.loads((tmp_path / "b" / "samples.json").read_text())["class"] is None
+
+
+def test_unknown_class_and_unconditional_model_are_refused(labelled_run, trained_stage2, tmp_path, capsys):
+    assert run_cli("sample", "--config", labelled_run["config_path"], "-n", 1, "--steps", 2,
+                   "--out", tmp_path / "a", "--class", "level9") != 0
+    assert "unknown class; this model knows level0, level1, level2" in capsys.readouterr().err
+    assert run_cli("sample", "--config", trained_stage2["config_path"], "-n", 1, "--steps", 2,
+                   "--out", tmp_path / "b", "--class", "level0") != 0
+    err = capsys.readouterr().err
+    assert "this model is unconditional" in err and len(err.strip().splitlines()) == 1
+
+
+def test_training_refuses_a_file_without_a_label(labelled_run, tmp_path, capsys):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\nmt_0000.nii.gz,level0\nmt_0001.nii.gz,level1\n")
+    cfg = tiny_config_dict(tmp_path, labelled_run["data"])
+    cfg["data"]["labels_file"] = str(labels)
+    cfg["diffusion"]["checkpoints"]["vqvae_path"] = labelled_run["config"]["diffusion"]["checkpoints"]["vqvae_path"]
+    assert run_cli("train-diffusion", "--config", write_config(tmp_path / "c.yaml", cfg)) != 0
+    assert "without a label, e.g. mt_0002.nii.gz" in capsys.readouterr().err
+
+
+def test_on_the_fly_patches_carry_their_labels_too(labelled_run, tmp_path):
+    cfg = tiny_config_dict(tmp_path, labelled_run["data"])
+    cfg["data"]["labels_file"] = labelled_run["config"]["data"]["labels_file"]
+    cfg["data"]["augmentation"] = True  # no latent cache: MONAI transforms, patches encoded each batch
+    cfg["diffusion"]["checkpoints"]["vqvae_path"] = labelled_run["config"]["diffusion"]["checkpoints"]["vqvae_path"]
+    cfg["diffusion"]["training"]["n_epochs"] = 1
+    assert run_cli("--quiet", "train-diffusion", "--config", write_config(tmp_path / "c.yaml", cfg)) == 0
+    best = Path(cfg["diffusion"]["checkpoints"]["output_dir"]) / "best_model.pt"
+    assert load_checkpoint(best, kind="diffusion", what="test")["classes"] == ["level0", "level1", "level2"]
+
+
+def test_api_guidance_zero_samples_exactly_the_null_class(labelled_run):
+    import numpy as np
+
+    import vqldm
+
+    model = vqldm.load_model(labelled_run["config_path"], device="cpu")
+    kw = {"seed": 4, "sampler": "ddim", "steps": 3, "batch_size": 2}
+    null = model.sample(2, **kw).volumes
+    w0 = model.sample(2, class_name="level1", guidance=0.0, **kw).volumes
+    w1 = model.sample(2, class_name="level1", guidance=1.0, **kw).volumes
+    assert np.array_equal(w0, null) and w1.shape == null.shape and np.isfinite(w1).all()
+    with pytest.raises(VqldmError, match="unknown class"):
+        model.sample(1, class_name="nope", **kw)
+
+
+def test_real_density_levels_are_told_apart_by_simple_statistics(tmp_path):
+    """The levels must be separable in real volumes, or no condition-accuracy goal could be met: nearest
+    centroid on (foreground fraction, mean intensity), leave one out, 10 volumes per level."""
+    import numpy as np
+
+    from vqldm.data.io import list_volumes, read_volume
+    from vqldm.synth import write_dataset
+
+    s = write_dataset(tmp_path / "d", 30, 0, (64, 64, 32), seed=1, progress=False, levels=3)
+    labels = read_labels(s["labels_file"])
+    feats, y = [], []
+    for f in list_volumes(tmp_path / "d" / "train"):
+        v = read_volume(f).array
+        feats.append([(v > 0.1).mean(), v.mean()])
+        y.append(int(labels[f.name][-1]))
+    z, y = np.array(feats), np.array(y)
+    z = (z - z.mean(0)) / z.std(0)
+    hits = 0
+    for i in range(len(y)):
+        rest = np.arange(len(y)) != i
+        centres = np.array([z[rest & (y == k)].mean(0) for k in range(3)])
+        hits += int(np.argmin(((centres - z[i]) ** 2).sum(1)) == y[i])
+    assert hits / len(y) >= 0.9
+
+
+def test_conditional_resume_equals_uninterrupted_and_other_classes_are_refused(labelled_run, trained_stage1,
+                                                                              tmp_path, capsys):
+    from test_reliability import (BEST, LATEST, assert_same_checkpoint, cli, out_dir, stage2_cfg,
+                                  stage2_resumed_and_uninterrupted)
+
+    def cfg(name, n):
+        c = stage2_cfg(tmp_path / name, labelled_run["data"], trained_stage1["best"], n_epochs=n)
+        c["data"]["labels_file"] = labelled_run["config"]["data"]["labels_file"]
+        return c
+
+    a, u = cfg("a", 1), cfg("u", 3)
+    cfg_a, latest_a = stage2_resumed_and_uninterrupted(capsys, tmp_path, a, u)
+    roots = (tmp_path / "a", tmp_path / "u")
+    assert_same_checkpoint(latest_a, out_dir(u, "diffusion") / LATEST, roots)
+    assert_same_checkpoint(out_dir(a, "diffusion") / BEST, out_dir(u, "diffusion") / BEST, roots)
+
+    other = tmp_path / "other.csv"  # the same files, other class names
+    other.write_text("mt_0000.nii.gz,low\nmt_0001.nii.gz,mid\nmt_0002.nii.gz,high\n")
+    rc, _, err = cli(capsys, "train-diffusion", "--config", cfg_a, "--set", "diffusion.training.n_epochs=4",
+                     "--set", f"diffusion.checkpoints.resume_from={latest_a}", "--set", f"data.labels_file={other}")
+    assert rc != 0 and "was trained with classes ['level0', 'level1', 'level2']" in err
