@@ -67,6 +67,7 @@ def test_monai_bundle_run_reproduces_vqldm_sample(tmp_path, trained_stage1, trai
     assert not np.array_equal(ours[0].array, ours[1].array)
     zooms = nib.load(theirs[0]).header.get_zooms()
     assert np.allclose(zooms, ours[0].spacing)
+    assert read_volume(theirs[0]).unit == ours[0].unit == "micron"  # the unit travels into the bundle's files too
 
 
 def test_without_the_clip_the_bundle_turns_it_off(tmp_path, trained_stage2, capsys):

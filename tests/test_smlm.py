@@ -293,3 +293,51 @@ def test_scale_rules(synth_locs, tmp_path, capsys):
     assert run_cli("voxelize", "--input", synth_locs / "locs" / "train", "--out", tmp_path / "bad",
                    "--shape", *SHAPE, "--scale", "p0") != 0
     assert "--scale 'p0'" in capsys.readouterr().err
+
+
+def test_output_names_never_collide(tmp_path, capsys):
+    """a.1.nii.gz and a.2.nii.gz give a.1.csv and a.2.csv; a.nii beside a.nii.gz is refused before any write."""
+    from vqldm.data.io import write_volume
+
+    g = Grid((0.0, 0.0, 0.0), (10.0, 10.0, 10.0), (4, 4, 2))
+    info = {"format": "vqldm-smlm-dataset", "grid": g.to_dict(), "method": "counts", "counts_per_intensity": 5.0}
+    vols = tmp_path / "v"
+    vols.mkdir()
+    (vols / "dataset_info.json").write_text(json.dumps(info))
+    for name in ("a.1.nii.gz", "a.2.nii.gz"):
+        write_volume(vols / name, np.ones(g.shape, np.float32), g.spacing_um, "micron")
+    assert run_cli("--quiet", "points", "--volumes", vols, "--out", tmp_path / "p") == 0
+    assert sorted(p.name for p in (tmp_path / "p").glob("*.csv")) == ["a.1.csv", "a.2.csv"]
+    write_volume(vols / "a.1.nii", np.ones(g.shape, np.float32), g.spacing_um, "micron")
+    capsys.readouterr()
+    assert run_cli("--quiet", "points", "--volumes", vols, "--out", tmp_path / "p2") != 0
+    err = capsys.readouterr().err.strip()
+    assert "a.1.nii and a.1.nii.gz" in err and len(err.splitlines()) == 1 and not (tmp_path / "p2").exists()
+
+
+def test_a_broken_samples_json_is_one_line(tmp_path, capsys):
+    from vqldm.data.io import write_volume
+
+    write_volume(tmp_path / "sample_0000.nii.gz", np.ones((4, 4, 2), np.float32), (0.01, 0.01, 0.01), "micron")
+    (tmp_path / "samples.json").write_text("{not json")
+    assert run_cli("--quiet", "points", "--volumes", tmp_path, "--out", tmp_path / "p") != 0
+    err = capsys.readouterr().err.strip()
+    assert "samples.json: not a readable samples.json" in err and "internal error" not in err
+
+
+def test_density_is_recorded_only_where_training_kept_it(synth_locs, tmp_path):
+    """data.normalize per_volume throws the shared scale away, so the checkpoint must not claim it."""
+    from vqldm.autoencoder.task import VQVAETask
+    from vqldm.config import config_from_dict
+    from vqldm.data.pipeline import normalization_of
+    from vqldm.runtime import make_runtime
+
+    v = tmp_path / "v"
+    assert run_cli("--quiet", "voxelize", "--input", synth_locs / "locs" / "train", "--out", v, "--fov", *FOV,
+                   "--shape", 32, 32, 32, "--val-fraction", 0.34) == 0
+    for method, recorded in (("auto", True), ("fixed", True), ("per_volume", False)):
+        d = tiny_config_dict(tmp_path, v)
+        d["data"]["normalize"] = method
+        cfg = config_from_dict(d, "test")
+        task = VQVAETask(cfg, make_runtime(cfg), normalization_of(cfg), (1.0, 1.0, 1.0))
+        assert (task.checkpoint_meta()["data"]["smlm"] is not None) == recorded, method

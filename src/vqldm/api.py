@@ -136,7 +136,7 @@ class Model:
                batch_size: int = 8, snap: bool | None = None, shape: list[int] | None = None,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                progress: bool = False, class_name: str | None = None, guidance: float = 1.0) -> Samples:
-        """``n`` volumes; sample ``i`` is seeded by ``(seed, i)``. Diffusion: ``sampler`` (ddim, ddpm, rflow),
+        """``n`` volumes; sample ``i`` is seeded by ``(seed, i)``. Diffusion: ``sampler`` (ddim, ddpm, dpmpp_2m, rflow),
         ``steps``, ``snap``, ``shape``, and for a class-conditional model ``class_name`` and ``guidance``
         (as ``--class`` and ``--guidance``); token prior: ``temperature``, ``top_k``, ``top_p``. None: as
         ``vqldm sample`` (the config's, then the model's defaults)."""

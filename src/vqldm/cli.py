@@ -255,7 +255,7 @@ def cmd_evaluate(args) -> int:
         from vqldm.commands.evaluate_points import evaluate_points
 
         res = evaluate_points(cfg, Path(args.out), Path(args.points),
-                              Path(args.real_points) if args.real_points else None)
+                              Path(args.real_points) if args.real_points else None, seed=cfg.seed)
         _print_paths("localisation evaluation written:", {"metrics": res["metrics_path"],
                                                           "report": res["report_path"]})
         if not args.samples:
@@ -527,10 +527,7 @@ def _edit_common(s) -> None:
                    help="snap the edited latent to the codebook before decoding (default on)")
     s.add_argument("--overlap", type=float, default=0.25,
                    help="sliding-window overlap for encoding and decoding (default 0.25)")
-    s.add_argument("--diffusion-checkpoint", default=None,
-                   help="stage-2 checkpoint (default: diffusion.checkpoints.output_dir/best_model.pt)")
-    s.add_argument("--vqvae-checkpoint", default=None,
-                   help="stage-1 checkpoint (default: the one recorded when stage 2 trained)")
+    _add_checkpoints(s)
     s.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA weights")
     s.add_argument("--overwrite", action="store_true", help="move earlier outputs in --out to previous_<time>/")
     s.set_defaults(func=cmd_edit)

@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vqldm.errors import VqldmError
+
 
 def new_file_mode() -> int:
     """The permissions a plain ``open(path, "w")`` would give a new file: 0o666 less the umask.
@@ -84,3 +86,19 @@ def archive_previous(directory: Path, patterns: tuple[str, ...]) -> Path | None:
     for p in found:
         shutil.move(str(p), dest / p.name)
     return dest
+
+
+def unique_stems(paths: list[Path], suffixes: tuple[str, ...], what: str) -> list[str]:
+    """Each file's name without its known suffix (the longest that matches: ``a.1.nii.gz`` -> ``a.1``),
+    refusing two files that would give one output name (``a.nii`` and ``a.nii.gz``)."""
+    ordered = sorted(suffixes, key=len, reverse=True)
+    stems = []
+    for p in paths:
+        name = p.name
+        suffix = next((s for s in ordered if name.lower().endswith(s)), "")
+        stems.append(name[: len(name) - len(suffix)] if suffix else name)
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        clash = [p.name for p, s in zip(paths, stems) if s == dup[0]]
+        raise VqldmError(f"{what}: {' and '.join(clash)} would write the same output name {dup[0]!r}; rename one")
+    return stems

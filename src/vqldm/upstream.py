@@ -230,15 +230,16 @@ def _loss(loss: dict, prefix: str, notes: _Notes) -> None:
 
 # ------------------------------------------------------------------------------------ models
 def _conditional(out: dict, notes: _Notes) -> None:
-    """The conditional config's keys: vqldm's diffusion prior is unconditional and models the latent."""
+    """The conditional config's keys: vqldm has no projection-conditioned prior; it models the latent."""
     u = out["diffusion"]
     found = [k for k in CONDITION_KEYS if k in u]
     if not found:
         return
     for k in found:
         u.pop(k)
-        notes.warn(f"diffusion.{k}", "no effect: vqldm's diffusion prior is unconditional (the upstream "
-                                     "conditional script fed a 2D projection of the volume as its condition)")
+        notes.warn(f"diffusion.{k}", "no effect: vqldm has no projection-conditioned prior (the upstream "
+                                     "conditional script fed a 2D projection of the volume as its condition); "
+                                     "class conditions come from data.labels_file")
     emb = (_get(out, "vqvae") or {}).get("embedding_dim")
     for k in ("in_channels", "out_channels"):
         if k not in u or u[k] == emb:

@@ -147,13 +147,19 @@ class VQVAETask(Task):
         rows = [[x_u[i], r_u[i], abs(r_u[i] - x_u[i])] for i in range(x_u.shape[0])]
         board.mips("vqvae/input_reconstruction_error", rows, epoch, png_path=png_dir / f"recon_epoch{epoch:04d}.png")
 
+    def _density(self) -> dict | None:
+        """The voxelize data set's grid and density scale, where training kept the density (``fixed``)."""
+        if self.norm.method != "fixed":
+            return None
+        return info_for_volumes(self.cfg.data.train_data_dir, self.cfg.data.voxel_resize)
+
     def checkpoint_meta(self) -> dict:
         return {
             "network": self.net_config,
             "normalization": self.norm.to_dict(),
             "data": {"patch_size": list(self.cfg.data.patch_size), **self.grid.to_meta(),
                      "foreground_threshold": self.cfg.data.foreground_threshold,
-                     "smlm": info_for_volumes(self.cfg.data.train_data_dir, self.cfg.data.voxel_resize)},
+                     "smlm": self._density()},
             "latent_shape": latent_shape(self.cfg),
             "codebook": {"restarted_total": self.restarted_total},
         }

@@ -79,6 +79,7 @@ def inference_config(cfg: Config, pipe: DiffusionPipeline, steps: int, seed: int
         "device": "$torch.device('cpu')",
         "num_samples": num_samples, "seed": seed, "num_inference_steps": steps,
         "latent_shape": list(pipe.latent_shape(None)), "spacing": [float(s) for s in grid.spacing],
+        "spacing_unit": grid.unit,  # NIfTI xyzt_units of the written volumes, as vqldm sample writes them
         "vqvae": {"_target_": "monai.networks.nets.VQVAE", **pipe.vq_ckpt["network"]},
         "unet": {"_target_": "monai.networks.nets.DiffusionModelUNet", **pipe.diff_ckpt["network"]},
         "load_vqvae": load.format("vqvae", MODELS["vqvae"]),
@@ -92,8 +93,10 @@ def inference_config(cfg: Config, pipe: DiffusionPipeline, steps: int, seed: int
         "latents_to_volumes": ("$@inferer.sample(input_noise=@noise, autoencoder_model=@vqvae.to(@device).eval(), "
                                "diffusion_model=@unet.to(@device).eval(), scheduler=@scheduler, verbose=False)"),
         "volumes": f"$torch.clamp((@latents_to_volumes.float() - ({lo})) / ({hi} - ({lo})), 0.0, 1.0).cpu()",
-        "save": ("$[nibabel.save(nibabel.Nifti1Image(v[0].numpy(), numpy.diag(@spacing + [1.0])), "
-                 "os.path.join(@output_dir, 'sample_%04d.nii.gz' % i)) for i, v in enumerate(@volumes)]"),
+        "image": "$lambda v: nibabel.Nifti1Image(v[0].numpy(), numpy.diag(@spacing + [1.0]))",
+        "with_unit": "$lambda img: (img.header.set_xyzt_units(@spacing_unit), img)[1]",
+        "save": ("$[nibabel.save(@with_unit(@image(v)), os.path.join(@output_dir, 'sample_%04d.nii.gz' % i)) "
+                 "for i, v in enumerate(@volumes)]"),
         "initialize": ["$@load_vqvae", "$@load_unet", "$@scheduler.set_timesteps(num_inference_steps=@num_inference_steps)",
                        "$os.makedirs(@output_dir, exist_ok=True)"],
         "run": ["$@save"],

@@ -5,6 +5,9 @@
   frame 0 gives back A's VQ-VAE reconstruction and frame N B's.
 - ``sdedit``: noise the input's latent to ``strength`` x T with seeded noise and denoise it with DDIM
   (Meng et al., 2022): small strengths keep the input's layout, 1 draws a fresh sample.
+- ``inpaint``: regenerate the masked region (RePaint on a DDIM chain; the mask dilated to the latent
+  grid, the result feathered back in voxel space); every voxel outside the feathered mask is kept.
+- ``outpaint``: pad the input and inpaint the new border.
 
 Latents are encoded and decoded through :mod:`vqldm.sampling.window` (one window where the input is
 the training patch); on a latent larger than the training latent the UNet runs on blended tiles

@@ -35,7 +35,7 @@ def _tables(directory: Path, what: str, allow_empty: bool = False) -> list[np.nd
     return [read_table(p, allow_empty=allow_empty) for p in paths]
 
 
-def real_tables(cfg: Config, real_points: Path | None) -> tuple[list[np.ndarray], str]:
+def real_tables(cfg: Config, real_points: Path | None, seed: int = 0) -> tuple[list[np.ndarray], str]:
     """The real localisation tables and a line saying where they came from."""
     if real_points is not None:
         return _tables(real_points, "--real-points"), str(real_points)
@@ -44,7 +44,7 @@ def real_tables(cfg: Config, real_points: Path | None) -> tuple[list[np.ndarray]
     if not paths:
         raise VqldmError(f"data.val_data_dir {val}: holds no volumes; pass --real-points DIR of real tables")
     info, files, source = density_source(val, None)
-    opts = PointsOptions(volumes=val, out_dir=val, progress=False)
+    opts = PointsOptions(volumes=val, out_dir=val, seed=seed, progress=False)
     tables = [volume_points(p, info, files, opts, i)[0] for i, p in enumerate(paths)]
     return tables, f"{val} via points ({source})"
 
@@ -77,7 +77,7 @@ def evaluate_points(cfg: Config, out_dir: Path, points: Path, real_points: Path 
                     seed: int = 0) -> dict:
     """Compare the tables in ``points`` with the real ones; write metrics, report and picture."""
     gen = _tables(points, "--points", allow_empty=True)  # a generated volume may hold no localisations
-    real, source = real_tables(cfg, real_points)
+    real, source = real_tables(cfg, real_points, seed)
     if len(real) < 2:
         raise VqldmError(f"{source}: needs at least 2 real tables for a real-vs-real floor, got {len(real)}")
     res = compare_points(real, gen, seed=seed)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vqldm.data.io import list_volumes, read_volume
+from vqldm.data.io import VOLUME_SUFFIXES, list_volumes, read_volume
 from vqldm.errors import VqldmError
-from vqldm.files import archive_previous, atomic_write_bytes
+from vqldm.files import archive_previous, atomic_write_bytes, unique_stems
 from vqldm.smlm.dataset import find_info, load_info
 from vqldm.smlm.grid import Grid
 from vqldm.smlm.points import point_count, volume_to_points
@@ -47,7 +47,10 @@ def density_source(volumes: Path, info_path: str | None) -> tuple[dict, dict, st
         return info, info.get("files", {}), str(found)
     rec = volumes / "samples.json"
     if rec.is_file():
-        smlm = (json.loads(rec.read_text(encoding="utf-8")) or {}).get("smlm")
+        try:
+            smlm = (json.loads(rec.read_text(encoding="utf-8")) or {}).get("smlm")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+            raise VqldmError(f"{rec}: not a readable samples.json ({e})") from None
         if smlm:
             Grid.from_dict(smlm.get("grid") or {}, str(rec))
             return smlm, {}, str(rec)
@@ -84,18 +87,19 @@ def volumes_to_tables(opts: PointsOptions) -> dict:
     if opts.n_points is not None and opts.n_points < 1:
         raise VqldmError(f"--points {opts.n_points}: must be >= 1")
     info, files, source = density_source(volumes, opts.info)
+    stems = unique_stems(paths, VOLUME_SUFFIXES, f"--volumes {volumes}")
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     archive_previous(out, ("*.csv", "points.json"))
     records = []
-    items = list(enumerate(paths))
+    items = list(enumerate(zip(paths, stems)))
     if opts.progress:
         from tqdm import tqdm
 
         items = tqdm(items, desc="points", unit="vol")
-    for i, path in items:
+    for i, (path, stem) in items:
         pts, rec = volume_points(path, info, files, opts, i)
-        rec["table"] = str(write_table(out / f"{path.name.split('.')[0]}.csv", pts))
+        rec["table"] = str(write_table(out / f"{stem}.csv", pts))
         records.append(rec)
     summary = {"source": source, "grid": info["grid"], "coordinate_unit": "nm",
                "counts_per_intensity": info["counts_per_intensity"], "threshold": opts.threshold,

@@ -22,11 +22,11 @@ from vqldm import __version__
 from vqldm.autoencoder.model import total_stride
 from vqldm.checkpoint import file_sha256
 from vqldm.config import Config, latent_spatial, vqvae_from_network
-from vqldm.data.io import Volume, list_volumes, read_volume, write_volume
+from vqldm.data.io import VOLUME_SUFFIXES, Volume, list_volumes, read_volume, write_volume
 from vqldm.data.pipeline import Normalization
 from vqldm.data.units import VoxelGrid
 from vqldm.errors import VqldmError
-from vqldm.files import archive_previous, atomic_write_bytes
+from vqldm.files import archive_previous, atomic_write_bytes, unique_stems
 from vqldm.latents import load_vqvae
 from vqldm.metrics.reconstruction import psnr
 from vqldm.runtime import Runtime, make_runtime
@@ -148,18 +148,19 @@ def reconstruct_volumes(cfg: Config, opts: ReconstructOptions) -> dict:
     files = list_volumes(opts.volumes)
     if not files:
         raise VqldmError(f"--volumes: no volumes (.nii, .nii.gz, .tif, .tiff) in {opts.volumes}")
+    stems = unique_stems(files, VOLUME_SUFFIXES, f"--volumes {opts.volumes}")
     stage1 = load_stage1(cfg, opts.vqvae_checkpoint)
     inputs = [read_input(f, stage1, "--volumes") for f in files]  # every file checked before any is written
     prepare_out(opts.out_dir, OUTPUTS, opts.overwrite)
     rows, shown, t0 = [], [], time.perf_counter()
-    it = zip(files, inputs)
+    it = zip(files, stems, inputs)
     if opts.progress:
         from tqdm import tqdm
 
         it = tqdm(list(it), desc="reconstructing", unit="vol", leave=False)
-    for f, (vol, unit) in it:
+    for f, stem, (vol, unit) in it:
         rec = reconstruct_one(stage1, unit, opts.overlap)
-        name = f"recon_{f.name.split('.')[0]}.nii.gz"
+        name = f"recon_{stem}.nii.gz"
         write_volume(opts.out_dir / name, rec, vol.spacing, vol.unit, vol.affine)
         rows.append({"file": f.name, "output": name, "shape": list(rec.shape),
                      "psnr_db": float(psnr(torch.from_numpy(rec)[None], torch.from_numpy(unit)[None]))})

@@ -202,7 +202,8 @@ def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
     pipe, run, prior_record = (_token_run if opts.prior == "transformer" else _diffusion_run)(cfg, opts)
     if opts.fmt == "points" and not pipe.vq_ckpt.get("data", {}).get("smlm"):
         raise VqldmError(f"--format points: the stage-1 checkpoint {pipe.vq_path} records no localisation grid or "
-                         f"density (it was not trained on a `vqldm voxelize` data set); write volumes and use "
+                         f"density (it was not trained on a `vqldm voxelize` data set with data.normalize fixed, "
+                         f"which keeps the density); write volumes and use "
                          f"`vqldm points --info DATASET_INFO.json`")
     suffix = FORMATS[opts.fmt]
     out = Path(opts.out_dir)

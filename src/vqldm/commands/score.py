@@ -21,9 +21,9 @@ import torch
 
 from vqldm.config import Config
 from vqldm.data import pipeline
-from vqldm.data.io import list_volumes, read_volume, write_volume
+from vqldm.data.io import VOLUME_SUFFIXES, list_volumes, read_volume, write_volume
 from vqldm.errors import VqldmError
-from vqldm.files import atomic_write_bytes
+from vqldm.files import atomic_write_bytes, unique_stems
 from vqldm.autoencoder.model import total_stride
 from vqldm.latents import encode_indices
 from vqldm.priors.transformer.model import to_grid, to_sequence
@@ -63,20 +63,20 @@ def score_volumes(cfg: Config, volumes: Path, out: Path, prior_checkpoint: str |
     files = list_volumes(volumes)
     if not files:
         raise VqldmError(f"--volumes: no volumes (.nii, .nii.gz, .tif, .tiff) in {volumes}")
+    stems = unique_stems(files, VOLUME_SUFFIXES, f"--volumes {volumes}")
     pipe = load_token_pipeline(cfg, prior_checkpoint)
     patch, stride = pipe.ckpt["data"]["patch_size"], total_stride(pipe.vq_ckpt["network"])
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    it = files
+    it = list(zip(files, stems))
     if progress:
         from tqdm import tqdm
 
         it = tqdm(files, desc="scoring", unit="vol", leave=False)
-    for f in it:
+    for f, name in it:
         vol = read_volume(f)
         _check_shape(f, vol.array.shape, patch)
         nll = token_nll_grid(pipe, vol.array)
-        name = f.name.split(".")[0]
         write_volume(out / f"nll_{name}.nii.gz", voxel_map(nll, stride), vol.spacing, vol.unit, vol.affine)
         rows.append({"file": f.name, "mean_nll_nats": float(nll.mean()),
                      "bits_per_token": float(nll.mean()) / math.log(2.0),

@@ -19,13 +19,13 @@ import numpy as np
 
 from vqldm.data.io import list_volumes, write_volume
 from vqldm.errors import VqldmError
-from vqldm.files import atomic_write_bytes
+from vqldm.files import atomic_write_bytes, unique_stems
 from vqldm.smlm import voxelize as V
 from vqldm.smlm.dataset import FORMAT, INFO_NAME
 from vqldm.smlm.grid import Grid
-from vqldm.smlm.tables import list_tables, read_table
+from vqldm.smlm.tables import CSV_SUFFIXES, HDF5_SUFFIXES, list_tables, read_table
 
-DEFAULT_SIGMA_VOXELS = 1.5  # gaussian splatting's default sigma, in voxels per axis (docs/DATA.md)
+DEFAULT_SIGMA_VOXELS = 1.5  # gaussian splatting's default sigma, in voxels per axis (the users' data: docs/smlm.md)
 
 
 @dataclass(frozen=True)
@@ -113,15 +113,6 @@ def split_names(stems: list[str], val_fraction: float, seed: int) -> dict[str, s
     return {s: ("val" if s in val else "train") for s in stems}
 
 
-def _stems(tables: list[Path]) -> list[str]:
-    stems = [p.name.split(".")[0] for p in tables]
-    dup = sorted({s for s in stems if stems.count(s) > 1})
-    if dup:
-        raise VqldmError(f"{tables[0].parent}: several tables share the name {dup[0]!r} (e.g. .csv and .h5); "
-                         f"rename one")
-    return stems
-
-
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise VqldmError(f"voxelize: output path {out} exists and is not a folder")
@@ -155,7 +146,7 @@ def voxelize_tables(opts: VoxelizeOptions) -> dict:
     out = Path(opts.out_dir)
     _check_out(out)
     tables = list_tables(opts.inputs)
-    stems = _stems(tables)
+    stems = unique_stems(tables, CSV_SUFFIXES + HDF5_SUFFIXES, f"--input {opts.inputs}")
     grid = _grid(tables, opts)
     if opts.method == "gaussian" and opts.sigma_nm is None:
         opts = replace(opts, sigma_nm=[DEFAULT_SIGMA_VOXELS * v for v in grid.voxel_nm])

@@ -20,6 +20,7 @@ from vqldm.files import atomic_write_bytes
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
 OME_SUFFIXES = (".ome.tif", ".ome.tiff")
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES + OME_SUFFIXES
 
 
 def is_volume_file(path: Path) -> bool:

@@ -22,7 +22,10 @@ def read_labels(path: str | Path) -> dict[str, str]:
     p = Path(path)
     if not p.is_file():
         raise VqldmError(f"data.labels_file {p}: no such file")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise VqldmError(f"data.labels_file {p}: cannot read it as UTF-8 text ({e})") from None
     if p.suffix.lower() == ".json":
         try:
             data = json.loads(text)

@@ -12,7 +12,8 @@ the other set, averaged (the "minimum matching distance" of point-cloud generati
 
 As in :mod:`vqldm.metrics.generation`, every distance is divided by the same distance between two
 disjoint halves of the real set, so a ratio near 1 reads "as close to real as real is to itself".
-Clouds are subsampled to ``max_points`` (seeded) so that a set of 80k-localisation regions stays fast.
+For speed, clouds are subsampled to ``max_points`` (seeded) for the Chamfer distance, and the pooled
+nearest-neighbour distances (computed on the whole tables) likewise.
 """
 
 from __future__ import annotations
@@ -61,13 +62,27 @@ def _set_chamfer(xs: list[np.ndarray], ys: list[np.ndarray]) -> float | None:
     return float(np.mean([min(chamfer(x, y) for y in ys) for x in xs]))
 
 
-def _stat(name: str, xs: list[np.ndarray], ys: list[np.ndarray], counts_x, counts_y) -> float | None:
+def _stat(name: str, x: dict, y: dict) -> float | None:
+    """One statistic between two sets, each ``{"clouds", "nn", "counts"}`` (lists of per-table arrays)."""
     if name == "n_localisations":
-        return float(wasserstein_distance(counts_x, counts_y))
+        return float(wasserstein_distance(x["counts"], y["counts"]))
     if name == "nn_distance":
-        a, b = (np.concatenate([nn_distances(c) for c in s]) for s in (xs, ys))
+        a, b = (np.concatenate(s["nn"]) for s in (x, y))
         return float(wasserstein_distance(a, b)) if a.size and b.size else None
-    return _set_chamfer(xs, ys)
+    return _set_chamfer(x["clouds"], y["clouds"])
+
+
+def _set(tables: list[np.ndarray], max_points: int, rng: np.random.Generator) -> dict:
+    """A set's clouds subsampled for Chamfer, nearest-neighbour distances of the *whole* tables (they depend
+    on density, so a subsampled cloud would give wrong ones; the distances themselves are then subsampled),
+    and the counts."""
+    return {"clouds": [_subsample(c, max_points, rng) for c in tables],
+            "nn": [_subsample(nn_distances(c), max_points, rng) for c in tables],
+            "counts": np.array([len(c) for c in tables], np.float64)}
+
+
+def _subset(s: dict, idx) -> dict:
+    return {"clouds": [s["clouds"][i] for i in idx], "nn": [s["nn"][i] for i in idx], "counts": s["counts"][idx]}
 
 
 def compare_points(real: list[np.ndarray], generated: list[np.ndarray], seed: int = 0, n_splits: int = 5,
@@ -77,23 +92,19 @@ def compare_points(real: list[np.ndarray], generated: list[np.ndarray], seed: in
         raise ValueError(f"compare_points() needs >= 2 real and >= 1 generated tables, "
                          f"got {len(real)}, {len(generated)}")
     rng = np.random.default_rng(seed)
-    counts_r = np.array([len(c) for c in real], np.float64)
-    counts_g = np.array([len(c) for c in generated], np.float64)
-    rs = [_subsample(c, max_points, rng) for c in real]
-    gs = [_subsample(c, max_points, rng) for c in generated]
+    r, g = _set(real, max_points, rng), _set(generated, max_points, rng)
     splits = _splits(len(real), n_splits, rng)
     stats = {}
     for name in POINT_STATS:
-        d = _stat(name, gs, rs, counts_g, counts_r)
-        floors = [_stat(name, [rs[i] for i in a], [rs[i] for i in b], counts_r[a], counts_r[b]) for a, b in splits]
-        floors = [f for f in floors if f is not None]
+        d = _stat(name, g, r)
+        floors = [f for a, b in splits if (f := _stat(name, _subset(r, a), _subset(r, b))) is not None]
         floor = float(np.mean(floors)) if floors else None
         ratio, note = _ratio(d, floor)
         stats[name] = {"generated_vs_real": d, "real_vs_real": floor, "ratio": ratio, "units": POINT_UNITS[name],
                        **({"ratio_note": note} if note else {})}
     ratios = [s["ratio"] for s in stats.values()]
     return {"n_real": len(real), "n_generated": len(generated), "max_points": max_points, "seed": seed,
-            "mean_localisations": {"real": float(counts_r.mean()), "generated": float(counts_g.mean())},
+            "mean_localisations": {"real": float(r["counts"].mean()), "generated": float(g["counts"].mean())},
             "statistics": stats,
             "summary": {"max_ratio": max((r for r in ratios if r is not None), default=None),
                         "within_2x_floor": all(r is not None and r <= PASS_RATIO for r in ratios),
