@@ -126,6 +126,10 @@ def test_roundtrip_reproduces_the_localisations(synth_locs, tmp_path):
     assert run_cli("--quiet", "points", "--volumes", tmp_path / "v" / "train", "--out", tmp_path / "p") == 0
     info = json.loads((tmp_path / "v" / "dataset_info.json").read_text())
     assert info["grid"]["voxel_nm"] == pytest.approx([8000 / 24, 8000 / 24, 25.0])
+    import nibabel as nib  # the NIfTI affine places voxel centres where the nm grid does (in micrometres)
+
+    aff = nib.load(next((tmp_path / "v" / "train").glob("*.nii.gz"))).affine
+    assert aff[:3, 3] * 1000 == pytest.approx([8000 / 48, 8000 / 48, 12.5], abs=1e-3)
     for rel, rec in info["files"].items():
         truth = read_table(rec["source"])
         r = roundtrip(truth, read_table(tmp_path / "p" / rel.split("/")[1].replace(".nii.gz", ".csv")),

@@ -133,7 +133,7 @@ def _write(tables, stems, split, grid, cpi, opts: VoxelizeOptions, stage: Path) 
         vol, above = V.to_intensity(V.raw_density(pts, grid, opts.method, opts.sigma_nm), opts.method, cpi)
         rel = f"{split[stem]}/{stem}.nii.gz"
         (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-        write_volume(stage / rel, vol, grid.spacing_um, "micron")
+        write_volume(stage / rel, vol, grid.spacing_um, "micron", grid.affine_um())
         files[rel] = {"source": str(path.resolve()), "n_localisations": len(pts), "n_outside_dropped": n_in - len(pts),
                       "shift_nm": [float(v) for v in shift], "above_one_fraction": round(above, 6)}
     return files

@@ -69,6 +69,12 @@ class Grid:
     def spacing_um(self) -> tuple[float, float, float]:
         return tuple(v * 1e-3 for v in self.voxel_nm)
 
+    def affine_um(self) -> np.ndarray:
+        """The NIfTI voxel-to-world matrix in micrometres: voxel centres at ``origin + (index + 0.5) * voxel``."""
+        a = np.diag([v * 1e-3 for v in self.voxel_nm] + [1.0])
+        a[:3, 3] = [(o + 0.5 * v) * 1e-3 for o, v in zip(self.origin_nm, self.voxel_nm)]
+        return a
+
     @property
     def diagonal_nm(self) -> float:
         return float(np.linalg.norm(self.voxel_nm))
