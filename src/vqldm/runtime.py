@@ -95,6 +95,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of sample ``index`` under ``seed``: which samples a run draws, and the noise of
+    each, depend on neither the batch size nor the number of ranks (the MONAI bundle's inference.json
+    writes the same formula as an expression)."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+
+
 def epoch_seed(base: int, epoch: int, rank: int = 0) -> int:
     """Seed of one epoch on one rank: resuming at an epoch boundary replays exactly."""
     return (int(base) * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**31 - 1)

@@ -31,6 +31,7 @@ from vqldm.data.io import Volume, write_volume
 from vqldm.errors import VqldmError
 from vqldm.metrics.reconstruction import psnr
 from vqldm.priors.diffusion.pipeline import DiffusionPipeline, load_pipeline
+from vqldm.runtime import sample_generator
 from vqldm.sampling.edit import ddim_from, ddim_invert, noise_to, repaint, sdedit_start, slerp
 from vqldm.visuals import mip_grid, save_png
 
@@ -177,7 +178,7 @@ def sdedit(cfg: Config, source: Path, strength: float, num: int, opts: EditOptio
     vol, unit, z0 = ed.latent(source, "--input")
     prepare_out(opts.out_dir, ("sdedit_*", "sdedit.png", "sdedit.json"), opts.overwrite)
     t0 = time.perf_counter()
-    gens = [torch.Generator().manual_seed(int(opts.seed) * 1_000_003 + i) for i in range(num)]
+    gens = [sample_generator(opts.seed, i) for i in range(num)]
     x = torch.cat([noise_to(z0, t, ed.pipe.schedule, g) for g in gens])
     z = ddim_from(ed.denoiser(z0), x, opts.steps, ed.pipe.schedule, first, autocast=ed.pipe.rt.autocast,
                   desc=ed.desc("SDEdit denoising"))

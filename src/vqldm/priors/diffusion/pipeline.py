@@ -20,7 +20,7 @@ from vqldm.data.labels import class_index
 from vqldm.errors import VqldmError
 from vqldm.latents import LatentNorm, RecordedGrid, recorded_stage1
 from vqldm.priors.diffusion.unet import as_denoiser, build_unet, class_guided
-from vqldm.runtime import Runtime, make_runtime
+from vqldm.runtime import Runtime, make_runtime, sample_generator
 from vqldm.sampling.decode import decode_latents
 from vqldm.sampling.samplers import Denoiser, sample_latents
 
@@ -98,8 +98,7 @@ class DiffusionPipeline(RecordedGrid):
     def noise(self, indices: list[int], seed: int, latent_shape: list[int]) -> torch.Tensor:
         out = []
         for i in indices:
-            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i))
-            out.append(torch.randn(latent_shape, generator=g))
+            out.append(torch.randn(latent_shape, generator=sample_generator(seed, i)))
         return torch.stack(out).to(self.rt.device)
 
     def decode(self, z: torch.Tensor, snap: bool) -> torch.Tensor:

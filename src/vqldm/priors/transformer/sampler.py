@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqldm.runtime import sample_generator
+
 
 def gumbel_noise(indices: list[int], seed: int, seq_len: int, num_codes: int) -> torch.Tensor:
     """(B, N, K) standard Gumbel noise; sample ``i``'s from a generator seeded by ``(seed, i)``."""
     out = []
     for i in indices:
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i))
-        u = torch.rand(seq_len, num_codes, generator=g, dtype=torch.float64)
+        u = torch.rand(seq_len, num_codes, generator=sample_generator(seed, i), dtype=torch.float64)
         out.append(-torch.log(-torch.log(u.clamp(1e-12, 1.0 - 1e-12))).float())
     return torch.stack(out)
 
