@@ -135,11 +135,13 @@ class Model:
     def sample(self, n: int, *, seed: int = 0, sampler: str | None = None, steps: int | None = None,
                batch_size: int = 8, snap: bool | None = None, shape: list[int] | None = None,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-               progress: bool = False, class_name: str | None = None, guidance: float = 1.0) -> Samples:
+               progress: bool = False, class_name: str | None = None, guidance: float = 1.0,
+               autoguidance: float | None = None, guide_checkpoint: str | Path | None = None) -> Samples:
         """``n`` volumes; sample ``i`` is seeded by ``(seed, i)``. Diffusion: ``sampler`` (ddim, ddpm, dpmpp_2m, rflow),
-        ``steps``, ``snap``, ``shape``, and for a class-conditional model ``class_name`` and ``guidance``
-        (as ``--class`` and ``--guidance``); token prior: ``temperature``, ``top_k``, ``top_p``. None: as
-        ``vqldm sample`` (the config's, then the model's defaults)."""
+        ``steps``, ``snap``, ``shape``, ``autoguidance`` and ``guide_checkpoint`` (as ``--autoguidance`` and
+        ``--guide-checkpoint``), and for a class-conditional model ``class_name`` and ``guidance`` (as ``--class``
+        and ``--guidance``); token prior: ``temperature``, ``top_k``, ``top_p``. None: as ``vqldm sample`` (the
+        config's, then the model's defaults)."""
         from vqldm.commands.sample import SampleOptions, sampling_settings, token_settings
 
         if n < 1 or batch_size < 1:
@@ -149,12 +151,15 @@ class Model:
                              temperature=temperature, top_k=top_k, top_p=top_p)
         indices = list(range(n))
         if self.prior == "transformer":
-            if class_name is not None or guidance != 1.0:
-                raise VqldmError("sample: class_name and guidance are the diffusion prior's; the token prior is "
-                                 "unconditional")
+            if class_name is not None or guidance != 1.0 or autoguidance is not None or guide_checkpoint:
+                raise VqldmError("sample: class_name, guidance, autoguidance and guide_checkpoint are the diffusion "
+                                 "prior's; the token prior takes temperature, top_k and top_p")
             vols = self.pipeline.generate(indices, seed, batch_size, progress=progress, **token_settings(self.config, opts))
         else:
             self.pipeline.set_class(class_name, guidance)
+            ag = self.config.diffusion.autoguidance
+            self.pipeline.set_autoguidance(ag.weight if autoguidance is None else autoguidance, ag.min_timestep,
+                                           None if guide_checkpoint is None else str(guide_checkpoint))
             name, k, on = sampling_settings(self.config, opts, self.pipeline)
             vols = self.pipeline.generate(indices, seed, k, name, batch_size, on, shape, progress,
                                           self.config.diffusion.clip_to_codebook_range)

@@ -188,7 +188,8 @@ def cmd_sample(args) -> int:
                          shape=args.shape, snap=args.snap, use_ema=not args.no_ema, progress=not args.quiet,
                          overwrite=args.overwrite, prior=args.prior, prior_checkpoint=args.prior_checkpoint,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         class_name=args.class_name, guidance=args.guidance)
+                         class_name=args.class_name, guidance=args.guidance, autoguidance=args.autoguidance,
+                         guide_checkpoint=args.guide_checkpoint)
     res = sample_to_files(cfg, opts)
     from vqldm import distributed as dist
 
@@ -476,6 +477,14 @@ def _add_sample(sub) -> None:
     s.add_argument("--guidance", type=float, default=1.0, metavar="W",
                    help="classifier-free guidance with --class: uncond + W (cond - uncond); 0: unconditional, "
                         "1: conditional (default 1), above 1: stronger")
+    s.add_argument("--autoguidance", type=float, default=None, metavar="W",
+                   help="diffusion: guide + W (model - guide) at timesteps >= diffusion.autoguidance.min_timestep, "
+                        "the guide being an early snapshot of the same run (guide_model.pt, kept when training with "
+                        "diffusion.autoguidance.guide_epoch); 1: plain sampling "
+                        "(default: diffusion.autoguidance.weight)")
+    s.add_argument("--guide-checkpoint", default=None, metavar="PATH",
+                   help="diffusion: the autoguidance guide, any diffusion checkpoint on the same stage 1 and data "
+                        "(default: the guide_model.pt that the diffusion checkpoint's run kept)")
     s.add_argument("--overwrite", action="store_true", help="replace sample files already in --out")
     s.set_defaults(func=cmd_sample)
 

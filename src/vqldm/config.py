@@ -199,6 +199,15 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class AutoguidanceConfig:
+    """Autoguidance (Karras et al., 2024): sampling extrapolates from an early snapshot of the same run."""
+
+    guide_epoch: int = 0  # training: save the EMA weights at this epoch as guide_model.pt (0: no guide)
+    weight: float = 1.0  # sampling: guide + weight (model - guide); 1 is plain sampling
+    min_timestep: int = 0  # sampling: guide only at timesteps t >= this (the noisiest part of the chain)
+
+
+@dataclass(frozen=True)
 class DiffusionConfig:
     spatial_dims: int = 3
     in_channels: int = 32
@@ -218,6 +227,7 @@ class DiffusionConfig:
     snap_to_codebook: bool = True  # sampling: quantise the denoised latent before decoding
     clip_to_codebook_range: bool = True  # sampling: bound each predicted clean latent by the codebook's range
     condition_drop_prob: float = 0.15  # with data.labels_file: share of training labels replaced by the null class
+    autoguidance: AutoguidanceConfig = field(default_factory=AutoguidanceConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(ema=True, n_epochs=300))
     checkpoints: CheckpointConfig = field(
@@ -688,6 +698,19 @@ def _validate_scheduler(u: DiffusionConfig) -> None:
              f"diffusion.latent_norm must be global or channel, got {u.latent_norm!r}")
     _require(0.0 <= u.condition_drop_prob < 1.0,
              f"diffusion.condition_drop_prob must lie in [0, 1), got {u.condition_drop_prob}")
+    _validate_autoguidance(u)
+
+
+def _validate_autoguidance(u: DiffusionConfig) -> None:
+    a, n = u.autoguidance, u.training.n_epochs
+    _require(0 <= a.guide_epoch < n,
+             f"diffusion.autoguidance.guide_epoch must lie in [0, diffusion.training.n_epochs) = [0, {n}), got "
+             f"{a.guide_epoch}: the guide is an early snapshot of the run (0: none)")
+    _require(math.isfinite(a.weight) and a.weight >= 1.0,
+             f"diffusion.autoguidance.weight must be >= 1 (1: no autoguidance), got {a.weight}")
+    _require(0 <= a.min_timestep < u.scheduler.num_train_timesteps,
+             f"diffusion.autoguidance.min_timestep must lie in [0, {u.scheduler.num_train_timesteps}) "
+             f"(diffusion.scheduler.num_train_timesteps), got {a.min_timestep}")
 
 
 ORDERINGS = ("raster_scan", "s_curve", "random")

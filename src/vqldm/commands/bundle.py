@@ -54,6 +54,10 @@ def _refuse_what_monai_lacks(cfg: Config, pipe: DiffusionPipeline) -> None:
     if pipe.classes:
         raise VqldmError(f"export-bundle: {path} is class-conditional (classes {', '.join(pipe.classes)}); MONAI's "
                          f"LatentDiffusionInferer drops class labels, so only unconditional models export")
+    if cfg.diffusion.autoguidance.weight != 1.0:
+        raise VqldmError(f"export-bundle: diffusion.autoguidance.weight is {cfg.diffusion.autoguidance.weight:g}, but "
+                         f"MONAI's LatentDiffusionInferer calls one UNet, so the bundle would sample without the "
+                         f"guide; export with --set diffusion.autoguidance.weight=1")
     if not cfg.diffusion.snap_to_codebook:
         raise VqldmError("export-bundle: diffusion.snap_to_codebook is false, but MONAI's VQVAE.decode_stage_2_outputs "
                          "always quantises; export with diffusion.snap_to_codebook: true")

@@ -224,7 +224,9 @@ def sample_record(folder: Path) -> dict:
 def prior_label(record: dict, folder: Path) -> str:
     """A column name for a sample folder, from what its samples.json says made it."""
     if record.get("prior") == "diffusion":
-        return f"diffusion ({record.get('scheduler')}, {record.get('steps')} steps)"
+        ag = record.get("autoguidance")
+        guided = f", autoguidance {ag['weight']:g}" if isinstance(ag, dict) and "weight" in ag else ""
+        return f"diffusion ({record.get('scheduler')}, {record.get('steps')} steps{guided})"
     if record.get("prior") == "transformer":
         knobs = [f"T {record.get('temperature')}"] + [f"{k.replace('_', '-')} {record[k]}" for k in ("top_k", "top_p")
                                                        if record.get(k) is not None]

@@ -59,6 +59,8 @@ class SampleOptions:
     top_p: float | None = None  # transformer: default prior.top_p
     class_name: str | None = None  # diffusion, class-conditional UNet: the class to sample (None: unconditional)
     guidance: float = 1.0  # classifier-free guidance weight W (0: unconditional, 1: conditional)
+    autoguidance: float | None = None  # diffusion: autoguidance weight (default: diffusion.autoguidance.weight)
+    guide_checkpoint: str | None = None  # diffusion: the guide (default: the one the checkpoint's run kept)
 
 
 # --format -> file suffix; "points" writes NIfTI volumes and a localisation table (CSV, nm) beside each
@@ -126,6 +128,9 @@ def _diffusion_run(cfg: Config, opts: SampleOptions):
     """The diffusion prior: its pipeline, a function of the sample indices, and what samples.json records."""
     pipe = load_pipeline(cfg, opts.diffusion_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
     pipe.set_class(opts.class_name, opts.guidance)
+    ag = cfg.diffusion.autoguidance
+    pipe.set_autoguidance(ag.weight if opts.autoguidance is None else opts.autoguidance, ag.min_timestep,
+                          opts.guide_checkpoint)
     sampler, steps, snap = sampling_settings(cfg, opts, pipe)
     clip = cfg.diffusion.clip_to_codebook_range
 
@@ -138,7 +143,7 @@ def _diffusion_run(cfg: Config, opts: SampleOptions):
               "diffusion_checkpoint": str(pipe.diff_path), "diffusion_sha256": file_sha256(pipe.diff_path),
               "scale_factor": pipe.scale_factor, "latent_norm": "global" if pipe.norm.shift is None else "channel",
               "intensity_calibration": bool(pipe.vq_ckpt.get("intensity_calibration")),
-              **_class_record(pipe, opts)}
+              "autoguidance": pipe.autoguidance_record(), **_class_record(pipe, opts)}
     return pipe, run, record
 
 
@@ -176,6 +181,9 @@ def _token_run(cfg: Config, opts: SampleOptions):
     if opts.class_name is not None or opts.guidance != 1.0:
         raise VqldmError("--class and --guidance: the token prior is unconditional; class conditions are the "
                          "diffusion prior's (data.labels_file)")
+    if opts.autoguidance is not None or opts.guide_checkpoint is not None:
+        raise VqldmError("--autoguidance and --guide-checkpoint: autoguidance steers the diffusion prior; the token "
+                         "prior takes --temperature, --top-k and --top-p")
     knobs = token_settings(cfg, opts)
     pipe = load_token_pipeline(cfg, opts.prior_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
 

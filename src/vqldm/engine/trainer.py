@@ -20,7 +20,7 @@ from monai.data.utils import set_rnd
 
 from vqldm.config import Config
 from vqldm import distributed as dist
-from vqldm.checkpoint import header, load_checkpoint, rng_state, save_atomic, set_rng_state
+from vqldm.checkpoint import file_sha256, header, load_checkpoint, rng_state, save_atomic, set_rng_state
 from vqldm.engine.ema import EMA
 from vqldm.engine.tensorboard import Board, continue_after, events_of
 from vqldm.errors import VqldmError
@@ -125,6 +125,11 @@ class Task:
     def checkpoint_meta(self) -> dict:
         return {}
 
+    def snapshot_epochs(self) -> dict[int, str]:
+        """Epochs at whose end the evaluated (EMA) weights are also kept under a file name of their own,
+        a self-describing checkpoint like best_model.pt (the diffusion prior's autoguidance guide)."""
+        return {}
+
     def check_resume(self, ckpt: dict, path: Path, key: str) -> None:
         """Refuse (a VqldmError naming ``key`` and ``path``) a checkpoint this task must not continue from."""
 
@@ -178,6 +183,7 @@ class Trainer:
         self._graph = None  # CudaGraphed step, False where graphs cannot be used (see graph_blockers)
         self._graph_ema_outside = False
         self._val_loss: float | None = None  # the last validation's, recorded in latest_checkpoint.pt
+        self._snapshots: dict[str, dict] = {}  # snapshot files written by this run: name -> epoch, sha256
         for s in self.specs:  # the configured rate, which the schedule scales (kept in the optimizer state)
             for g in s.optimizer.param_groups:
                 g.setdefault("initial_lr", g["lr"])
@@ -201,6 +207,7 @@ class Trainer:
             "val_loss": None if val_loss is None else float(val_loss),
             "best_val_loss": None if not math.isfinite(self.best) else float(self.best),
             "ema": self.ema is not None,
+            "snapshots": {k: dict(v) for k, v in self._snapshots.items()},
             "config": self.cfg.to_dict(),
             "state_dict": self._eval_model().state_dict(),
         })
@@ -235,6 +242,15 @@ class Trainer:
             return None
         return save_atomic(self._snapshot(val_loss), self.out_dir / BEST)
 
+    def save_snapshot(self, name: str) -> None:
+        """Keep this epoch's evaluated weights as ``name`` (a task's :meth:`Task.snapshot_epochs`); every
+        later checkpoint records the file's epoch and sha256, so a reader can tell it is this run's."""
+        if not dist.is_main():
+            return
+        path = save_atomic(self._snapshot(self._val_loss), self.out_dir / name)
+        self._snapshots[name] = {"epoch": self.epoch, "sha256": file_sha256(path)}
+        log.info("%s: kept the epoch-%d weights as %s", self.task.name, self.epoch, path)
+
     def resume(self, path: str | Path) -> None:
         key = f"{self.task.name}.checkpoints.resume_from"
         ckpt = load_checkpoint(path, kind=self.task.name, what=key)
@@ -253,6 +269,7 @@ class Trainer:
         self.epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["step"])
         self.best = ckpt["best_val_loss"] if ckpt.get("best_val_loss") is not None else math.inf
         self.skipped = int(ts.get("skipped_batches", 0))
+        self._snapshots = dict(ckpt.get("snapshots") or {})
         self.last_good, self.last_good_at = Path(path), (self.epoch, self.global_step)
         pos = ts.get("position") or {}
         if pos.get("batch"):
@@ -300,7 +317,8 @@ class Trainer:
         key = f"{self.task.name}.checkpoints"
         if resume and self._continues_here(resume):
             return
-        existing = [p for p in (self.out_dir / BEST, self.out_dir / LATEST) if p.exists()]
+        kept = (BEST, LATEST, *self.task.snapshot_epochs().values())
+        existing = [self.out_dir / n for n in kept if (self.out_dir / n).exists()]
         if existing and not self.overwrite:
             names = ", ".join(p.name for p in existing)
             if resume:
@@ -313,7 +331,7 @@ class Trainer:
                 f"that run, pass --overwrite to start afresh (the old files are moved to a previous_* folder), "
                 f"or choose another output_dir")
         if existing:
-            moved = archive_previous(self.out_dir, (BEST, LATEST, "config.yaml"))
+            moved = archive_previous(self.out_dir, (*kept, "config.yaml"))
             log.info("moved the earlier checkpoints to %s", moved)
         if existing or not resume:
             moved = archive_previous(self.log_dir, (events_of(self.task.name),))
@@ -324,7 +342,8 @@ class Trainer:
         """Temp files of checkpoint writes that a kill interrupted: never checkpoints, only disk space."""
         if not dist.is_main() or not self.out_dir.is_dir():
             return
-        stale = [p for name in (BEST, LATEST) for p in self.out_dir.glob(f".{name}.*.tmp") if p.is_file()]
+        names = (BEST, LATEST, *self.task.snapshot_epochs().values())
+        stale = [p for name in names for p in self.out_dir.glob(f".{name}.*.tmp") if p.is_file()]
         for p in stale:
             p.unlink()
         if stale:
@@ -558,6 +577,7 @@ class Trainer:
             self.resume(resume)
         self._open_run(resume)
         self._carry_best(resume)
+        self._carry_snapshots(resume)
         # train/ tags count steps, the others epochs; after continue_after nothing on disk lies past
         # either, so purging from the larger + 1 drops nothing and only guards older logs
         board = Board(self.log_dir, purge_step=max(self.global_step, self.epoch) + 1 if resume else None,
@@ -618,6 +638,21 @@ class Trainer:
             log.warning("%s: no %s of the resumed run beside %s; the next validation writes one here", self.out_dir,
                         BEST, resume)
         self.best = math.inf
+
+    def _carry_snapshots(self, resume: str | None) -> None:
+        """Resuming another folder's run here: the snapshot files its checkpoint records come along (the
+        same bytes, checked by sha256), so this folder's checkpoints do not point at files it lacks."""
+        if not resume or not dist.is_main():
+            return
+        for name, rec in self._snapshots.items():
+            src, dst = Path(resume).parent / name, self.out_dir / name
+            if dst.exists() or not src.is_file():
+                continue
+            if file_sha256(src) != rec.get("sha256"):
+                log.warning("%s beside %s is not the file the resumed run recorded; not copied", name, resume)
+                continue
+            atomic_write(dst, lambda f, src=src: f.write(src.read_bytes()))
+            log.info("copied the resumed run's %s (epoch %s) from %s", name, rec.get("epoch"), src.parent)
 
     def _stop_reason(self, clock: bool = True) -> str | None:
         """Why the run stops now (``max_steps`` or, with ``clock``, ``max_time_minutes`` reached), or None;
@@ -743,6 +778,8 @@ class Trainer:
             if math.isfinite(self._val_loss) and self._val_loss < self.best:
                 self.best = self._val_loss
                 self.save_best(self._val_loss)
+        if self.epoch in self.task.snapshot_epochs():
+            self.save_snapshot(self.task.snapshot_epochs()[self.epoch])
         if vis_batch is not None and (self.epoch % lg.visualize_interval == 0 or last) and dist.is_main():
             self.task.eval_mode()
             self.task.visualize(board, self._eval_model(), vis_batch, self.epoch, self.log_dir / "images")

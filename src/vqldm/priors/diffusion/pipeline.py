@@ -9,16 +9,18 @@ sampler draws along the way (DDPM) comes from a ``torch.Generator`` seeded per b
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vqldm.checkpoint import inference_weights, load_checkpoint, rebuild
+from vqldm.checkpoint import file_sha256, inference_weights, load_checkpoint, rebuild
 from vqldm.config import Config, check_latent_for_unet, decoded_spatial, latent_spatial, vqvae_from_network
 from vqldm.data.labels import class_index
 from vqldm.errors import VqldmError
 from vqldm.latents import LatentNorm, RecordedGrid, recorded_stage1
+from vqldm.priors.diffusion.autoguidance import Autoguidance, autoguided, check_guide, recorded_guide
 from vqldm.priors.diffusion.unet import as_denoiser, build_unet, class_guided
 from vqldm.runtime import Runtime, make_runtime, sample_generator
 from vqldm.sampling.decode import decode_latents
@@ -43,6 +45,10 @@ class DiffusionPipeline(RecordedGrid):
     _denoise: Denoiser | None = None  # the (possibly CUDA-graph-replayed) UNet call, built once
     sample_class: str | None = None  # a class-conditional UNet: the class asked for (None: the null class)
     guidance: float = 1.0  # classifier-free guidance weight W: uncond + W (cond - uncond)
+    autoguidance: Autoguidance = Autoguidance()  # set_autoguidance: weight and interval
+    guide: torch.nn.Module | None = None  # the autoguidance guide UNet (None: plain sampling)
+    guide_path: Path | None = None
+    guide_ckpt: dict | None = None
 
     @property
     def classes(self) -> list[str] | None:
@@ -106,27 +112,57 @@ class DiffusionPipeline(RecordedGrid):
         return decode_latents(self.vqvae, z, self.norm, self.vq_ckpt["normalization"]["intensity_range"],
                               snap, self.rt.autocast, self.vq_ckpt.get("intensity_calibration"))
 
+    def set_autoguidance(self, weight: float, min_timestep: int = 0, guide_checkpoint: str | None = None) -> None:
+        """Sample with autoguidance ``weight`` at timesteps ``>= min_timestep``, guided by ``guide_checkpoint``
+        (default: the guide this checkpoint's own run kept, ``guide_model.pt``). Weight 1 samples plainly."""
+        if not (math.isfinite(weight) and weight >= 1.0):
+            raise VqldmError(f"--autoguidance must be >= 1 (1: no autoguidance), got {weight}")
+        self.autoguidance, self._denoise = Autoguidance(float(weight), int(min_timestep)), None
+        self.guide = self.guide_path = self.guide_ckpt = None
+        if not self.autoguidance.active:
+            return
+        what = "--guide-checkpoint"
+        path = Path(guide_checkpoint) if guide_checkpoint else recorded_guide(self.diff_ckpt, self.diff_path)
+        ckpt = load_checkpoint(path, kind="diffusion", what=what)
+        check_guide(ckpt, self.diff_ckpt, path, self.diff_path)
+        self.guide, self.guide_path, self.guide_ckpt = _unet_from(ckpt, path, what, True, self.rt), path, ckpt
+
+    def autoguidance_record(self) -> dict | None:
+        """What samples.json says of the autoguidance (None: plain sampling)."""
+        if self.guide is None:
+            return None
+        a = self.autoguidance
+        return {"weight": a.weight, "min_timestep": a.min_timestep, "guide": str(self.guide_path),
+                "guide_sha256": file_sha256(self.guide_path), "guide_epoch": self.guide_ckpt.get("epoch")}
+
+    def _call(self, net: torch.nn.Module) -> Denoiser:
+        """One UNet as the samplers' call: compiled where ``device.compile`` is on, with the class and CFG."""
+        return self._conditioned(as_denoiser(torch.compile(net, dynamic=False) if self.rt.compile else net))
+
+    def _guided(self, model: Denoiser, guide: Denoiser | None) -> Denoiser:
+        a = self.autoguidance
+        return model if guide is None else autoguided(model, guide, a.weight, a.min_timestep)
+
     def plain_denoiser(self) -> Denoiser:
         """The UNet call without CUDA graphs (tiles vary in batch position; compiled where asked)."""
-        return self._conditioned(as_denoiser(torch.compile(self.unet, dynamic=False) if self.rt.compile else self.unet))
+        return self._guided(self._call(self.unet), None if self.guide is None else self._call(self.guide))
 
     def denoiser(self) -> Denoiser:
-        """The UNet call, built once: compiled where ``device.compile`` is on, replayed from a CUDA
-        graph (one per batch shape) where ``device.cuda_graphs`` is on."""
+        """The UNet call, built once: compiled where ``device.compile`` is on, each UNet replayed from a CUDA
+        graph (one per batch shape) where ``device.cuda_graphs`` is on, autoguided where asked."""
         if self._denoise is None:
-            net = self.unet
-            if self.rt.compile:
-                net = torch.compile(net, dynamic=False)
-            call = self._conditioned(as_denoiser(net))
-            if self.rt.cuda_graphs and not self.classes:  # a graph replay would drop the class labels
-                from vqldm.graphs import CudaGraphed
-
-                graphed = CudaGraphed(lambda b: call(b["x"], b["t"]), self.rt.device, warmup=2,
-                                      name="UNet sampling call")
-                self._denoise = lambda x, t, condition=None: graphed({"x": x, "t": t})
-            else:
-                self._denoise = call
+            model = self._graphed(self._call(self.unet), "UNet sampling call")
+            guide = None if self.guide is None else self._graphed(self._call(self.guide), "guide UNet sampling call")
+            self._denoise = self._guided(model, guide)
         return self._denoise
+
+    def _graphed(self, call: Denoiser, name: str) -> Denoiser:
+        if not self.rt.cuda_graphs or self.classes:  # a graph replay would drop the class labels
+            return call
+        from vqldm.graphs import CudaGraphed
+
+        graphed = CudaGraphed(lambda b: call(b["x"], b["t"]), self.rt.device, warmup=2, name=name)
+        return lambda x, t, condition=None: graphed({"x": x, "t": t})
 
     def tiled(self, lat: list[int]) -> tuple[bool, list[int]]:
         """Whether a latent of ``lat`` (D, x, y, z) exceeds the training latent (then the UNet runs on

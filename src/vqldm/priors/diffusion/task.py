@@ -12,6 +12,7 @@ from vqldm.engine.tensorboard import Board
 from vqldm.engine.trainer import OptimizerSpec, StepContext, Task, make_optimizer
 from vqldm.errors import VqldmError
 from vqldm.latents import LatentNorm, check_same_stage1, encode
+from vqldm.priors.diffusion.autoguidance import GUIDE
 from vqldm.priors.diffusion.objective import Objective
 from vqldm.priors.diffusion.unet import as_denoiser, build_unet
 from vqldm.runtime import Runtime
@@ -111,6 +112,11 @@ class DiffusionTask(Task):
 
     def checkpoint_meta(self) -> dict:
         return {"network": self.net_config, "scheduler": dict(self.sc), **self.norm.to_meta(), **self.meta}
+
+    def snapshot_epochs(self) -> dict[int, str]:
+        """The autoguidance guide: the EMA weights at ``diffusion.autoguidance.guide_epoch``."""
+        e = self.cfg.diffusion.autoguidance.guide_epoch
+        return {e: GUIDE} if e > 0 else {}
 
     def check_resume(self, ckpt: dict, path: Path, key: str) -> None:
         check_same_stage1(ckpt, self.meta, path, key, "diffusion")
