@@ -261,3 +261,76 @@ def test_conditional_resume_equals_uninterrupted_and_other_classes_are_refused(l
     rc, _, err = cli(capsys, "train-diffusion", "--config", cfg_a, "--set", "diffusion.training.n_epochs=4",
                      "--set", f"diffusion.checkpoints.resume_from={latest_a}", "--set", f"data.labels_file={other}")
     assert rc != 0 and "was trained with classes ['level0', 'level1', 'level2']" in err
+
+
+# ---------------------------------------------------------------------------------- evaluation per class
+def test_condition_classifier_separates_dense_from_sparse_volumes():
+    import numpy as np
+
+    from vqldm.metrics.conditions import ConditionClassifier
+
+    rng = np.random.default_rng(0)
+
+    def vols(fg, n):
+        return [(rng.random((8, 8, 8)) < fg).astype(np.float32) * 0.8 for _ in range(n)]
+
+    clf = ConditionClassifier.fit({"sparse": vols(0.02, 5), "dense": vols(0.3, 5)})
+    assert clf.classes == ["dense", "sparse"] and clf.leave_one_out == 1.0
+    assert clf.predict(vols(0.3, 3) + vols(0.02, 2)) == ["dense"] * 3 + ["sparse"] * 2
+    acc, counts = clf.accuracy(vols(0.3, 4), "sparse")
+    assert acc == 0.0 and counts == {"dense": 4, "sparse": 0}
+
+
+def test_evaluate_judges_each_class_folder_against_the_real_volumes_of_its_class(labelled_run, tmp_path):
+    import numpy as np
+
+    from vqldm.commands.sample import read_samples
+    from vqldm.data.io import list_volumes, read_volume
+    from vqldm.metrics.conditions import ConditionClassifier
+
+    data = tmp_path / "data"  # more held-out volumes than the shared run has: two per class at least
+    assert run_cli("--quiet", "synth", "--out", data, "--num-train", 3, "--num-val", 6, "--shape", 32, 32, 32,
+                   "--vary", "density", "--levels", 3, "--seed", 5) == 0
+    cfg = json.loads(json.dumps(labelled_run["config"]))
+    cfg["data"].update(train_data_dir=str(data / "train"), val_data_dir=str(data / "val"),
+                       labels_file=str(data / "labels.csv"))
+    cfg_path = write_config(tmp_path / "c.yaml", cfg)
+    folders = []
+    for cls in ("level0", "level2"):
+        folders.append(tmp_path / cls)
+        assert run_cli("--quiet", "sample", "--config", labelled_run["config_path"], "-n", 3, "--steps", 2,
+                       "--class", cls, "--out", folders[-1]) == 0
+    assert run_cli("--quiet", "evaluate", "--config", cfg_path, "--samples", folders[0], "--samples", folders[1],
+                   "--out", tmp_path / "ev") == 0
+    res = json.loads((tmp_path / "ev" / "metrics.json").read_text())["per_class"]
+    labels = read_labels(data / "labels.csv")
+    by_class = {}
+    for f in list_volumes(data / "train"):
+        by_class.setdefault(labels[f.name], []).append(np.clip(read_volume(f).array, 0, 1))
+    clf = ConditionClassifier.fit(by_class)
+    assert [e["class"] for e in res["folders"]] == ["level0", "level2"]
+    for e, folder in zip(res["folders"], folders):
+        want = sum(1 for f in list_volumes(data / "val") if labels[f.name] == e["class"])
+        assert e["n_real"] == want >= 2
+        assert e["accuracy"] == clf.accuracy(read_samples(folder), e["class"])[0]
+        assert sum(e["classified_as"].values()) == e["n"] == 3
+        assert {"foreground_fraction", "segment_straightness", "mmd"} <= set(e["ratios"])
+    assert (tmp_path / "ev" / "classes.png").is_file()
+    assert "## Per class" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_per_class_evaluation_needs_labels_and_refuses_mixed_folders(labelled_run, tmp_path, capsys):
+    from test_reliability import assert_clean_error, cli
+
+    from vqldm.commands.evaluate_classes import is_conditional
+
+    with pytest.raises(VqldmError, match="some folders hold samples of one class"):
+        is_conditional([{"class": "level0"}, {"prior": "diffusion"}])
+    assert not is_conditional([{"prior": "diffusion"}]) and is_conditional([{"class": "level1"}])
+    assert run_cli("--quiet", "sample", "--config", labelled_run["config_path"], "-n", 1, "--steps", 2,
+                   "--class", "level1", "--out", tmp_path / "s") == 0
+    cfg = json.loads(json.dumps(labelled_run["config"]))
+    cfg["data"]["labels_file"] = None
+    rc, _, err = cli(capsys, "evaluate", "--config", write_config(tmp_path / "c.yaml", cfg), "--samples",
+                     tmp_path / "s", "--out", tmp_path / "ev")
+    assert_clean_error(rc, err, "data.labels_file")

@@ -611,6 +611,9 @@ def _add_evaluate(sub) -> None:
                                    "floor (real train | reconstructions | each folder, named from its "
                                    "samples.json), priors.png, and each folder's full report in OUT/prior_<i>/. "
                                    "Folders whose samples.json names another stage-1 checkpoint are refused. "
+                                   "Folders of class-conditional samples (vqldm sample --class) are each judged "
+                                   "against the held-out volumes of their class (data.labels_file), with the "
+                                   "condition accuracy: metrics.json per_class, a Per class table, classes.png. "
                                    "With --points: compare generated with real localisation tables (counts per "
                                    "region, nearest-neighbour distances, Chamfer distance) against their floor; "
                                    "writes OUT/points_metrics.json, OUT/points_report.md and OUT/points.png "
@@ -619,7 +622,7 @@ def _add_evaluate(sub) -> None:
     s.add_argument("--out", required=True, help="output folder for metrics.json, report.md and pictures")
     s.add_argument("--samples", action="append", default=None, metavar="DIR",
                    help="folder of generated volumes to compare with the real ones; repeat it to compare "
-                        "several priors on the same stage 1 side by side")
+                        "several priors on the same stage 1 side by side, or the folders of several classes")
     s.add_argument("--points", default=None, help="folder of generated localisation CSVs to compare with real ones")
     s.add_argument("--real-points", default=None,
                    help="folder of real localisation CSVs (default: data.val_data_dir's volumes through "

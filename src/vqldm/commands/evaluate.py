@@ -13,6 +13,7 @@ from vqldm.autoencoder.calibration import apply_calibration
 from vqldm.autoencoder.codebook import code_counts, usage_and_perplexity
 from vqldm.autoencoder.model import reconstruct
 from vqldm.checkpoint import file_sha256
+from vqldm.commands.evaluate_classes import evaluate_classes, is_conditional
 from vqldm.commands.sample import read_samples
 from vqldm.config import Config
 from vqldm.data import pipeline
@@ -336,7 +337,9 @@ def _compare_priors(cfg: Config, folders: list[Path], records: list[dict], vqvae
 def evaluate(cfg: Config, out_dir: Path, samples: Path | list[Path] | None = None,
              vqvae_checkpoint: str | None = None, progress: bool = True) -> dict:
     """Stage 1 alone; with one sample folder, its generation report and three-row comparison; with
-    several (the priors of one stage 1), one side-by-side comparison."""
+    several (the priors of one stage 1), one side-by-side comparison; with class-conditional sample
+    folders (``vqldm sample --class``), each against the real volumes of its class, and the condition
+    accuracy."""
     folders = [] if samples is None else [Path(samples)] if isinstance(samples, (str, Path)) else list(samples)
     out_dir.mkdir(parents=True, exist_ok=True)
     rt = make_runtime(cfg)
@@ -350,7 +353,11 @@ def evaluate(cfg: Config, out_dir: Path, samples: Path | list[Path] | None = Non
     metrics: dict = {"stage1": stage1_metrics(cfg, vqvae, vq_ckpt, rt, out_dir), "vqvae_checkpoint": str(vq_path)}
     pre = _stage1_markdown(metrics["stage1"], vq_path)
     report = out_dir / "report.md"
-    if len(folders) == 1:
+    if folders and is_conditional(records):
+        metrics["per_class"], md = evaluate_classes(cfg, folders, records, norm, out_dir)
+        atomic_write_bytes(report, ("# vqldm evaluation: class-conditional samples\n\n" + pre + "\n\n" + md
+                                    + "\n").encode("utf-8"))
+    elif len(folders) == 1:
         metrics["generation"], metrics["stages"], report = _generation(cfg, folders[0], vqvae, vq_ckpt, norm, rt,
                                                                        out_dir, pre)
         metrics["samples"] = str(folders[0])

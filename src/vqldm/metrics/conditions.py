@@ -1,0 +1,58 @@
+"""Condition accuracy: does a sample asked for a class look like that class?
+
+A nearest-centroid classifier on two volume statistics (foreground fraction and mean intensity, each
+standardised on the real volumes) is fitted to labelled *real* volumes and then classifies samples.
+Its leave-one-out accuracy on the real volumes is the ceiling a perfect prior could reach.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def features(vol: np.ndarray, threshold: float = 0.1) -> list[float]:
+    """(foreground fraction, mean intensity) of a volume in [0, 1]."""
+    v = np.clip(np.asarray(vol, dtype=np.float64), 0.0, 1.0)
+    return [float((v > threshold).mean()), float(v.mean())]
+
+
+def _nearest(centres: np.ndarray, z: np.ndarray) -> np.ndarray:
+    return np.argmin(((centres[None] - z[:, None]) ** 2).sum(-1), axis=1)
+
+
+@dataclass
+class ConditionClassifier:
+    classes: list[str]
+    mean: np.ndarray
+    std: np.ndarray
+    centres: np.ndarray
+    leave_one_out: float  # accuracy on the real volumes it was fitted to, each left out in turn
+
+    @classmethod
+    def fit(cls, volumes: dict[str, list[np.ndarray]], threshold: float = 0.1) -> "ConditionClassifier":
+        """Fit to ``{class: real volumes}``; every class needs at least one volume."""
+        classes = sorted(volumes)
+        x = np.array([features(v, threshold) for c in classes for v in volumes[c]])
+        y = np.array([k for k, c in enumerate(classes) for _ in volumes[c]])
+        mean, std = x.mean(0), x.std(0) + 1e-12
+        z = (x - mean) / std
+        hits = []
+        for i in range(len(y)):
+            keep = np.arange(len(y)) != i
+            if all((y[keep] == k).any() for k in range(len(classes))):
+                centres = np.array([z[keep][y[keep] == k].mean(0) for k in range(len(classes))])
+                hits.append(_nearest(centres, z[i:i + 1])[0] == y[i])
+        centres = np.array([z[y == k].mean(0) for k in range(len(classes))])
+        return cls(classes, mean, std, centres, float(np.mean(hits)) if hits else float("nan"))
+
+    def predict(self, vols: list[np.ndarray], threshold: float = 0.1) -> list[str]:
+        z = (np.array([features(v, threshold) for v in vols]) - self.mean) / self.std
+        return [self.classes[k] for k in _nearest(self.centres, z)]
+
+    def accuracy(self, vols: list[np.ndarray], asked: str, threshold: float = 0.1) -> tuple[float, dict[str, int]]:
+        """Share of ``vols`` classified as ``asked``, and how many went to each class."""
+        got = self.predict(vols, threshold)
+        return (float(np.mean([g == asked for g in got])) if got else float("nan"),
+                {c: got.count(c) for c in self.classes})
