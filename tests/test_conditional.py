@@ -102,7 +102,7 @@ def test_guidance_zero_is_the_unconditional_and_one_the_conditional_prediction()
 
 def test_condition_drop_replaces_labels_by_the_null_at_the_configured_rate():
     def task(p):
-        return SimpleNamespace(classes=["a", "b", "c"], rt=SimpleNamespace(to_device=lambda x: x),
+        return SimpleNamespace(classes=["a", "b", "c"], extra_channels=0, rt=SimpleNamespace(to_device=lambda x: x),
                                cfg=SimpleNamespace(diffusion=SimpleNamespace(condition_drop_prob=p)))
 
     labels = torch.randint(0, 3, (20000,))
@@ -334,3 +334,19 @@ def test_per_class_evaluation_needs_labels_and_refuses_mixed_folders(labelled_ru
     rc, _, err = cli(capsys, "evaluate", "--config", write_config(tmp_path / "c.yaml", cfg), "--samples",
                      tmp_path / "s", "--out", tmp_path / "ev")
     assert_clean_error(rc, err, "data.labels_file")
+
+
+def test_edit_takes_a_class_and_records_it(labelled_run, tmp_path, capsys):
+    from test_reliability import assert_clean_error, cli
+
+    from vqldm.data.io import list_volumes
+
+    vol = list_volumes(labelled_run["data"] / "val")[0]
+    args = ["edit", "sdedit", "--config", labelled_run["config_path"], "--input", vol, "--strength", 0.5, "-n", 1,
+            "--steps", 4]
+    rc, _, err = cli(capsys, "--quiet", *args, "--class", "level2", "--guidance", 2, "--out", tmp_path / "a")
+    assert rc == 0, err
+    records = [json.loads(p.read_text()) for p in (tmp_path / "a").glob("*.json")]
+    assert records and all(r["class"] == "level2" and r["guidance"] == 2.0 for r in records)
+    rc, _, err = cli(capsys, *args, "--class", "level9", "--out", tmp_path / "b")
+    assert_clean_error(rc, err, "--class level9", "unknown class")

@@ -189,7 +189,7 @@ def cmd_sample(args) -> int:
                          overwrite=args.overwrite, prior=args.prior, prior_checkpoint=args.prior_checkpoint,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          class_name=args.class_name, guidance=args.guidance, autoguidance=args.autoguidance,
-                         guide_checkpoint=args.guide_checkpoint)
+                         guide_checkpoint=args.guide_checkpoint, cond_volume=args.cond_volume)
     res = sample_to_files(cfg, opts)
     from vqldm import distributed as dist
 
@@ -235,7 +235,8 @@ def cmd_edit(args) -> int:
     opts = edit.EditOptions(out_dir=Path(args.out), steps=args.steps, seed=args.seed, snap=args.snap == "on",
                             overlap=args.overlap, diffusion_checkpoint=args.diffusion_checkpoint,
                             vqvae_checkpoint=args.vqvae_checkpoint, use_ema=not args.no_ema,
-                            overwrite=args.overwrite, progress=not args.quiet)
+                            overwrite=args.overwrite, progress=not args.quiet, class_name=args.class_name,
+                            guidance=args.guidance)
     if args.edit == "interpolate":
         res = edit.interpolate(cfg, Path(args.a), Path(args.b), args.frames, opts)
     elif args.edit == "sdedit":
@@ -471,12 +472,23 @@ def _add_sample(sub) -> None:
     s.add_argument("--top-k", type=int, default=None, help="transformer: keep the k likeliest codes (default: prior.top_k)")
     s.add_argument("--top-p", type=float, default=None,
                    help="transformer: keep the smallest set of codes holding this probability (default: prior.top_p)")
+    _add_sample_conditions(s)
+    s.add_argument("--overwrite", action="store_true", help="replace sample files already in --out")
+    s.set_defaults(func=cmd_sample)
+
+
+def _add_sample_conditions(s) -> None:
+    """``vqldm sample``'s steering options of the diffusion prior: conditions, guidance, autoguidance."""
     s.add_argument("--class", dest="class_name", default=None, metavar="NAME",
                    help="class-conditional model (trained with data.labels_file): sample this class (default: the "
                         "null class, unconditional); an unconditional model refuses it")
+    s.add_argument("--cond-volume", default=None, metavar="FILE",
+                   help="coarse-to-fine model (trained with diffusion.coarse_condition): every sample matches this "
+                        "volume's coarse view (its block means over the VQ-VAE's stride) and differs in the fine "
+                        "detail; a volume of the training patch size (default: unconditional)")
     s.add_argument("--guidance", type=float, default=1.0, metavar="W",
-                   help="classifier-free guidance with --class: uncond + W (cond - uncond); 0: unconditional, "
-                        "1: conditional (default 1), above 1: stronger")
+                   help="classifier-free guidance with --class or --cond-volume: uncond + W (cond - uncond); "
+                        "0: unconditional, 1: conditional (default 1), above 1: stronger")
     s.add_argument("--autoguidance", type=float, default=None, metavar="W",
                    help="diffusion: guide + W (model - guide) at timesteps >= diffusion.autoguidance.min_timestep, "
                         "the guide being an early snapshot of the same run (guide_model.pt, kept when training with "
@@ -485,8 +497,6 @@ def _add_sample(sub) -> None:
     s.add_argument("--guide-checkpoint", default=None, metavar="PATH",
                    help="diffusion: the autoguidance guide, any diffusion checkpoint on the same stage 1 and data "
                         "(default: the guide_model.pt that the diffusion checkpoint's run kept)")
-    s.add_argument("--overwrite", action="store_true", help="replace sample files already in --out")
-    s.set_defaults(func=cmd_sample)
 
 
 def _add_export_bundle(sub) -> None:
@@ -538,6 +548,10 @@ def _edit_common(s) -> None:
                    help="sliding-window overlap for encoding and decoding (default 0.25)")
     _add_checkpoints(s)
     s.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA weights")
+    s.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                   help="class-conditional model: edit towards this class (default: the null class, unconditional)")
+    s.add_argument("--guidance", type=float, default=1.0, metavar="W",
+                   help="classifier-free guidance with --class: uncond + W (cond - uncond) (default 1)")
     s.add_argument("--overwrite", action="store_true", help="move earlier outputs in --out to previous_<time>/")
     s.set_defaults(func=cmd_edit)
 

@@ -226,7 +226,8 @@ class DiffusionConfig:
     sampler: str | None = None  # sampling: ddim | ddpm | dpmpp_2m | rflow (null: ddim for a DDPM-trained model, rflow for rflow)
     snap_to_codebook: bool = True  # sampling: quantise the denoised latent before decoding
     clip_to_codebook_range: bool = True  # sampling: bound each predicted clean latent by the codebook's range
-    condition_drop_prob: float = 0.15  # with data.labels_file: share of training labels replaced by the null class
+    condition_drop_prob: float = 0.15  # with data.labels_file or coarse_condition: share of training conditions dropped to the null
+    coarse_condition: bool = False  # coarse-to-fine: condition on the volume's block means over the latent grid
     autoguidance: AutoguidanceConfig = field(default_factory=AutoguidanceConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(ema=True, n_epochs=300))
@@ -520,6 +521,9 @@ def validate(cfg: Config) -> None:
         _validate_stage(name, getattr(cfg, name), cfg.learning_rate(name))
     _validate_unet(cfg.diffusion, cfg.vqvae, latent_spatial(cfg.vqvae, cfg.data.patch_size))
     _validate_scheduler(cfg.diffusion)
+    _require(not (cfg.diffusion.coarse_condition and cfg.data.labels_file),
+             "diffusion.coarse_condition and data.labels_file: a prior takes one kind of condition for now; "
+             "train a class-conditional or a coarse-to-fine prior")
     _validate_prior(cfg.prior)
 
 

@@ -132,6 +132,12 @@ def foreground_masks(volumes, latents: list[torch.Tensor], intensity_range, thre
     return masks
 
 
+def block_means(image_unit: torch.Tensor, stride: int) -> torch.Tensor:
+    """(B, 1, X, Y, Z) volumes in [0, 1] -> the mean of each latent voxel's image block, (B, 1, x, y, z):
+    the coarse view (downsampled by the VQ-VAE's stride) that a coarse-to-fine prior is conditioned on."""
+    return torch.nn.functional.avg_pool3d(_pad_to_multiple(image_unit.float(), stride), stride)
+
+
 class LatentCropDataset(torch.utils.data.Dataset):
     """Random latent-space crops of cached whole-volume latents, ``times`` per volume and epoch.
 
@@ -142,8 +148,10 @@ class LatentCropDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, latents: list[torch.Tensor], latent_size: list[int], times: int,
-                 fg_masks: list[torch.Tensor] | None = None, fg_ratio: float = 0.0, key: str = "latent"):
+                 fg_masks: list[torch.Tensor] | None = None, fg_ratio: float = 0.0, key: str = "latent",
+                 extra: dict[str, list[torch.Tensor]] | None = None):
         self.latents, self.size, self.times, self.key = latents, list(latent_size), times, key
+        self.extra = extra or {}  # more per-volume maps on the latent grid, cropped at the same offsets
         self.fg = [m.nonzero() for m in fg_masks] if fg_masks is not None else None
         self.fg_ratio = fg_ratio
 
@@ -167,7 +175,10 @@ class LatentCropDataset(torch.utils.data.Dataset):
             starts = [int(torch.randint(0, n - s + 1, ()).item()) for n, s in zip(z.shape[1:], self.size)]
         sx, sy, sz = starts
         x, y, w = self.size
-        return {self.key: z[:, sx:sx + x, sy:sy + y, sz:sz + w].contiguous()}
+        out = {self.key: z[:, sx:sx + x, sy:sy + y, sz:sz + w].contiguous()}
+        for name, maps in self.extra.items():
+            out[name] = maps[k][:, sx:sx + x, sy:sy + y, sz:sz + w].contiguous()
+        return out
 
 
 class TensorDictDataset(torch.utils.data.Dataset):
@@ -248,10 +259,12 @@ def real_tiles(tiles, norm, n: int) -> torch.Tensor | None:
 
 
 def train_items(cfg: Config, section: str, files, norm, vqvae, rt: Runtime, lat_spatial: list[int], stride: int,
-                progress: bool, encoder=encode, key: str = "latent", latent_cache: bool = True):
-    """A prior's training items: cached whole-volume encodings (crops under ``key``) where an item's
-    encoding cannot change between epochs (``latent_cache`` on, augmentation off), else image patches
-    encoded on the fly. Returns (dataset, whether it is the cache)."""
+                progress: bool, encoder=encode, key: str = "latent", latent_cache: bool = True,
+                coarse: bool = False):
+    """A prior's training items: cached whole-volume encodings (crops under ``key``; with ``coarse``, the
+    matching :func:`block_means` under ``coarse``) where an item's encoding cannot change between epochs
+    (``latent_cache`` on, augmentation off), else image patches encoded on the fly. Returns (dataset,
+    whether it is the cache)."""
     use_cache = latent_cache and not cfg.data.augmentation
     if use_cache:
         vols = pipeline.val_dataset(cfg, files, norm).volumes  # deterministic load/normalise/pad
@@ -265,8 +278,15 @@ def train_items(cfg: Config, section: str, files, norm, vqvae, rt: Runtime, lat_
     cached = encode_volumes(vqvae, vols, rt, stride, progress and dist.is_main(), encoder)
     masks = foreground_masks(vols, cached, norm.intensity_range, cfg.data.foreground_threshold, stride)
     log.info("latent cache: encoded %d training volumes once; training on cached latents", len(cached))
+    extra = {"coarse": [block_means(_unit_volume(vols[i]["image"], norm), stride)[0] for i in range(len(vols))]
+             } if coarse else None
     return LatentCropDataset(cached, lat_spatial, cfg.data.patches_per_volume, masks,
-                             cfg.data.foreground_crop_ratio, key), True
+                             cfg.data.foreground_crop_ratio, key, extra), True
+
+
+def _unit_volume(image, norm) -> torch.Tensor:
+    """A normalised (1, X, Y, Z) volume as (1, 1, X, Y, Z) in [0, 1]."""
+    return to_unit(torch.as_tensor(image).as_subclass(torch.Tensor).float()[None], norm.intensity_range).clamp(0, 1)
 
 
 class RecordedGrid:

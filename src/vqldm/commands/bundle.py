@@ -51,6 +51,9 @@ def _refuse_what_monai_lacks(cfg: Config, pipe: DiffusionPipeline) -> None:
     if pipe.vq_ckpt.get("intensity_calibration"):
         raise VqldmError(f"export-bundle: {pipe.vq_path} carries an intensity calibration "
                          f"(vqvae.intensity_calibration), which MONAI's decoder has no step for")
+    if pipe.coarse_stride:
+        raise VqldmError(f"export-bundle: {path} is a coarse-to-fine model (diffusion.coarse_condition); MONAI's "
+                         f"LatentDiffusionInferer has no input for the coarse view, so only unconditional models export")
     if pipe.classes:
         raise VqldmError(f"export-bundle: {path} is class-conditional (classes {', '.join(pipe.classes)}); MONAI's "
                          f"LatentDiffusionInferer drops class labels, so only unconditional models export")

@@ -48,6 +48,8 @@ class EditOptions:
     use_ema: bool = True
     overwrite: bool = False
     progress: bool = True
+    class_name: str | None = None  # class-conditional model: the class to edit towards (None: the null class)
+    guidance: float = 1.0  # classifier-free guidance weight with class_name
 
 
 @dataclass
@@ -94,7 +96,8 @@ class Editor:
         return {"steps": self.opts.steps, "seed": self.opts.seed, "snap_to_codebook": self.opts.snap,
                 "sampler": "ddim (eta 0, no clipping)", "ema": self.opts.use_ema and bool(p.diff_ckpt.get("ema")),
                 "diffusion_checkpoint": str(p.diff_path), "diffusion_sha256": file_sha256(p.diff_path),
-                "vqvae_checkpoint": str(p.vq_path), "vqvae_sha256": p.vq_sha256, "device": p.rt.describe()}
+                "vqvae_checkpoint": str(p.vq_path), "vqvae_sha256": p.vq_sha256, "device": p.rt.describe(),
+                **({"class": self.opts.class_name, "guidance": self.opts.guidance} if p.classes else {})}
 
 
 def check_shape(pipe: DiffusionPipeline, shape: list[int], what: str) -> None:
@@ -116,6 +119,7 @@ def load_editor(cfg: Config, opts: EditOptions) -> Editor:
                          f"{pipe.schedule['type']} objective, not ddpm")
     if not 1 <= opts.steps <= pipe.schedule["num_train_timesteps"]:
         raise VqldmError(f"--steps {opts.steps}: must lie in [1, {pipe.schedule['num_train_timesteps']}]")
+    pipe.set_class(opts.class_name, opts.guidance)  # one line for an unknown class or an unconditional model
     return Editor(pipe, Stage1(pipe.vqvae, pipe.vq_ckpt, pipe.vq_path, pipe.rt), opts)
 
 

@@ -61,6 +61,7 @@ class SampleOptions:
     guidance: float = 1.0  # classifier-free guidance weight W (0: unconditional, 1: conditional)
     autoguidance: float | None = None  # diffusion: autoguidance weight (default: diffusion.autoguidance.weight)
     guide_checkpoint: str | None = None  # diffusion: the guide (default: the one the checkpoint's run kept)
+    cond_volume: str | None = None  # diffusion, coarse-to-fine UNet: the volume whose coarse view samples match
 
 
 # --format -> file suffix; "points" writes NIfTI volumes and a localisation table (CSV, nm) beside each
@@ -127,6 +128,7 @@ def _my_share(opts: SampleOptions) -> list[int]:
 def _diffusion_run(cfg: Config, opts: SampleOptions):
     """The diffusion prior: its pipeline, a function of the sample indices, and what samples.json records."""
     pipe = load_pipeline(cfg, opts.diffusion_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
+    pipe.set_coarse(opts.cond_volume)
     pipe.set_class(opts.class_name, opts.guidance)
     ag = cfg.diffusion.autoguidance
     pipe.set_autoguidance(ag.weight if opts.autoguidance is None else opts.autoguidance, ag.min_timestep,
@@ -143,8 +145,17 @@ def _diffusion_run(cfg: Config, opts: SampleOptions):
               "diffusion_checkpoint": str(pipe.diff_path), "diffusion_sha256": file_sha256(pipe.diff_path),
               "scale_factor": pipe.scale_factor, "latent_norm": "global" if pipe.norm.shift is None else "channel",
               "intensity_calibration": bool(pipe.vq_ckpt.get("intensity_calibration")),
-              "autoguidance": pipe.autoguidance_record(), **_class_record(pipe, opts)}
+              "autoguidance": pipe.autoguidance_record(), **_class_record(pipe, opts), **_coarse_record(pipe, opts)}
     return pipe, run, record
+
+
+def _coarse_record(pipe: DiffusionPipeline, opts: SampleOptions) -> dict:
+    """samples.json's coarse condition: the volume every sample matches when downsampled (coarse-to-fine)."""
+    if not pipe.coarse_stride:
+        return {}
+    path = pipe.coarse_path
+    return {"coarse_condition": None if path is None else {
+        "volume": str(path), "sha256": file_sha256(path), "stride": pipe.coarse_stride, "guidance": opts.guidance}}
 
 
 def _class_record(pipe: DiffusionPipeline, opts: SampleOptions) -> dict:
@@ -181,6 +192,8 @@ def _token_run(cfg: Config, opts: SampleOptions):
     if opts.class_name is not None or opts.guidance != 1.0:
         raise VqldmError("--class and --guidance: the token prior is unconditional; class conditions are the "
                          "diffusion prior's (data.labels_file)")
+    if opts.cond_volume is not None:
+        raise VqldmError("--cond-volume: coarse-to-fine is the diffusion prior's (diffusion.coarse_condition)")
     if opts.autoguidance is not None or opts.guide_checkpoint is not None:
         raise VqldmError("--autoguidance and --guide-checkpoint: autoguidance steers the diffusion prior; the token "
                          "prior takes --temperature, --top-k and --top-p")

@@ -517,6 +517,11 @@ def _distances(rs, gs, splits, rng, max_pooled: int, threshold: float) -> tuple[
     return statistics, histograms
 
 
+def ms_ssim_diversity(vols: list[np.ndarray], max_pairs: int = 64, seed: int = 0) -> dict:
+    """Mean pairwise MS-SSIM of same-shape volumes in [0, 1] (high: alike; 1: identical)."""
+    return _mean_pairwise_ms_ssim(vols, max_pairs, np.random.default_rng(seed))
+
+
 def _diversity(real, generated, max_pairs: int, seed: int) -> dict:
     """MS-SSIM within each set; identical-looking samples (mode collapse) score high. Same-seeded pair
     choice per set, so equal-size sets are compared on the same index pairs."""

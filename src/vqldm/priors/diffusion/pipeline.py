@@ -18,9 +18,11 @@ import torch
 from vqldm.checkpoint import file_sha256, inference_weights, load_checkpoint, rebuild
 from vqldm.config import Config, check_latent_for_unet, decoded_spatial, latent_spatial, vqvae_from_network
 from vqldm.data.labels import class_index
+from vqldm.data.pipeline import Normalization
 from vqldm.errors import VqldmError
 from vqldm.latents import LatentNorm, RecordedGrid, recorded_stage1
 from vqldm.priors.diffusion.autoguidance import Autoguidance, autoguided, check_guide, recorded_guide
+from vqldm.priors.diffusion.coarse import coarse_guided, condition_volume
 from vqldm.priors.diffusion.unet import as_denoiser, build_unet, class_guided
 from vqldm.runtime import Runtime, make_runtime, sample_generator
 from vqldm.sampling.decode import decode_latents
@@ -49,23 +51,52 @@ class DiffusionPipeline(RecordedGrid):
     guide: torch.nn.Module | None = None  # the autoguidance guide UNet (None: plain sampling)
     guide_path: Path | None = None
     guide_ckpt: dict | None = None
+    coarse: torch.Tensor | None = None  # coarse-to-fine: the coarse view (1, 1, x, y, z) samples must match
+    coarse_path: Path | None = None
 
     @property
     def classes(self) -> list[str] | None:
         """The class names of a class-conditional UNet (recorded in its checkpoint), else None."""
         return self.diff_ckpt.get("classes")
 
+    @property
+    def coarse_stride(self) -> int | None:
+        """Image voxels per latent voxel of a coarse-to-fine UNet's coarse view, else None."""
+        return (self.diff_ckpt.get("coarse_condition") or {}).get("stride")
+
+    @property
+    def extra_channels(self) -> int:
+        net = self.diff_ckpt["network"]
+        return net["in_channels"] - net["out_channels"]
+
+    def set_coarse(self, path: str | None) -> None:
+        """Coarse-to-fine: every sample is to match the coarse view of the volume in ``path`` (None: the
+        null condition); a model trained without ``diffusion.coarse_condition`` refuses it in one line."""
+        self.coarse, self.coarse_path, self._denoise = None, None, None
+        if path is None:
+            return
+        if not self.coarse_stride:
+            raise VqldmError(f"--cond-volume: {self.diff_path} was trained without diffusion.coarse_condition")
+        unit = Normalization.from_dict(self.vq_ckpt["normalization"]).unit
+        self.coarse = condition_volume(path, unit, self.diff_ckpt["data"]["patch_size"],
+                                       list(self.diff_ckpt["latent_shape"])[1:], self.coarse_stride)
+        self.coarse_path = Path(path)
+
     def set_class(self, name: str | None, guidance: float = 1.0) -> None:
-        """Sample class ``name`` with guidance ``guidance`` (a conditional model without a class samples
-        the null class, i.e. unconditionally); an unconditional model refuses a class in one line."""
+        """Sample class ``name`` (or the coarse view of :meth:`set_coarse`) with guidance ``guidance`` (a
+        conditional model without a class samples the null class, i.e. unconditionally); an unconditional
+        model refuses a class in one line."""
         if name is not None:
             class_index(self.classes, name)
-        elif guidance != 1.0:
-            raise VqldmError("--guidance needs --class: it mixes a class's prediction with the unconditional one")
+        elif guidance != 1.0 and self.coarse is None:
+            raise VqldmError("--guidance needs --class or --cond-volume: it mixes a condition's prediction with "
+                             "the unconditional one")
         self.sample_class, self.guidance, self._denoise = name, float(guidance), None
 
     def _conditioned(self, call: Denoiser) -> Denoiser:
-        """``call`` with this pipeline's class and guidance (unchanged for an unconditional UNet)."""
+        """``call`` with this pipeline's class or coarse view and guidance (unchanged for an unconditional UNet)."""
+        if self.coarse_stride:
+            return coarse_guided(call, self.coarse, self.guidance)
         if not self.classes:
             return call
         label = None if self.sample_class is None else self.classes.index(self.sample_class)
@@ -137,7 +168,8 @@ class DiffusionPipeline(RecordedGrid):
 
     def _call(self, net: torch.nn.Module) -> Denoiser:
         """One UNet as the samplers' call: compiled where ``device.compile`` is on, with the class and CFG."""
-        return self._conditioned(as_denoiser(torch.compile(net, dynamic=False) if self.rt.compile else net))
+        net = torch.compile(net, dynamic=False) if self.rt.compile else net
+        return self._conditioned(as_denoiser(net, self.extra_channels))
 
     def _guided(self, model: Denoiser, guide: Denoiser | None) -> Denoiser:
         a = self.autoguidance
@@ -157,7 +189,7 @@ class DiffusionPipeline(RecordedGrid):
         return self._denoise
 
     def _graphed(self, call: Denoiser, name: str) -> Denoiser:
-        if not self.rt.cuda_graphs or self.classes:  # a graph replay would drop the class labels
+        if not self.rt.cuda_graphs or self.classes or self.coarse_stride:  # a replay would drop the condition
             return call
         from vqldm.graphs import CudaGraphed
 
@@ -191,6 +223,9 @@ class DiffusionPipeline(RecordedGrid):
         sliding window, so the networks hold one tile at a time."""
         lat = self.latent_shape(shape)
         tiled, train = self.tiled(lat)
+        if tiled and self.coarse is not None:
+            raise VqldmError("--cond-volume with --shape beyond the training patch: coarse-to-fine samples the "
+                             "training patch; omit --shape")
         denoiser = self.denoiser()
         if tiled:
             from vqldm.sampling.window import tiled_denoiser
@@ -232,7 +267,7 @@ def load_pipeline(cfg: Config, diffusion_checkpoint: str | None = None, vqvae_ch
         if not vqvae_checkpoint:
             raise VqldmError(mismatch + "; pass the right one with --vqvae-checkpoint")
         log.warning("%s; decoding with it anyway as --vqvae-checkpoint asks", mismatch)
-    if vq_ckpt["network"]["embedding_dim"] != ckpt["network"]["in_channels"]:
+    if vq_ckpt["network"]["embedding_dim"] != ckpt["network"]["out_channels"]:
         raise VqldmError(f"{vq_what}: {vq_path} has embedding_dim {vq_ckpt['network']['embedding_dim']} but the "
-                         f"diffusion UNet expects {ckpt['network']['in_channels']} channels")
+                         f"diffusion UNet models {ckpt['network']['out_channels']} channels")
     return DiffusionPipeline(unet, vqvae, ckpt, vq_ckpt, rt, diff_path, vq_path, vq_sha256=sha)

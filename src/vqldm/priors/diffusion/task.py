@@ -11,8 +11,10 @@ from vqldm.config import Config
 from vqldm.engine.tensorboard import Board
 from vqldm.engine.trainer import OptimizerSpec, StepContext, Task, make_optimizer
 from vqldm.errors import VqldmError
-from vqldm.latents import LatentNorm, check_same_stage1, encode
+from vqldm.data.pipeline import to_unit
+from vqldm.latents import LatentNorm, block_means, check_same_stage1, encode
 from vqldm.priors.diffusion.autoguidance import GUIDE
+from vqldm.priors.diffusion.coarse import coarse_concat
 from vqldm.priors.diffusion.objective import Objective
 from vqldm.priors.diffusion.unet import as_denoiser, build_unet
 from vqldm.runtime import Runtime
@@ -30,6 +32,7 @@ class DiffusionTask(Task):
         self.net_config, self.sc, self.norm = net_config, scheduler_cfg, norm
         self.meta, self.vis_real = meta, vis_real
         self.model = rt.prepare_module(build_unet(net_config, flash_attention=rt.is_cuda))
+        self.extra_channels = net_config["in_channels"] - net_config["out_channels"]  # coarse-to-fine: 2
         self.train_forward = self.model
         self.objective = Objective(scheduler_cfg)
 
@@ -55,34 +58,48 @@ class DiffusionTask(Task):
         return self.meta.get("classes")
 
     def condition_of(self, batch: dict, drop: bool) -> dict | None:
-        """The UNet's ``class_labels`` for a batch; in training each is replaced by the null class with
-        probability ``diffusion.condition_drop_prob`` (drawn on the device: graph-safe, resumed exactly)."""
+        """The UNet's ``class_labels`` (or a coarse-to-fine UNet's ``concat``: the coarse view) for a batch;
+        in training each is replaced by the null with probability ``diffusion.condition_drop_prob`` (drawn
+        on the device: graph-safe, resumed exactly)."""
+        p = self.cfg.diffusion.condition_drop_prob if drop else 0.0
+        if self.extra_channels:
+            coarse = self.coarse_of(batch)
+            keep = (torch.rand(coarse.shape[0], device=coarse.device) >= p).float() if p > 0 else \
+                torch.ones(coarse.shape[0], device=coarse.device)
+            return {"concat": coarse_concat(coarse, keep)}
         if not self.classes:
             return None
         labels = self.rt.to_device(batch["label"]).long()
-        p = self.cfg.diffusion.condition_drop_prob
-        if drop and p > 0:
+        if p > 0:
             null = torch.full_like(labels, len(self.classes))
             labels = torch.where(torch.rand(labels.shape, device=labels.device) < p, null, labels)
         return {"class_labels": labels}
+
+    def coarse_of(self, batch: dict) -> torch.Tensor:
+        """A batch's coarse views (B, 1, x, y, z): cached with the latents, or from its image patches."""
+        if "coarse" in batch:
+            return self.rt.to_device(batch["coarse"]).float()
+        img = to_unit(self.rt.to_device(batch["image"]).float(), self.meta["normalization"]["intensity_range"])
+        return block_means(img.clamp(0, 1), self.meta["coarse_condition"]["stride"])
 
     def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         z0 = self.latent_of(batch)
         noise = torch.randn_like(z0)
         t = self.objective.sample_timesteps(z0)
         cond = self.condition_of(batch, drop=True)
-        return {"loss": self.objective.loss(as_denoiser(self.train_forward), z0, noise, t, cond)}
+        return {"loss": self.objective.loss(as_denoiser(self.train_forward, self.extra_channels), z0, noise, t, cond)}
 
     def validation_step(self, batch: dict, model: nn.Module) -> dict[str, torch.Tensor]:
         # fixed noise and timesteps per validation item: losses compare across epochs and runs
         z0 = self.latent_of(batch)
         noise = self.rt.to_device(batch["noise"]).float()
         t = self.rt.to_device(batch["t"]).long()
-        return {"loss": self.objective.loss(as_denoiser(model), z0, noise, t, self.condition_of(batch, drop=False))}
+        return {"loss": self.objective.loss(as_denoiser(model, self.extra_channels), z0, noise, t,
+                                            self.condition_of(batch, drop=False))}
 
     def _sampling_denoiser(self, model: nn.Module):
         """The previews' UNet call: a conditional model draws the classes in turn (sample i: class i mod C)."""
-        den = as_denoiser(model)
+        den = as_denoiser(model, self.extra_channels)  # a coarse-to-fine UNet previews unconditionally
         if not self.classes:
             return den
         c = len(self.classes)

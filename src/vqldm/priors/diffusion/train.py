@@ -97,6 +97,14 @@ def _val_labels(labels: ClassLabels | None, tiles) -> dict:
     return {"label": torch.tensor([labels.val[tile[0]] for tile in tiles.tiles], dtype=torch.long)}
 
 
+def _val_coarse(cfg: Config, tiles, norm, stride: int) -> dict:
+    """Coarse-to-fine: the validation tiles' coarse views (block means), as a TensorDictDataset column."""
+    if not cfg.diffusion.coarse_condition:
+        return {}
+    imgs = norm.to_unit(torch.stack([tiles[i]["image"] for i in range(len(tiles))])).clamp(0, 1)
+    return {"coarse": L.block_means(imgs, stride)}
+
+
 def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool = True) -> Trainer:
     """Everything ``train_diffusion`` runs, ready to ``fit()`` (under torchrun: this rank's share)."""
     setup.start(cfg)
@@ -110,10 +118,13 @@ def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool
     sc = scheduler_config(cfg)
     val_z, tiles = L.encoded_tiles(cfg, "diffusion", val_info.files, norm, vqvae, rt)
     noise, t = _fixed_noise(len(val_z), lat_shape, sc["num_train_timesteps"], cfg.seed + 1)
-    val_ds = L.TensorDictDataset(latent=val_z, noise=noise, t=t, **_val_labels(labels, tiles))
+    stride = total_stride(net)
+    val_ds = L.TensorDictDataset(latent=val_z, noise=noise, t=t, **_val_labels(labels, tiles),
+                                 **_val_coarse(cfg, tiles, norm, stride))
     vis_real = L.real_tiles(tiles, norm, cfg.diffusion.logging.num_visualize_samples)
     train_ds, use_cache = L.train_items(cfg, "diffusion", train_info.files, norm, vqvae, rt, lat_spatial,
-                                        total_stride(net), progress, latent_cache=cfg.diffusion.latent_cache)
+                                        stride, progress, latent_cache=cfg.diffusion.latent_cache,
+                                        coarse=cfg.diffusion.coarse_condition)
     if labels is not None:
         train_ds = LabelledDataset(train_ds, labels.train)
     train_loader, sampler = setup.train_loader(cfg, "diffusion", train_ds, rt)
@@ -122,6 +133,10 @@ def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool
     meta = L.stage1_meta(cfg, "diffusion", vq_ckpt, train_info.grid, lat_shape, use_cache)
     if labels is not None:
         meta["classes"] = list(labels.classes)
+    if cfg.diffusion.coarse_condition:
+        meta["coarse_condition"] = {"stride": stride}
+        log.info("coarse-to-fine UNet: conditioned on block means over %d^3 voxels, condition_drop_prob %g", stride,
+                 cfg.diffusion.condition_drop_prob)
     task = DiffusionTask(cfg, rt, vqvae, unet_net_config(cfg, len(labels.classes) if labels else 0), sc, norm,
                          meta, vis_real)
     task.train_forward = setup.wrap_for_training(task.model, rt)

@@ -16,7 +16,8 @@ def unet_net_config(cfg: Config, num_classes: int = 0) -> dict:
     heads = u.num_head_channels if isinstance(u.num_head_channels, list) else [u.num_head_channels] * m
     return {
         "spatial_dims": u.spatial_dims,
-        "in_channels": u.in_channels,
+        # coarse-to-fine: the coarse view and its presence flag ride along as two more input channels
+        "in_channels": u.in_channels + (COARSE_CHANNELS if u.coarse_condition else 0),
         "out_channels": u.out_channels,
         "channels": list(u.num_channels),
         "attention_levels": list(u.attention_levels),
@@ -38,11 +39,22 @@ def build_unet(net: dict, flash_attention: bool = False) -> DiffusionModelUNet:
     return DiffusionModelUNet(**kw, use_flash_attention=flash_attention)
 
 
-def as_denoiser(net):
+COARSE_CHANNELS = 2  # the coarse view, and 1 where it is given (0: dropped, the null condition)
+
+
+def as_denoiser(net, extra_channels: int = 0):
     """The UNet as the samplers' ``f(x, t, condition)``. A condition is a dict of the UNet's own
-    conditioning arguments (``context``, ``class_labels``); None calls it unconditionally."""
+    conditioning arguments (``context``, ``class_labels``) and ``concat``: channels appended to ``x``
+    (a coarse-to-fine UNet's ``extra_channels``; zeros, the null condition, where none are given).
+    None calls it unconditionally."""
     def call(x, t, condition=None):
-        return net(x=x, timesteps=t, **(condition or {}))
+        cond = dict(condition or {})
+        concat = cond.pop("concat", None)
+        if concat is None and extra_channels:
+            concat = x.new_zeros((x.shape[0], extra_channels, *x.shape[2:]))
+        if concat is not None:
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        return net(x=x, timesteps=t, **cond)
     return call
 
 
