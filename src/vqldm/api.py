@@ -141,8 +141,9 @@ class Model:
         """``n`` volumes; sample ``i`` is seeded by ``(seed, i)``. Diffusion: ``sampler`` (ddim, ddpm, dpmpp_2m, rflow),
         ``steps``, ``snap``, ``shape``, ``autoguidance`` and ``guide_checkpoint`` (as ``--autoguidance`` and
         ``--guide-checkpoint``), for a class-conditional model ``class_name`` and ``guidance`` (as ``--class``
-        and ``--guidance``), for a coarse-to-fine model ``cond_volume`` (``--cond-volume``); token prior: ``temperature``, ``top_k``, ``top_p``. None: as ``vqldm sample`` (the
-        config's, then the model's defaults)."""
+        and ``--guidance``), for a coarse-to-fine model ``cond_volume`` (``--cond-volume``); token prior:
+        ``temperature``, ``top_k``, ``top_p``. None: as ``vqldm sample`` (the config's, then the model's
+        defaults)."""
         from vqldm.commands.sample import SampleOptions, sampling_settings, token_settings
 
         if n < 1 or batch_size < 1:
@@ -152,7 +153,8 @@ class Model:
                              temperature=temperature, top_k=top_k, top_p=top_p)
         indices = list(range(n))
         if self.prior == "transformer":
-            if class_name is not None or guidance != 1.0 or autoguidance is not None or guide_checkpoint or cond_volume:
+            diffusion_only = (class_name, autoguidance, guide_checkpoint, cond_volume)
+            if guidance != 1.0 or any(v is not None for v in diffusion_only):
                 raise VqldmError("sample: class_name, guidance, autoguidance, guide_checkpoint and cond_volume are the "
                                  "diffusion prior's; the token prior takes temperature, top_k and top_p")
             vols = self.pipeline.generate(indices, seed, batch_size, progress=progress, **token_settings(self.config, opts))

@@ -53,7 +53,8 @@ def _refuse_what_monai_lacks(cfg: Config, pipe: DiffusionPipeline) -> None:
                          f"(vqvae.intensity_calibration), which MONAI's decoder has no step for")
     if pipe.coarse_stride:
         raise VqldmError(f"export-bundle: {path} is a coarse-to-fine model (diffusion.coarse_condition); MONAI's "
-                         f"LatentDiffusionInferer has no input for the coarse view, so only unconditional models export")
+                         f"LatentDiffusionInferer has no input for the coarse view, so only unconditional models "
+                         f"export")
     if pipe.classes:
         raise VqldmError(f"export-bundle: {path} is class-conditional (classes {', '.join(pipe.classes)}); MONAI's "
                          f"LatentDiffusionInferer drops class labels, so only unconditional models export")
