@@ -279,14 +279,14 @@ def train_items(cfg: Config, section: str, files, norm, vqvae, rt: Runtime, lat_
     masks = foreground_masks(vols, cached, norm.intensity_range, cfg.data.foreground_threshold, stride)
     log.info("latent cache: encoded %d training volumes once; training on cached latents", len(cached))
     extra = {"coarse": [block_means(_unit_volume(vols[i]["image"], norm), stride)[0] for i in range(len(vols))]
-             } if coarse else None
+             } if coarse else None  # the same padding as the cached latents, so the grids coincide
     return LatentCropDataset(cached, lat_spatial, cfg.data.patches_per_volume, masks,
                              cfg.data.foreground_crop_ratio, key, extra), True
 
 
 def _unit_volume(image, norm) -> torch.Tensor:
     """A normalised (1, X, Y, Z) volume as (1, 1, X, Y, Z) in [0, 1]."""
-    return to_unit(torch.as_tensor(image).as_subclass(torch.Tensor).float()[None], norm.intensity_range).clamp(0, 1)
+    return norm.to_unit(torch.as_tensor(image).as_subclass(torch.Tensor).float()[None]).clamp(0, 1)
 
 
 class RecordedGrid:

@@ -778,8 +778,9 @@ class Trainer:
             if math.isfinite(self._val_loss) and self._val_loss < self.best:
                 self.best = self._val_loss
                 self.save_best(self._val_loss)
-        if self.epoch in self.task.snapshot_epochs():
-            self.save_snapshot(self.task.snapshot_epochs()[self.epoch])
+        snapshot = self.task.snapshot_epochs().get(self.epoch)
+        if snapshot:
+            self.save_snapshot(snapshot)
         if vis_batch is not None and (self.epoch % lg.visualize_interval == 0 or last) and dist.is_main():
             self.task.eval_mode()
             self.task.visualize(board, self._eval_model(), vis_batch, self.epoch, self.log_dir / "images")

@@ -101,8 +101,7 @@ def _val_coarse(cfg: Config, tiles, norm, stride: int) -> dict:
     """Coarse-to-fine: the validation tiles' coarse views (block means), as a TensorDictDataset column."""
     if not cfg.diffusion.coarse_condition:
         return {}
-    imgs = norm.to_unit(torch.stack([tiles[i]["image"] for i in range(len(tiles))])).clamp(0, 1)
-    return {"coarse": L.block_means(imgs, stride)}
+    return {"coarse": L.block_means(L.real_tiles(tiles, norm, len(tiles)), stride)}
 
 
 def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool = True) -> Trainer:
