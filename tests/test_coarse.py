@@ -131,3 +131,16 @@ def test_bad_coarse_conditions_are_refused_in_one_line(coarse_run, trained_stage
     labelled = with_updates(coarse_run["config"], data__labels_file=str(tmp_path / "labels.csv"))
     rc, _, err = cli(capsys, "check", "--config", write_config(tmp_path / "l.yaml", labelled))
     assert_clean_error(rc, err, "diffusion.coarse_condition", "data.labels_file")
+
+
+def test_a_coarse_view_given_as_a_tensor_must_lie_on_the_latent_grid(coarse_run, data_dir):
+    import vqldm
+    from vqldm.errors import VqldmError
+
+    pipe = vqldm.load_model(coarse_run["config_path"], device="cpu").pipeline
+    pipe.set_coarse(str(list_volumes(Path(data_dir) / "val")[0]))
+    from_file = pipe.coarse.clone()
+    pipe.set_coarse_view(from_file * 0.5)
+    assert torch.equal(pipe.coarse, from_file * 0.5) and pipe.coarse_path is None
+    with pytest.raises(VqldmError, match="a coarse view must be"):
+        pipe.set_coarse_view(torch.zeros(1, 1, 4, 4, 4))

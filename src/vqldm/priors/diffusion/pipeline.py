@@ -82,6 +82,15 @@ class DiffusionPipeline(RecordedGrid):
                                        list(self.diff_ckpt["latent_shape"])[1:], self.coarse_stride)
         self.coarse_path = Path(path)
 
+    def set_coarse_view(self, view: torch.Tensor) -> None:
+        """Coarse-to-fine with a coarse view given directly, (1, 1, x, y, z) in [0, 1] on the latent grid
+        (a generated one, say); :meth:`set_coarse` takes it from a volume file."""
+        lat = list(self.diff_ckpt["latent_shape"])[1:]
+        if not self.coarse_stride or list(view.shape) != [1, 1] + lat:
+            raise VqldmError(f"a coarse view must be (1, 1, {', '.join(map(str, lat))}) for a coarse-to-fine model; "
+                             f"got {list(view.shape)} for {self.diff_path}")
+        self.coarse, self.coarse_path, self._denoise = view.float(), None, None
+
     def set_class(self, name: str | None, guidance: float = 1.0) -> None:
         """Sample class ``name`` (or the coarse view of :meth:`set_coarse`) with guidance ``guidance`` (a
         conditional model without a class samples the null class, i.e. unconditionally); an unconditional
