@@ -144,7 +144,10 @@ def test_a_missing_or_foreign_guide_is_refused_in_one_line(guided_run, trained_s
     rc, _, err = cli(capsys, *args, "--config", guided_run["config_path"], "--autoguidance", 0.5,
                      "--out", tmp_path / "d")
     assert_clean_error(rc, err, "--autoguidance")
-    assert not any((tmp_path / d).exists() for d in "abcd")
+    rc, _, err = cli(capsys, *args, "--config", guided_run["config_path"], "--autoguidance", 1,
+                     "--guide-checkpoint", guided_run["guide"], "--out", tmp_path / "e")
+    assert_clean_error(rc, err, "--guide-checkpoint needs an autoguidance weight above 1")
+    assert not any((tmp_path / d).exists() for d in "abcde")
 
 
 @pytest.mark.parametrize("key,value", [("guide_epoch", 2), ("weight", 0.5), ("min_timestep", 1000)])

@@ -160,6 +160,9 @@ class DiffusionPipeline(RecordedGrid):
         self.autoguidance, self._denoise = Autoguidance(float(weight), int(min_timestep)), None
         self.guide = self.guide_path = self.guide_ckpt = None
         if not self.autoguidance.active:
+            if guide_checkpoint:
+                raise VqldmError("--guide-checkpoint needs an autoguidance weight above 1 (--autoguidance W or "
+                                 "diffusion.autoguidance.weight); at 1 the guide would not be used")
             return
         what = "--guide-checkpoint"
         path = Path(guide_checkpoint) if guide_checkpoint else recorded_guide(self.diff_ckpt, self.diff_path)
