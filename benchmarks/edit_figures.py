@@ -137,7 +137,7 @@ def sdedit_part(cfg, n: int, steps: int, **_) -> dict:
     return out
 
 
-def inpaint_part(cfg, n: int, steps: int, **_) -> dict:
+def inpaint_part(cfg, n: int, steps: int, autoguidance: float = 1.0, **_) -> dict:
     """The central half of each held-out volume (a box of half the patch per axis) regenerated."""
     files = list_volumes(cfg.data.val_data_dir)
     shape = read_volume(files[0]).array.shape
@@ -150,7 +150,7 @@ def inpaint_part(cfg, n: int, steps: int, **_) -> dict:
         mask[box] = 1
         write_volume(Path(tmp) / "mask.nii.gz", mask)
         for k, f in enumerate(files[:n]):
-            opts = EditOptions(out_dir=Path(tmp) / str(k), steps=steps, progress=False)
+            opts = EditOptions(out_dir=Path(tmp) / str(k), steps=steps, progress=False, autoguidance=autoguidance)
             r = json.loads(Path(inpaint(cfg, f, Path(tmp) / "mask.nii.gz", opts, PaintOptions())["record"]).read_text())
             rows.append([r["foreground_fraction_in_mask"], r["voxels_changed_outside_feather"]])
     fg = [r[0] for r in rows]
@@ -210,12 +210,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="volumes (pairs) per figure (default 8)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     ap.add_argument("--frames", type=int, default=8, help="interpolation frames (default 8)")
+    ap.add_argument("--autoguidance", type=float, default=1.0, help="inpaint: autoguidance weight (default 1: none)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(args.config)
     parts = {"reconstruct": reconstruct_part, "invert": invert_part, "interpolate": interpolate_part,
              "sdedit": sdedit_part, "inpaint": inpaint_part, "tiled": tiled_part}
-    res = parts[args.part](cfg, args.n, steps=args.steps, frames=args.frames, config_path=args.config)
+    res = parts[args.part](cfg, args.n, steps=args.steps, frames=args.frames, config_path=args.config,
+                           autoguidance=args.autoguidance)
     print(json.dumps(res, indent=2, default=float))
 
 

@@ -167,3 +167,21 @@ def test_the_token_prior_and_the_bundle_refuse_autoguidance(guided_run, tmp_path
 
     with pytest.raises(VqldmError, match="token prior"):
         Model(None, None, "transformer").sample(1, autoguidance=2.0)
+
+
+def test_edits_take_autoguidance_only_when_asked(guided_run, trained_stage2, data_dir, tmp_path, capsys):
+    from vqldm.data.io import list_volumes
+
+    vol = list_volumes(Path(data_dir) / "val")[0]
+    args = ["edit", "sdedit", "--input", vol, "--strength", 0.5, "-n", 1, "--steps", 4]
+    rc, _, err = cli(capsys, "--quiet", *args, "--config", guided_run["config_path"], "--out", tmp_path / "plain")
+    assert rc == 0, err  # the config's weight 3 is the sampler's; edits use the model alone unless asked
+    assert all(json.loads(p.read_text())["autoguidance"] is None for p in (tmp_path / "plain").glob("*.json"))
+    rc, _, err = cli(capsys, "--quiet", *args, "--config", guided_run["config_path"], "--autoguidance", 3,
+                     "--out", tmp_path / "guided")
+    assert rc == 0, err
+    recs = [json.loads(p.read_text())["autoguidance"] for p in (tmp_path / "guided").glob("*.json")]
+    assert recs and all(r["weight"] == 3.0 and r["min_timestep"] == 500 and r["guide_epoch"] == 1 for r in recs)
+    rc, _, err = cli(capsys, *args, "--config", trained_stage2["config_path"], "--autoguidance", 3,
+                     "--out", tmp_path / "none")
+    assert_clean_error(rc, err, "records no guide")

@@ -236,7 +236,7 @@ def cmd_edit(args) -> int:
                             overlap=args.overlap, diffusion_checkpoint=args.diffusion_checkpoint,
                             vqvae_checkpoint=args.vqvae_checkpoint, use_ema=not args.no_ema,
                             overwrite=args.overwrite, progress=not args.quiet, class_name=args.class_name,
-                            guidance=args.guidance)
+                            guidance=args.guidance, autoguidance=args.autoguidance)
     if args.edit == "interpolate":
         res = edit.interpolate(cfg, Path(args.a), Path(args.b), args.frames, opts)
     elif args.edit == "sdedit":
@@ -552,6 +552,9 @@ def _edit_common(s) -> None:
                    help="class-conditional model: edit towards this class (default: the null class, unconditional)")
     s.add_argument("--guidance", type=float, default=1.0, metavar="W",
                    help="classifier-free guidance with --class: uncond + W (cond - uncond) (default 1)")
+    s.add_argument("--autoguidance", type=float, default=1.0, metavar="W",
+                   help="autoguidance by the guide the run kept, at timesteps >= diffusion.autoguidance.min_timestep "
+                        "(default 1: the model alone, whatever the config says)")
     s.add_argument("--overwrite", action="store_true", help="move earlier outputs in --out to previous_<time>/")
     s.set_defaults(func=cmd_edit)
 

@@ -50,6 +50,7 @@ class EditOptions:
     progress: bool = True
     class_name: str | None = None  # class-conditional model: the class to edit towards (None: the null class)
     guidance: float = 1.0  # classifier-free guidance weight with class_name
+    autoguidance: float = 1.0  # autoguidance weight (1: the model alone; the guide its run kept otherwise)
 
 
 @dataclass
@@ -97,7 +98,8 @@ class Editor:
                 "sampler": "ddim (eta 0, no clipping)", "ema": self.opts.use_ema and bool(p.diff_ckpt.get("ema")),
                 "diffusion_checkpoint": str(p.diff_path), "diffusion_sha256": file_sha256(p.diff_path),
                 "vqvae_checkpoint": str(p.vq_path), "vqvae_sha256": p.vq_sha256, "device": p.rt.describe(),
-                **({"class": self.opts.class_name, "guidance": self.opts.guidance} if p.classes else {})}
+                **({"class": self.opts.class_name, "guidance": self.opts.guidance} if p.classes else {}),
+                "autoguidance": p.autoguidance_record()}
 
 
 def check_shape(pipe: DiffusionPipeline, shape: list[int], what: str) -> None:
@@ -120,6 +122,7 @@ def load_editor(cfg: Config, opts: EditOptions) -> Editor:
     if not 1 <= opts.steps <= pipe.schedule["num_train_timesteps"]:
         raise VqldmError(f"--steps {opts.steps}: must lie in [1, {pipe.schedule['num_train_timesteps']}]")
     pipe.set_class(opts.class_name, opts.guidance)  # one line for an unknown class or an unconditional model
+    pipe.set_autoguidance(opts.autoguidance, cfg.diffusion.autoguidance.min_timestep)
     return Editor(pipe, Stage1(pipe.vqvae, pipe.vq_ckpt, pipe.vq_path, pipe.rt), opts)
 
 
