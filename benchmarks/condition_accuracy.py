@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vqldm.data.io import list_volumes, read_volume
 from vqldm.data.labels import read_labels
-from vqldm.metrics.conditions import ConditionClassifier
+from vqldm.metrics.conditions import ConditionClassifier, volumes_by_class
 
 
 def main() -> None:
@@ -32,10 +32,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     labels = read_labels(args.labels)
-    real: dict[str, list] = {}
-    for f in list_volumes(args.real):
-        if f.name in labels:
-            real.setdefault(labels[f.name], []).append(read_volume(f).array)
+    real = volumes_by_class(list_volumes(args.real), labels)
     clf = ConditionClassifier.fit(real)
     res = {"classes": clf.classes, "real_volumes": sum(len(v) for v in real.values()),
            "real_leave_one_out_accuracy": clf.leave_one_out, "folders": []}

@@ -16,10 +16,9 @@ import numpy as np
 from vqldm.commands.sample import read_samples
 from vqldm.config import Config
 from vqldm.data import pipeline
-from vqldm.data.io import read_volume
 from vqldm.data.labels import read_labels
 from vqldm.errors import VqldmError
-from vqldm.metrics.conditions import ConditionClassifier
+from vqldm.metrics.conditions import ConditionClassifier, volumes_by_class
 from vqldm.metrics.generation import PASS_RATIO, compare
 from vqldm.visuals import mip_grid, save_png
 
@@ -39,11 +38,7 @@ def is_conditional(records: list[dict]) -> bool:
 def class_volumes(cfg: Config, key: str, labels: dict[str, str], norm: pipeline.Normalization
                   ) -> dict[str, list[np.ndarray]]:
     """The volumes of ``data.<key>`` in [0, 1], grouped by their class in the labels file."""
-    out: dict[str, list[np.ndarray]] = {}
-    for f in pipeline.scan_data_dir(cfg, key).files:
-        if f.name in labels:
-            out.setdefault(labels[f.name], []).append(norm.unit(read_volume(f).array))
-    return out
+    return volumes_by_class(pipeline.scan_data_dir(cfg, key).files, labels, norm.unit)
 
 
 def _held_out(val: dict[str, list[np.ndarray]], cls: str, folder: Path, shape: tuple[int, ...]) -> list[np.ndarray]:

@@ -8,14 +8,28 @@ Its leave-one-out accuracy on the real volumes is the ceiling a perfect prior co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from vqldm.data.io import read_volume
 
 
 def features(vol: np.ndarray, threshold: float = 0.1) -> list[float]:
     """(foreground fraction, mean intensity) of a volume in [0, 1]."""
     v = np.clip(np.asarray(vol, dtype=np.float64), 0.0, 1.0)
     return [float((v > threshold).mean()), float(v.mean())]
+
+
+def volumes_by_class(files: list[Path], labels: dict[str, str], unit: Callable = np.asarray
+                     ) -> dict[str, list[np.ndarray]]:
+    """The labelled ``files`` (``{file name: class}``) read and grouped by class, each through ``unit``."""
+    out: dict[str, list[np.ndarray]] = {}
+    for f in files:
+        if f.name in labels:
+            out.setdefault(labels[f.name], []).append(unit(read_volume(f).array))
+    return out
 
 
 def _nearest(centres: np.ndarray, z: np.ndarray) -> np.ndarray:

@@ -78,8 +78,8 @@ class DiffusionPipeline(RecordedGrid):
         if not self.coarse_stride:
             raise VqldmError(f"--cond-volume: {self.diff_path} was trained without diffusion.coarse_condition")
         unit = Normalization.from_dict(self.vq_ckpt["normalization"]).unit
-        self.coarse = condition_volume(path, unit, self.diff_ckpt["data"]["patch_size"],
-                                       list(self.diff_ckpt["latent_shape"])[1:], self.coarse_stride)
+        self.set_coarse_view(condition_volume(path, unit, self.diff_ckpt["data"]["patch_size"],
+                                              list(self.diff_ckpt["latent_shape"])[1:], self.coarse_stride))
         self.coarse_path = Path(path)
 
     def set_coarse_view(self, view: torch.Tensor) -> None:
