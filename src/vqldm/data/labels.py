@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from vqldm.data.io import list_volumes
 from vqldm.errors import VqldmError
 
 
@@ -87,6 +88,15 @@ def class_labels(path: str | Path, train_files: list[Path], val_files: list[Path
     index = {c: k for k, c in enumerate(classes)}
     return ClassLabels(classes, [index[labels[Path(f).name]] for f in train_files],
                        [index[labels[Path(f).name]] for f in val_files])
+
+
+def dataset_labels(cfg, train_files: list[Path], val_files: list[Path]) -> ClassLabels | None:
+    """Every train and val file's class under ``data.labels_file``, checked before any compute against
+    every volume in both folders; None where the config names no labels (an unconditional prior)."""
+    if not cfg.data.labels_file:
+        return None
+    existing = list_volumes(cfg.data.train_data_dir) + list_volumes(cfg.data.val_data_dir)
+    return class_labels(cfg.data.labels_file, train_files, val_files, existing)
 
 
 def class_index(classes: list[str] | None, name: str) -> int:

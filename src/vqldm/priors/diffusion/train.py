@@ -13,8 +13,7 @@ from vqldm.autoencoder.model import total_stride
 from vqldm.checkpoint import load_checkpoint
 from vqldm.config import Config, check_latent_for_unet
 from vqldm.data import pipeline
-from vqldm.data.io import list_volumes
-from vqldm.data.labels import ClassLabels, LabelledDataset, class_labels
+from vqldm.data.labels import ClassLabels, LabelledDataset, dataset_labels
 from vqldm.engine import setup
 from vqldm.engine.trainer import FitResult, Trainer, resume_path
 from vqldm.errors import VqldmError
@@ -79,17 +78,6 @@ def _latent_norm(cfg: Config, train_ds, train_loader, sampler, use_cache: bool, 
     return norm
 
 
-def _labels(cfg: Config, train_info, val_info) -> ClassLabels | None:
-    """Every file's class (``data.labels_file``), checked before any compute; None: unconditional."""
-    if not cfg.data.labels_file:
-        return None
-    existing = list_volumes(cfg.data.train_data_dir) + list_volumes(cfg.data.val_data_dir)
-    labels = class_labels(cfg.data.labels_file, train_info.files, val_info.files, existing)
-    log.info("class-conditional UNet: %d classes (%s), condition_drop_prob %g", len(labels.classes),
-             ", ".join(labels.classes), cfg.diffusion.condition_drop_prob)
-    return labels
-
-
 def _val_labels(labels: ClassLabels | None, tiles) -> dict:
     """The validation tiles' classes (each tile's volume's), as TensorDictDataset columns."""
     if labels is None:
@@ -112,7 +100,10 @@ def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool
     net = vq_ckpt["network"]
     lat_shape = [net["embedding_dim"]] + lat_spatial
     train_info, val_info = setup.scan_data(cfg, progress)
-    labels = _labels(cfg, train_info, val_info)
+    labels = dataset_labels(cfg, train_info.files, val_info.files)
+    if labels is not None:
+        log.info("class-conditional UNet: %d classes (%s), condition_drop_prob %g", len(labels.classes),
+                 ", ".join(labels.classes), cfg.diffusion.condition_drop_prob)
     norm = L.stage1_normalization(cfg, vq_ckpt)
     sc = scheduler_config(cfg)
     val_z, tiles = L.encoded_tiles(cfg, "diffusion", val_info.files, norm, vqvae, rt)
