@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from vqldm.data.io import list_volumes, read_volume
-from vqldm.data.labels import read_labels
+from vqldm.data.labels import read_table
 from vqldm.metrics.conditions import ConditionClassifier, volumes_by_class
 
 
@@ -31,8 +31,7 @@ def main() -> None:
     ap.add_argument("--samples", nargs="+", required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    labels = read_labels(args.labels)
-    real = volumes_by_class(list_volumes(args.real), labels)
+    real = volumes_by_class(list_volumes(args.real), read_table(args.labels).class_of)
     clf = ConditionClassifier.fit(real)
     res = {"classes": clf.classes, "real_volumes": sum(len(v) for v in real.values()),
            "real_leave_one_out_accuracy": clf.leave_one_out, "folders": []}

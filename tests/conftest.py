@@ -213,6 +213,22 @@ def trained_stage2(tmp_path_factory, data_dir, trained_stage1) -> dict:
             "log_dir": Path(cfg["diffusion"]["logging"]["log_dir"]), "stage1_sha_before": stage1_sha}
 
 
+def labelled_prior(root: Path, stage1_best, **diffusion) -> dict:
+    """``vqldm synth --vary density --levels 3`` (3 + 3 volumes, labels.csv with a label and covariates) and a
+    tiny stage 2 on it, conditioned as ``data.labels_file`` and the ``diffusion`` keys given say."""
+    data = root / "data"
+    assert run_cli("--quiet", "synth", "--out", data, "--num-train", 3, "--num-val", 3, "--shape", 32, 32, 32,
+                   "--vary", "density", "--levels", 3) == 0
+    cfg = tiny_config_dict(root, data)
+    cfg["data"]["labels_file"] = str(data / "labels.csv")
+    cfg["diffusion"]["checkpoints"]["vqvae_path"] = str(stage1_best)
+    cfg["diffusion"].update(diffusion)
+    cfg_path = write_config(root / "config.yaml", cfg)
+    assert run_cli("--quiet", "train-diffusion", "--config", cfg_path) == 0
+    return {"root": root, "data": data, "config": cfg, "config_path": cfg_path,
+            "best": Path(cfg["diffusion"]["checkpoints"]["output_dir"]) / "best_model.pt"}
+
+
 def copy_tree(src, dst) -> Path:
     shutil.copytree(src, dst)
     return Path(dst)

@@ -12,7 +12,8 @@ import torch
 from vqldm.checkpoint import file_sha256, load_checkpoint
 from vqldm.data.io import list_volumes, write_volume
 from vqldm.latents import LatentCropDataset, block_means
-from vqldm.priors.diffusion.coarse import coarse_concat, coarse_guided
+from vqldm.priors.diffusion.coarse import coarse_concat
+from vqldm.priors.diffusion.conditions import Asked, Slots, guided
 
 from conftest import run_cli, tiny_config_dict, with_updates, write_config
 from test_reliability import assert_clean_error, cli
@@ -43,13 +44,14 @@ def test_guidance_zero_is_the_null_and_one_the_conditional_prediction():
         return x + condition["concat"][:, :1].sum() + 10 * condition["concat"][:, 1:].mean()
 
     coarse, x, t = torch.rand(1, 1, 3, 3, 2), torch.randn(2, 4, 3, 3, 2), torch.zeros(2)
-    cond = coarse_guided(den, coarse, 1.0)(x, t)
+    slots, asked = Slots(None, 2, 0), Asked(coarse=coarse)
+    cond = guided(den, slots, asked, 1.0)(x, t)
     assert len(seen) == 1 and bool((seen[0][:, 1] == 1).all()) and torch.equal(seen[0][1, 0], coarse[0, 0])
-    null = coarse_guided(den, None)(x, t)
+    null = guided(den, slots, None)(x, t)
     assert bool((seen[-1] == 0).all())
-    assert torch.equal(coarse_guided(den, coarse, 0.0)(x, t), null)
-    assert torch.equal(coarse_guided(den, coarse, 1.0)(x, t), cond)
-    assert torch.allclose(coarse_guided(den, coarse, 3.0)(x, t), null + 3.0 * (cond - null))
+    assert torch.equal(guided(den, slots, asked, 0.0)(x, t), null)
+    assert torch.equal(guided(den, slots, asked, 1.0)(x, t), cond)
+    assert torch.allclose(guided(den, slots, asked, 3.0)(x, t), null + 3.0 * (cond - null))
 
 
 def test_the_coarse_maps_are_cropped_where_the_latents_are():
@@ -76,7 +78,7 @@ def coarse_run(tmp_path_factory, data_dir, trained_stage1):
 
 def test_the_checkpoint_records_the_coarse_condition_and_the_wider_input(coarse_run, trained_stage1):
     ckpt = load_checkpoint(coarse_run["best"], kind="diffusion", what="test")
-    assert ckpt["coarse_condition"] == {"stride": 4}
+    assert ckpt["coarse_condition"] == {"stride": 4, "view": "volume"}
     assert ckpt["network"]["in_channels"] == ckpt["network"]["out_channels"] + 2 == 6
 
 
@@ -86,7 +88,7 @@ def test_on_the_fly_patches_train_with_their_coarse_view_too(coarse_run, tmp_pat
                        diffusion__logging__log_dir=str(tmp_path / "logs"))
     assert run_cli("--quiet", "train-diffusion", "--config", write_config(tmp_path / "c.yaml", cfg)) == 0
     ckpt = load_checkpoint(tmp_path / "ckpt" / "best_model.pt", kind="diffusion", what="test")
-    assert ckpt["latent_source"] == "on_the_fly" and ckpt["coarse_condition"] == {"stride": 4}
+    assert ckpt["latent_source"] == "on_the_fly" and ckpt["coarse_condition"] == {"stride": 4, "view": "volume"}
 
 
 def test_sampling_follows_the_coarse_view_and_records_it(coarse_run, data_dir, tmp_path):
@@ -94,7 +96,8 @@ def test_sampling_follows_the_coarse_view_and_records_it(coarse_run, data_dir, t
     common = ["--quiet", "sample", "--config", coarse_run["config_path"], "-n", 2, "--steps", 2, "--seed", 1]
     assert run_cli(*common, "--cond-volume", vol, "--out", tmp_path / "c") == 0
     rec = json.loads((tmp_path / "c" / "samples.json").read_text())["coarse_condition"]
-    assert rec == {"volume": str(vol), "sha256": file_sha256(vol), "stride": 4, "guidance": 1.0}
+    assert rec == {"volume": str(vol), "sha256": file_sha256(vol), "stride": 4, "view": "volume",
+                   "guidance": 1.0}
     assert run_cli(*common, "--out", tmp_path / "u") == 0
     assert json.loads((tmp_path / "u" / "samples.json").read_text())["coarse_condition"] is None
     import vqldm
@@ -125,12 +128,9 @@ def test_bad_coarse_conditions_are_refused_in_one_line(coarse_run, trained_stage
                      "--out", tmp_path / "c")
     assert_clean_error(rc, err, "--cond-volume", "--shape")
     rc, _, err = cli(capsys, *args, "--config", coarse_run["config_path"], "--guidance", 2, "--out", tmp_path / "d")
-    assert_clean_error(rc, err, "--guidance needs --class or --cond-volume")
+    assert_clean_error(rc, err, "--guidance needs --class, --cond-volume or --cond")
     rc, _, err = cli(capsys, "export-bundle", "--config", coarse_run["config_path"], "--out", tmp_path / "e")
     assert_clean_error(rc, err, "coarse-to-fine")
-    labelled = with_updates(coarse_run["config"], data__labels_file=str(tmp_path / "labels.csv"))
-    rc, _, err = cli(capsys, "check", "--config", write_config(tmp_path / "l.yaml", labelled))
-    assert_clean_error(rc, err, "diffusion.coarse_condition", "data.labels_file")
 
 
 def test_a_coarse_view_given_as_a_tensor_must_lie_on_the_latent_grid(coarse_run, data_dir):

@@ -10,12 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import run_cli, tiny_config_dict, write_config
+from conftest import labelled_prior, run_cli, tiny_config_dict, write_config
 from vqldm.checkpoint import load_checkpoint
-from vqldm.data.labels import LabelledDataset, class_index, class_labels, read_labels
+from vqldm.data.labels import LabelledDataset, class_index, class_labels, read_labels, read_table
 from vqldm.errors import VqldmError
 from vqldm.priors.diffusion.task import DiffusionTask
-from vqldm.priors.diffusion.unet import as_denoiser, build_unet, class_guided, guidance_mix
+from vqldm.priors.diffusion.conditions import Asked, Slots, guided
+from vqldm.priors.diffusion.unet import as_denoiser, build_unet, guidance_mix
 
 NET = {"spatial_dims": 3, "in_channels": 4, "out_channels": 4, "channels": [16, 32],
        "attention_levels": [False, False], "num_head_channels": [0, 8], "num_res_blocks": 1,
@@ -29,11 +30,56 @@ def _files(tmp_path, names):
 
 def test_csv_and_json_labels_give_the_same_classes(tmp_path):
     (tmp_path / "a.csv").write_text("file,label\nx.nii.gz,b\ny.nii.gz,a\nsub/z.nii.gz,b\n")
-    (tmp_path / "a.json").write_text(json.dumps({"x.nii.gz": "b", "y.nii.gz": "a", "z.nii.gz": "b"}))
+    (tmp_path / "a.json").write_text(json.dumps({"x.nii.gz": "b", "y.nii.gz": {"label": "a"}, "sub/z.nii.gz": "b"}))
     assert read_labels(tmp_path / "a.csv") == read_labels(tmp_path / "a.json") == {
-        "x.nii.gz": "b", "y.nii.gz": "a", "z.nii.gz": "b"}
-    lab = class_labels(tmp_path / "a.csv", _files(tmp_path, ["x.nii.gz", "y.nii.gz"]), _files(tmp_path, ["z.nii.gz"]))
-    assert lab.classes == ["a", "b"] and lab.train == [1, 0] and lab.val == [1] and lab.null == 2
+        "x.nii.gz": "b", "y.nii.gz": "a", "sub/z.nii.gz": "b"}
+    for f in ("a.csv", "a.json"):
+        lab = class_labels(tmp_path / f, _files(tmp_path, ["x.nii.gz", "y.nii.gz"]), _files(tmp_path, ["sub/z.nii.gz"]))
+        assert lab.classes == ["a", "b"] and lab.train == [1, 0] and lab.val == [1] and lab.null == 2
+    with pytest.raises(VqldmError, match="without a label, e.g. z.nii.gz"):  # sub/z names that file only
+        class_labels(tmp_path / "a.csv", _files(tmp_path, ["x.nii.gz", "y.nii.gz"]), _files(tmp_path, ["z.nii.gz"]))
+
+
+def test_path_keys_tell_a_train_and_a_val_file_of_one_name_apart_and_covariates_are_normalised(tmp_path):
+    (tmp_path / "l.csv").write_text("file,label,density\ntrain/x.nii.gz,a,2\ntrain/y.nii.gz,b,6\n"
+                                    "val/x.nii.gz,b,8\ny.nii.gz,a,4\n")
+    train, val = _files(tmp_path, ["train/x.nii.gz", "train/y.nii.gz"]), _files(tmp_path, ["val/x.nii.gz", "val/y.nii.gz"])
+    t = read_table(tmp_path / "l.csv")
+    assert t.columns == ["label", "density"] and t.key_of(val[1]) == "y.nii.gz" and t.key_of(train[1]) == "train/y.nii.gz"
+    lab = class_labels(tmp_path / "l.csv", train, val, covariates=["density"])
+    assert lab.train == [0, 1] and lab.val == [1, 0]
+    assert lab.covariates == {"density": [2.0, 6.0]}  # the training range
+    assert lab.train_values == [[0.0], [1.0]] and lab.val_values == [[1.5], [0.5]]
+    with pytest.raises(VqldmError, match="'thickness' is not a numeric column"):
+        class_labels(tmp_path / "l.csv", train, val, covariates=["thickness"])
+    (tmp_path / "bad.csv").write_text("file,density\ntrain/x.nii.gz,2\ntrain/y.nii.gz,lots\nval/x.nii.gz,1\n"
+                                      "val/y.nii.gz,1\n")
+    with pytest.raises(VqldmError, match="train/y.nii.gz: density 'lots' is not a finite number"):
+        class_labels(tmp_path / "bad.csv", train, val, covariates=["density"])
+    (tmp_path / "flat.csv").write_text("file,density\nx.nii.gz,3\ny.nii.gz,3\n")
+    with pytest.raises(VqldmError, match="takes one value"):
+        class_labels(tmp_path / "flat.csv", train, val, covariates=["density"])
+    with pytest.raises(VqldmError, match="no label column"):
+        class_labels(tmp_path / "flat.csv", train, val)
+
+
+def test_class_subfolders_are_the_classes(tmp_path):
+    from vqldm.data.io import list_volumes
+
+    for split, cls, n in [("train", "dense", 2), ("train", "sparse", 1), ("val", "dense", 1), ("val", "sparse", 1)]:
+        (tmp_path / split / cls).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / split / cls / f"v{i}.nii.gz").write_bytes(b"")
+    train, val = list_volumes(tmp_path / "train", nested=True), list_volumes(tmp_path / "val", nested=True)
+    assert [f"{f.parent.name}/{f.name}" for f in train] == ["dense/v0.nii.gz", "dense/v1.nii.gz", "sparse/v0.nii.gz"]
+    assert list_volumes(tmp_path / "train") == []
+    lab = class_labels(None, train, val, folders=True)
+    assert lab.classes == ["dense", "sparse"] and lab.train == [0, 0, 1] and lab.val == [0, 1]
+    (tmp_path / "l.csv").write_text("v0.nii.gz,a\nv1.nii.gz,b\n")
+    with pytest.raises(VqldmError, match="has a label column, but data.class_folders"):
+        class_labels(tmp_path / "l.csv", train, val, folders=True)
+    with pytest.raises(VqldmError, match="at least two class subfolders"):
+        class_labels(None, train[:2], val[:1], folders=True)
 
 
 @pytest.mark.parametrize("text, match", [
@@ -41,6 +87,8 @@ def test_csv_and_json_labels_give_the_same_classes(tmp_path):
     ("x.nii.gz,a\ny.nii.gz,b\ngone.nii.gz,a\n", "a label for gone.nii.gz, which is in neither data folder"),
     ("x.nii.gz,a\ny.nii.gz,a\n", "at least two classes"),
     ("x.nii.gz,a,extra\n", "is not `file,label`"),
+    ("file,label,n\nx.nii.gz,a\n", "is not `file,label,n`"),
+    ("file,label,label\nx.nii.gz,a,b\n", "distinct, named columns"),
 ])
 def test_bad_labels_files_are_refused_in_one_line(tmp_path, text, match):
     (tmp_path / "l.csv").write_text(text)
@@ -88,11 +136,12 @@ def test_guidance_zero_is_the_unconditional_and_one_the_conditional_prediction()
         cond = net(x=x, timesteps=t, class_labels=torch.tensor([1, 1]))
         uncond = net(x=x, timesteps=t, class_labels=torch.tensor([3, 3]))  # 3 classes + the null, index 3
         assert not torch.allclose(cond, uncond)  # the class embedding matters
-        den = as_denoiser(net)
-        assert torch.equal(class_guided(den, 1, 3, 0.0)(x, t), uncond)
-        assert torch.equal(class_guided(den, 1, 3, 1.0)(x, t), cond)
-        assert torch.equal(class_guided(den, None, 3, 1.0)(x, t), uncond)
-        w3 = class_guided(den, 1, 3, 3.0)(x, t)
+        den, slots = as_denoiser(net), Slots.of(NET)
+        assert slots == Slots(3, 0, 0)
+        assert torch.equal(guided(den, slots, Asked(label=1), 0.0)(x, t), uncond)
+        assert torch.equal(guided(den, slots, Asked(label=1), 1.0)(x, t), cond)
+        assert torch.equal(guided(den, slots, None, 1.0)(x, t), uncond)
+        w3 = guided(den, slots, Asked(label=1), 3.0)(x, t)
     assert torch.allclose(w3, uncond + 3.0 * (cond - uncond), atol=1e-5)
     assert not torch.allclose(w3, cond)
     # the mix itself is exact at both ends, whatever the values
@@ -102,7 +151,8 @@ def test_guidance_zero_is_the_unconditional_and_one_the_conditional_prediction()
 
 def test_condition_drop_replaces_labels_by_the_null_at_the_configured_rate():
     def task(p):
-        return SimpleNamespace(classes=["a", "b", "c"], extra_channels=0, rt=SimpleNamespace(to_device=lambda x: x),
+        return SimpleNamespace(classes=["a", "b", "c"], slots=Slots(3, 0, 0), extra_channels=0,
+                               rt=SimpleNamespace(to_device=lambda x: x),
                                cfg=SimpleNamespace(diffusion=SimpleNamespace(condition_drop_prob=p)))
 
     labels = torch.randint(0, 3, (20000,))
@@ -119,25 +169,19 @@ def test_condition_drop_replaces_labels_by_the_null_at_the_configured_rate():
 @pytest.fixture(scope="module")
 def labelled_run(tmp_path_factory, trained_stage1):
     """``vqldm synth --vary density --levels 3`` and a 1-epoch class-conditional stage 2 on it."""
-    root = tmp_path_factory.mktemp("cond_run")
-    data = root / "data"
-    assert run_cli("--quiet", "synth", "--out", data, "--num-train", 3, "--num-val", 3, "--shape", 32, 32, 32,
-                   "--vary", "density", "--levels", 3) == 0
-    cfg = tiny_config_dict(root, data)
-    cfg["data"]["labels_file"] = str(data / "labels.csv")
-    cfg["diffusion"]["checkpoints"]["vqvae_path"] = str(trained_stage1["best"])
-    cfg["diffusion"]["training"]["n_epochs"] = 1
-    cfg_path = write_config(root / "config.yaml", cfg)
-    assert run_cli("--quiet", "train-diffusion", "--config", cfg_path) == 0
-    return {"root": root, "data": data, "config": cfg, "config_path": cfg_path,
-            "best": Path(cfg["diffusion"]["checkpoints"]["output_dir"]) / "best_model.pt"}
+    return labelled_prior(tmp_path_factory.mktemp("cond_run"), trained_stage1["best"])  # 1 epoch
 
 
 def test_synth_writes_density_levels_and_their_labels(labelled_run):
     data = labelled_run["data"]
-    assert (data / "labels.csv").read_text().splitlines() == [
-        "file,label", "mt_0000.nii.gz,level0", "mt_0001.nii.gz,level1", "mt_0002.nii.gz,level2"]
     gt = json.loads((data / "ground_truth.json").read_text())
+    rows = [r.split(",") for r in (data / "labels.csv").read_text().splitlines()]
+    assert rows[0] == ["file", "label", "n_filaments", "foreground_fraction"]
+    want = [[f"{s}/mt_{i:04d}.nii.gz", f"level{i}", str(gt[s][f"mt_{i:04d}.nii.gz"]["n_filaments"])]
+            for s in ("train", "val") for i in range(3)]
+    assert [r[:3] for r in rows[1:]] == want
+    assert [float(r[3]) for r in rows[1:]] == pytest.approx(
+        [gt[s][f"mt_{i:04d}.nii.gz"]["foreground_fraction"] for s in ("train", "val") for i in range(3)], rel=1e-5)
     assert [gt["levels"][f"level{k}"]["n_filaments"] for k in range(3)] == [[4, 6], [10, 15], [25, 35]]
     counts = [gt["train"][f"mt_{i:04d}.nii.gz"]["n_filaments"] for i in range(3)]
     assert 4 <= counts[0] <= 6 and 10 <= counts[1] <= 15 and 25 <= counts[2] <= 35
@@ -224,12 +268,12 @@ def test_real_density_levels_are_told_apart_by_simple_statistics(tmp_path):
     from vqldm.synth import write_dataset
 
     s = write_dataset(tmp_path / "d", 30, 0, (64, 64, 32), seed=1, progress=False, levels=3)
-    labels = read_labels(s["labels_file"])
+    labels = read_table(s["labels_file"])
     feats, y = [], []
     for f in list_volumes(tmp_path / "d" / "train"):
         v = read_volume(f).array
         feats.append([(v > 0.1).mean(), v.mean()])
-        y.append(int(labels[f.name][-1]))
+        y.append(int(labels.class_of(f)[-1]))
     z, y = np.array(feats), np.array(y)
     z = (z - z.mean(0)) / z.std(0)
     hits = 0
@@ -303,14 +347,14 @@ def test_evaluate_judges_each_class_folder_against_the_real_volumes_of_its_class
     assert run_cli("--quiet", "evaluate", "--config", cfg_path, "--samples", folders[0], "--samples", folders[1],
                    "--out", tmp_path / "ev") == 0
     res = json.loads((tmp_path / "ev" / "metrics.json").read_text())["per_class"]
-    labels = read_labels(data / "labels.csv")
+    labels = read_table(data / "labels.csv")
     by_class = {}
     for f in list_volumes(data / "train"):
-        by_class.setdefault(labels[f.name], []).append(np.clip(read_volume(f).array, 0, 1))
+        by_class.setdefault(labels.class_of(f), []).append(np.clip(read_volume(f).array, 0, 1))
     clf = ConditionClassifier.fit(by_class)
     assert [e["class"] for e in res["folders"]] == ["level0", "level2"]
     for e, folder in zip(res["folders"], folders):
-        want = sum(1 for f in list_volumes(data / "val") if labels[f.name] == e["class"])
+        want = sum(1 for f in list_volumes(data / "val") if labels.class_of(f) == e["class"])
         assert e["n_real"] == want >= 2
         assert e["accuracy"] == clf.accuracy(read_samples(folder), e["class"])[0]
         assert sum(e["classified_as"].values()) == e["n"] == 3

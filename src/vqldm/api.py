@@ -137,11 +137,12 @@ class Model:
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                progress: bool = False, class_name: str | None = None, guidance: float = 1.0,
                autoguidance: float | None = None, guide_checkpoint: str | Path | None = None,
-               cond_volume: str | Path | None = None) -> Samples:
+               cond_volume: str | Path | None = None, cond: dict[str, float] | None = None) -> Samples:
         """``n`` volumes; sample ``i`` is seeded by ``(seed, i)``. Diffusion: ``sampler`` (ddim, ddpm, dpmpp_2m, rflow),
         ``steps``, ``snap``, ``shape``, ``autoguidance`` and ``guide_checkpoint`` (as ``--autoguidance`` and
         ``--guide-checkpoint``), for a class-conditional model ``class_name`` and ``guidance`` (as ``--class``
-        and ``--guidance``), for a coarse-to-fine model ``cond_volume`` (``--cond-volume``); token prior:
+        and ``--guidance``), for a coarse-to-fine model ``cond_volume`` (``--cond-volume``), for a model with
+        covariates ``cond`` ({name: value}, as ``--cond KEY=VALUE``); token prior:
         ``temperature``, ``top_k``, ``top_p``. None: as ``vqldm sample`` (the config's, then the model's
         defaults)."""
         from vqldm.commands.sample import SampleOptions, sampling_settings, token_settings
@@ -153,13 +154,14 @@ class Model:
                              temperature=temperature, top_k=top_k, top_p=top_p)
         indices = list(range(n))
         if self.prior == "transformer":
-            diffusion_only = (class_name, autoguidance, guide_checkpoint, cond_volume)
+            diffusion_only = (class_name, autoguidance, guide_checkpoint, cond_volume, cond)
             if guidance != 1.0 or any(v is not None for v in diffusion_only):
-                raise VqldmError("sample: class_name, guidance, autoguidance, guide_checkpoint and cond_volume are the "
-                                 "diffusion prior's; the token prior takes temperature, top_k and top_p")
+                raise VqldmError("sample: class_name, guidance, autoguidance, guide_checkpoint, cond_volume and cond "
+                                 "are the diffusion prior's; the token prior takes temperature, top_k and top_p")
             vols = self.pipeline.generate(indices, seed, batch_size, progress=progress, **token_settings(self.config, opts))
         else:
             self.pipeline.set_coarse(None if cond_volume is None else str(cond_volume))
+            self.pipeline.set_covariates(cond)
             self.pipeline.set_class(class_name, guidance)
             ag = self.config.diffusion.autoguidance
             self.pipeline.set_autoguidance(ag.weight if autoguidance is None else autoguidance, ag.min_timestep,

@@ -67,8 +67,8 @@ def cmd_synth(args) -> int:
     }
     if args.locs:
         lines["localisations"] = f"{s['locs_dir']}/train, {s['locs_dir']}/val (x [nm],y [nm],z [nm])"
-    if s["labels_file"]:
-        lines["labels"] = f"{s['labels_file']} (file,label: {args.levels} density levels; data.labels_file)"
+    kind = f"label ({args.levels} density levels), " if args.levels else ""
+    lines["labels"] = f"{s['labels_file']} ({kind}n_filaments, foreground_fraction per volume; data.labels_file)"
     _print_paths("synthetic microtubules written:", lines)
     return 0
 
@@ -180,6 +180,7 @@ def _finish_training(title: str, stage, res) -> None:
 
 def cmd_sample(args) -> int:
     from vqldm.commands.sample import SampleOptions, sample_to_files
+    from vqldm.priors.diffusion.covariates import parse_cond
 
     cfg = _load(args, check_paths=False)
     opts = SampleOptions(num_samples=args.num_samples, out_dir=Path(args.out), scheduler=args.scheduler,
@@ -189,7 +190,8 @@ def cmd_sample(args) -> int:
                          overwrite=args.overwrite, prior=args.prior, prior_checkpoint=args.prior_checkpoint,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          class_name=args.class_name, guidance=args.guidance, autoguidance=args.autoguidance,
-                         guide_checkpoint=args.guide_checkpoint, cond_volume=args.cond_volume)
+                         guide_checkpoint=args.guide_checkpoint, cond_volume=args.cond_volume,
+                         cond=parse_cond(args.cond))
     res = sample_to_files(cfg, opts)
     from vqldm import distributed as dist
 
@@ -480,15 +482,21 @@ def _add_sample(sub) -> None:
 def _add_sample_conditions(s) -> None:
     """``vqldm sample``'s steering options of the diffusion prior: conditions, guidance, autoguidance."""
     s.add_argument("--class", dest="class_name", default=None, metavar="NAME",
-                   help="class-conditional model (trained with data.labels_file): sample this class (default: the "
-                        "null class, unconditional); an unconditional model refuses it")
+                   help="class-conditional model (trained with data.labels_file or data.class_folders): sample this "
+                        "class (default: the null class, unconditional); an unconditional model refuses it")
+    s.add_argument("--cond", action="append", default=None, metavar="KEY=VALUE",
+                   help="model trained with diffusion.covariates: sample at this covariate value, in the labels "
+                        "file's units (repeat for several; a covariate left out is unconstrained); a value outside "
+                        "the training range is warned about")
     s.add_argument("--cond-volume", default=None, metavar="FILE",
                    help="coarse-to-fine model (trained with diffusion.coarse_condition): every sample matches this "
-                        "volume's coarse view (its block means over the VQ-VAE's stride) and differs in the fine "
-                        "detail; a volume of the training patch size (default: unconditional)")
+                        "volume's coarse view (its block means over the VQ-VAE's stride, or with coarse_view "
+                        "projection their mean along z) and differs in the fine detail; a volume of the training "
+                        "patch size, or for a projection model also an (X, Y, 1) image (default: unconditional)")
     s.add_argument("--guidance", type=float, default=1.0, metavar="W",
-                   help="classifier-free guidance with --class or --cond-volume: uncond + W (cond - uncond); "
-                        "0: unconditional, 1: conditional (default 1), above 1: stronger")
+                   help="classifier-free guidance with --class, --cond or --cond-volume: uncond + W (cond - uncond), "
+                        "uncond having every condition dropped; 0: unconditional, 1: conditional (default 1), "
+                        "above 1: stronger")
     s.add_argument("--autoguidance", type=float, default=None, metavar="W",
                    help="diffusion: guide + W (model - guide) at timesteps >= diffusion.autoguidance.min_timestep, "
                         "the guide being an early snapshot of the same run (guide_model.pt, kept when training with "

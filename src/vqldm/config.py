@@ -67,7 +67,8 @@ class DataConfig:
     skip_unreadable: bool = False  # skip corrupt files with a warning instead of stopping
     max_train_volumes: int | None = None  # use only the first N training volumes (by name); null: all
     max_val_volumes: int | None = None  # use only the first N validation volumes (by name); null: all
-    labels_file: str | None = None  # class labels (CSV file,label or JSON {file: label}): a class-conditional UNet
+    labels_file: str | None = None  # class labels (CSV file,label or JSON {file: label}) and covariate columns
+    class_folders: bool = False  # the data folders hold one subfolder per class (train/<class>/x.nii.gz)
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,8 @@ class DiffusionConfig:
     # with data.labels_file or coarse_condition: the share of training conditions dropped to the null
     condition_drop_prob: float = 0.15
     coarse_condition: bool = False  # coarse-to-fine: condition on the volume's block means over the latent grid
+    coarse_view: str = "volume"  # with coarse_condition: volume (3D block means) | projection (their mean along z)
+    covariates: list[str] = field(default_factory=list)  # numeric columns of data.labels_file: cross-attention context
     autoguidance: AutoguidanceConfig = field(default_factory=AutoguidanceConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(ema=True, n_epochs=300))
@@ -522,9 +525,8 @@ def validate(cfg: Config) -> None:
         _validate_stage(name, getattr(cfg, name), cfg.learning_rate(name))
     _validate_unet(cfg.diffusion, cfg.vqvae, latent_spatial(cfg.vqvae, cfg.data.patch_size))
     _validate_scheduler(cfg.diffusion)
-    _require(not (cfg.diffusion.coarse_condition and cfg.data.labels_file),
-             "diffusion.coarse_condition and data.labels_file: a prior takes one kind of condition for now; "
-             "train a class-conditional or a coarse-to-fine prior")
+    _require(not cfg.diffusion.covariates or bool(cfg.data.labels_file),
+             "diffusion.covariates names columns of data.labels_file; set data.labels_file")
     _validate_prior(cfg.prior)
 
 
@@ -703,6 +705,10 @@ def _validate_scheduler(u: DiffusionConfig) -> None:
              f"diffusion.latent_norm must be global or channel, got {u.latent_norm!r}")
     _require(0.0 <= u.condition_drop_prob < 1.0,
              f"diffusion.condition_drop_prob must lie in [0, 1), got {u.condition_drop_prob}")
+    _require(u.coarse_view in ("volume", "projection"),
+             f"diffusion.coarse_view must be volume or projection, got {u.coarse_view!r}")
+    _require(len(set(u.covariates)) == len(u.covariates) and all(str(c).strip() for c in u.covariates),
+             f"diffusion.covariates must be distinct column names, got {u.covariates}")
     _validate_autoguidance(u)
 
 

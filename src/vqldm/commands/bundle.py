@@ -58,6 +58,9 @@ def _refuse_what_monai_lacks(cfg: Config, pipe: DiffusionPipeline) -> None:
     if pipe.classes:
         raise VqldmError(f"export-bundle: {path} is class-conditional (classes {', '.join(pipe.classes)}); MONAI's "
                          f"LatentDiffusionInferer drops class labels, so only unconditional models export")
+    if pipe.covariates:
+        raise VqldmError(f"export-bundle: {path} is conditioned on covariates ({', '.join(pipe.covariates)}); the "
+                         f"bundle's sampler passes no cross-attention context, so only unconditional models export")
     if cfg.diffusion.autoguidance.weight != 1.0:
         raise VqldmError(f"export-bundle: diffusion.autoguidance.weight is {cfg.diffusion.autoguidance.weight:g}, but "
                          f"MONAI's LatentDiffusionInferer calls one UNet, so the bundle would sample without the "

@@ -16,7 +16,7 @@ import numpy as np
 from vqldm.commands.sample import read_samples
 from vqldm.config import Config
 from vqldm.data import pipeline
-from vqldm.data.labels import read_labels
+from vqldm.data.labels import read_table
 from vqldm.errors import VqldmError
 from vqldm.metrics.conditions import ConditionClassifier, volumes_by_class
 from vqldm.metrics.generation import PASS_RATIO, compare
@@ -35,10 +35,11 @@ def is_conditional(records: list[dict]) -> bool:
     return bool(asked) and all(asked)
 
 
-def class_volumes(cfg: Config, key: str, labels: dict[str, str], norm: pipeline.Normalization
-                  ) -> dict[str, list[np.ndarray]]:
-    """The volumes of ``data.<key>`` in [0, 1], grouped by their class in the labels file."""
-    return volumes_by_class(pipeline.scan_data_dir(cfg, key).files, labels, norm.unit)
+def class_volumes(cfg: Config, key: str, norm: pipeline.Normalization) -> dict[str, list[np.ndarray]]:
+    """The volumes of ``data.<key>`` in [0, 1], grouped by their class (their subfolder with
+    ``data.class_folders``, else the labels file's label column)."""
+    class_of = (lambda f: f.parent.name) if cfg.data.class_folders else read_table(cfg.data.labels_file).class_of
+    return volumes_by_class(pipeline.scan_data_dir(cfg, key).files, class_of, norm.unit)
 
 
 def _held_out(val: dict[str, list[np.ndarray]], cls: str, folder: Path, shape: tuple[int, ...]) -> list[np.ndarray]:
@@ -56,18 +57,17 @@ def evaluate_classes(cfg: Config, folders: list[Path], records: list[dict], norm
                      out_dir: Path) -> tuple[dict, str]:
     """Per folder: its class's generation statistics and condition accuracy; ``classes.png`` (per folder,
     real volumes of its class over its samples). Returns the metrics and the report's markdown."""
-    if not cfg.data.labels_file:
+    if not cfg.data.labels_file and not cfg.data.class_folders:
         raise VqldmError("--samples: these are class-conditional samples; per-class evaluation needs the "
-                         "data.labels_file the model was trained with")
-    labels = read_labels(cfg.data.labels_file)
+                         "data.labels_file (or data.class_folders) the model was trained with")
     thr, seed = cfg.data.foreground_threshold, cfg.seed
-    val = class_volumes(cfg, "val_data_dir", labels, norm)
-    clf = ConditionClassifier.fit(class_volumes(cfg, "train_data_dir", labels, norm), thr)
+    val = class_volumes(cfg, "val_data_dir", norm)
+    clf = ConditionClassifier.fit(class_volumes(cfg, "train_data_dir", norm), thr)
     entries, rows = [], []
     for folder, rec in zip(folders, records):
         cls, gen = rec["class"], read_samples(folder)
         if cls not in clf.classes:
-            raise VqldmError(f"--samples {folder}: class {cls} is not among the labels of data.labels_file "
+            raise VqldmError(f"--samples {folder}: class {cls} is not among the classes of the training data "
                              f"({', '.join(clf.classes)})")
         real = _held_out(val, cls, folder, gen[0].shape if gen else ())
         log.info("class %s (%s): %d generated against %d real volumes", cls, folder, len(gen), len(real))

@@ -62,6 +62,7 @@ class SampleOptions:
     autoguidance: float | None = None  # diffusion: autoguidance weight (default: diffusion.autoguidance.weight)
     guide_checkpoint: str | None = None  # diffusion: the guide (default: the one the checkpoint's run kept)
     cond_volume: str | None = None  # diffusion, coarse-to-fine UNet: the volume whose coarse view samples match
+    cond: dict | None = None  # diffusion, UNet with covariates: {name: value} (--cond KEY=VALUE)
 
 
 # --format -> file suffix; "points" writes NIfTI volumes and a localisation table (CSV, nm) beside each
@@ -129,6 +130,7 @@ def _diffusion_run(cfg: Config, opts: SampleOptions):
     """The diffusion prior: its pipeline, a function of the sample indices, and what samples.json records."""
     pipe = load_pipeline(cfg, opts.diffusion_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
     pipe.set_coarse(opts.cond_volume)
+    pipe.set_covariates(opts.cond)
     pipe.set_class(opts.class_name, opts.guidance)
     ag = cfg.diffusion.autoguidance
     pipe.set_autoguidance(ag.weight if opts.autoguidance is None else opts.autoguidance, ag.min_timestep,
@@ -155,16 +157,23 @@ def _coarse_record(pipe: DiffusionPipeline, opts: SampleOptions) -> dict:
         return {}
     path = pipe.coarse_path
     return {"coarse_condition": None if path is None else {
-        "volume": str(path), "sha256": file_sha256(path), "stride": pipe.coarse_stride, "guidance": opts.guidance}}
+        "volume": str(path), "sha256": file_sha256(path), "stride": pipe.coarse_stride, "view": pipe.coarse_view,
+        "guidance": opts.guidance}}
 
 
-def _class_record(pipe: DiffusionPipeline, opts: SampleOptions) -> dict:
-    """samples.json's conditions: every sample's class and guidance weight (a conditional model only)."""
-    if not pipe.classes:
+def _class_record(pipe, opts: SampleOptions) -> dict:
+    """samples.json's conditions: every sample's class, covariates and guidance weight (a conditional model
+    only), and the model's classes and covariates' training ranges."""
+    ranges = getattr(pipe, "covariates", None)
+    if not pipe.classes and not ranges:
         return {}
-    return {"classes": list(pipe.classes), "class": opts.class_name, "guidance": opts.guidance,
-            "conditions": {f"sample_{i:04d}": {"class": opts.class_name, "guidance": opts.guidance}
-                           for i in range(opts.num_samples)}}
+    rec = {"classes": list(pipe.classes), "class": opts.class_name} if pipe.classes else {}
+    each = {"class": opts.class_name} if pipe.classes else {}
+    if ranges:
+        rec["covariates"] = {"asked": dict(opts.cond or {}), "training_range": ranges}
+        each["covariates"] = dict(opts.cond or {})
+    return {**rec, "guidance": opts.guidance,
+            "conditions": {f"sample_{i:04d}": {**each, "guidance": opts.guidance} for i in range(opts.num_samples)}}
 
 
 def token_settings(cfg: Config, opts: SampleOptions) -> dict:
@@ -194,6 +203,8 @@ def _token_run(cfg: Config, opts: SampleOptions):
                          "diffusion prior's (data.labels_file)")
     if opts.cond_volume is not None:
         raise VqldmError("--cond-volume: coarse-to-fine is the diffusion prior's (diffusion.coarse_condition)")
+    if opts.cond:
+        raise VqldmError("--cond: covariates condition the diffusion prior (diffusion.covariates)")
     if opts.autoguidance is not None or opts.guide_checkpoint is not None:
         raise VqldmError("--autoguidance and --guide-checkpoint: autoguidance steers the diffusion prior; the token "
                          "prior takes --temperature, --top-k and --top-p")

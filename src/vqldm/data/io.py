@@ -28,11 +28,14 @@ def is_volume_file(path: Path) -> bool:
     return path.is_file() and name.endswith(NIFTI_SUFFIXES + TIFF_SUFFIXES) and not name.startswith(".")
 
 
-def list_volumes(directory: str | Path) -> list[Path]:
-    """The volume files directly inside ``directory``, sorted by name."""
+def list_volumes(directory: str | Path, nested: bool = False) -> list[Path]:
+    """The volume files directly inside ``directory``, sorted by name; ``nested``: those inside its
+    subfolders instead (``data.class_folders``: one subfolder per class), sorted by folder, then name."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
+    if nested:
+        return [f for d in sorted(p for p in directory.iterdir() if p.is_dir()) for f in list_volumes(d)]
     return sorted(p for p in directory.iterdir() if is_volume_file(p))
 
 
@@ -256,5 +259,6 @@ def check_data_dirs(data) -> None:
         path = Path(getattr(data, key))
         if not path.is_dir():
             raise VqldmError(f"data.{key}: directory not found: {path}")
-        if not list_volumes(path):
-            raise VqldmError(f"data.{key}: no volumes (.nii, .nii.gz, .tif, .tiff) in {path}")
+        if not list_volumes(path, data.class_folders):
+            where = "the class subfolders of " if data.class_folders else ""
+            raise VqldmError(f"data.{key}: no volumes (.nii, .nii.gz, .tif, .tiff) in {where}{path}")

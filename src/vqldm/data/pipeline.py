@@ -276,7 +276,7 @@ def scan_data_dir(cfg: Config, key: str, progress: bool = False) -> DataSummary:
     d = cfg.data
     limit = d.max_train_volumes if key == "train_data_dir" else d.max_val_volumes
     return scan_volumes(getattr(d, key), key, d.skip_unreadable, progress, d.voxel_resize, d.resample_spacing,
-                        limit)
+                        limit, d.class_folders)
 
 
 def grid_key(voxel_resize=None, resample_spacing=None) -> str:
@@ -285,14 +285,17 @@ def grid_key(voxel_resize=None, resample_spacing=None) -> str:
 
 
 def scan_volumes(directory: str | Path, key: str, skip_unreadable: bool = False, progress: bool = False,
-                 voxel_resize=None, resample_spacing=None, limit: int | None = None) -> DataSummary:
+                 voxel_resize=None, resample_spacing=None, limit: int | None = None,
+                 nested: bool = False) -> DataSummary:
     """Read every volume once before training: a corrupt file is named now, not hours later; so is a
     file whose voxel spacing (after ``voxel_resize`` or ``resample_spacing``) differs from the first one's.
 
-    ``limit``: only the first that many volumes (by name) are used."""
-    files = list_volumes(directory)
+    ``limit``: only the first that many volumes (by name) are used; ``nested``: the volumes of its
+    subfolders (``data.class_folders``)."""
+    files = list_volumes(directory, nested)
     if not files:
-        raise VqldmError(f"data.{key}: no volumes (.nii, .nii.gz, .tif, .tiff) in {directory}")
+        where = "the class subfolders of " if nested else ""
+        raise VqldmError(f"data.{key}: no volumes (.nii, .nii.gz, .tif, .tiff) in {where}{directory}")
     if limit is not None and len(files) > limit:
         log.info("data.%s: using the first %d of %d volumes in %s (data.max_%s_volumes)", key, limit, len(files),
                  directory, key.split("_")[0])

@@ -22,13 +22,15 @@ def features(vol: np.ndarray, threshold: float = 0.1) -> list[float]:
     return [float((v > threshold).mean()), float(v.mean())]
 
 
-def volumes_by_class(files: list[Path], labels: dict[str, str], unit: Callable = np.asarray
+def volumes_by_class(files: list[Path], class_of: Callable[[Path], str | None], unit: Callable = np.asarray
                      ) -> dict[str, list[np.ndarray]]:
-    """The labelled ``files`` (``{file name: class}``) read and grouped by class, each through ``unit``."""
+    """The labelled ``files`` (``class_of``: a file's class; None: unlabelled) read and grouped by class,
+    each through ``unit``."""
     out: dict[str, list[np.ndarray]] = {}
     for f in files:
-        if f.name in labels:
-            out.setdefault(labels[f.name], []).append(unit(read_volume(f).array))
+        c = class_of(f)
+        if c is not None:
+            out.setdefault(c, []).append(unit(read_volume(f).array))
     return out
 
 

@@ -324,10 +324,18 @@ def density_levels(params: MicrotubuleParams, levels: int) -> dict[str, Microtub
     return {f"level{k}": replace(params, n_filaments=r) for k, r in enumerate(ranges)}
 
 
-def _labels_csv(levels: dict[str, MicrotubuleParams], n: int) -> bytes:
-    """``file,label`` rows of volumes ``mt_0000`` ... ``mt_{n-1}`` (train and val share names and levels)."""
-    names = list(levels)
-    rows = ["file,label"] + [f"mt_{i:04d}.nii.gz,{names[i % len(names)]}" for i in range(n)]
+COVARIATES = ("n_filaments", "foreground_fraction")  # the labels file's numeric columns, per volume
+
+
+def _labels_csv(truth: dict[str, dict], levels: list[str] | None) -> bytes:
+    """``file,[label,]n_filaments,foreground_fraction`` rows of every volume, keyed ``train/mt_0000.nii.gz``
+    (a train and a val file of one name differ in their counts); volume ``i``'s label is level ``i mod N``."""
+    head = ["file"] + (["label"] if levels else []) + list(COVARIATES)
+    rows = [",".join(head)]
+    for split, vols in truth.items():
+        for name, t in vols.items():
+            label = [levels[int(name[3:7]) % len(levels)]] if levels else []
+            rows.append(",".join([f"{split}/{name}"] + label + [f"{t['n_filaments']}", f"{t['foreground_fraction']:.6g}"]))
     return ("\n".join(rows) + "\n").encode("utf-8")
 
 
@@ -360,8 +368,9 @@ def write_dataset(
         locs: Also write each volume's ground-truth localisations (those inside the field of view)
             as ``out_dir/locs/<split>/mt_0000.csv`` (``x [nm],y [nm],z [nm]``).
         levels: With 2 or more, volume ``i`` is drawn at filament-density level ``i % levels``
-            (:func:`density_levels`) and ``out_dir/labels.csv`` (``file,label``) names each file's level,
-            for ``data.labels_file``.
+            (:func:`density_levels`), and ``out_dir/labels.csv`` names each file's level (``label``).
+            The labels file always holds each volume's ``n_filaments`` and ``foreground_fraction``,
+            covariates for ``diffusion.covariates`` (rows keyed ``train/mt_0000.nii.gz``).
 
     Returns:
         Summary dict: out_dir, counts, shape, voxel_size_nm, file paths, ground_truth path and
@@ -384,9 +393,8 @@ def write_dataset(
         (out / split).mkdir(parents=True, exist_ok=True)
     truth, files, fg = _write_volumes(out, jobs, shape, seed, list(varied.values()) if varied else [params], vox,
                                       progress, locs)
-    labels_path = out / "labels.csv" if varied else None
-    if varied:
-        atomic_write_bytes(labels_path, _labels_csv(varied, max(counts.values())))
+    labels_path = out / "labels.csv"
+    atomic_write_bytes(labels_path, _labels_csv(truth, list(varied) if varied else None))
     gt = {
         "seed": seed,
         "shape": list(shape),
@@ -410,7 +418,7 @@ def write_dataset(
         "val_files": files["val"],
         "ground_truth": str(gt_path),
         "locs_dir": str(out / "locs") if locs else None,
-        "labels_file": str(labels_path) if labels_path else None,
+        "labels_file": str(labels_path),
         "mean_foreground_fraction": float(np.mean(fg)) if fg else 0.0,
     }
 
@@ -431,8 +439,9 @@ def _check_target(out: Path, gt_path: Path, counts: dict, seed: int, locs: bool 
         if locs and t.is_dir() and any(t.glob("*.csv")):
             raise VqldmError(f"synth: {t} already holds localisation tables; refusing to overwrite "
                              f"(choose a new out_dir)")
-    if gt_path.exists():
-        raise VqldmError(f"synth: {gt_path} already exists; refusing to overwrite (choose a new out_dir)")
+    for f in (gt_path, out / "labels.csv"):
+        if f.exists():
+            raise VqldmError(f"synth: {f} already exists; refusing to overwrite (choose a new out_dir)")
 
 
 def _write_volumes(out: Path, jobs, shape, seed: int, params: list, vox, progress: bool, locs: bool = False):

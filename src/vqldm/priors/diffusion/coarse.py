@@ -6,7 +6,9 @@ joins the UNet's input as one more channel, with a second channel that is 1 wher
 In training the view is dropped (both channels 0) with probability ``diffusion.condition_drop_prob``,
 so one network learns the conditional and the unconditional prediction, and sampling can mix them
 (classifier-free guidance, ``--guidance W``). ``vqldm sample --cond-volume FILE`` gives the view of a
-volume; every sample then matches it when downsampled and differs in the fine detail.
+volume; every sample then matches it when downsampled and differs in the fine detail. With
+``diffusion.coarse_view: projection`` the view is the block means' mean along z: the UNet sees a 2D
+image of the field (a widefield-like projection), and samples are volumes that project to it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import torch
 from vqldm.data.io import read_volume
 from vqldm.errors import VqldmError
 from vqldm.latents import block_means
-from vqldm.priors.diffusion.unet import guidance_mix
 
 
 def coarse_concat(coarse: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -29,37 +30,27 @@ def coarse_concat(coarse: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.cat([coarse * k, k.expand_as(coarse)], dim=1)
 
 
-def coarse_guided(denoiser, coarse: torch.Tensor | None, w: float = 1.0):
-    """A coarse-to-fine UNet's call: conditioned on ``coarse`` (1, 1, x, y, z) for every sample of a batch,
-    with guidance ``w`` (``null + w (cond - null)``; exactly the conditional prediction at 1); None: the
-    null condition, i.e. unconditional sampling."""
-    def concat(x, present: bool):
-        keep = torch.full((x.shape[0],), 1.0 if present else 0.0, device=x.device)
-        view = coarse.to(x.device).expand(x.shape[0], *coarse.shape[1:]) if present else x.new_zeros(
-            (x.shape[0], 1, *x.shape[2:]))
-        return coarse_concat(view, keep)
-
-    def call(x, t, condition=None):
-        extra = {k: v for k, v in (condition or {}).items() if k != "concat"}
-        if coarse is None:
-            return denoiser(x, t, {**extra, "concat": concat(x, False)})
-        cond = denoiser(x, t, {**extra, "concat": concat(x, True)})
-        if w == 1.0:
-            return cond
-        return guidance_mix(denoiser(x, t, {**extra, "concat": concat(x, False)}), cond, w)
-    return call
+def as_view(coarse: torch.Tensor, kind: str) -> torch.Tensor:
+    """The view a coarse-to-fine UNet sees of block means (B, 1, x, y, z): ``volume``, the block means
+    themselves; ``projection``, their mean along z, repeated along z (a 2D image of the field)."""
+    return coarse.mean(dim=-1, keepdim=True).expand_as(coarse) if kind == "projection" else coarse
 
 
-def condition_volume(path: str | Path, unit, patch: list[int], latent: list[int], stride: int) -> torch.Tensor:
+def condition_volume(path: str | Path, unit, patch: list[int], latent: list[int], stride: int,
+                     kind: str = "volume") -> torch.Tensor:
     """The coarse view (1, 1, x, y, z) of the volume in ``path``, normalised as training normalises
-    (``unit``: array -> [0, 1]); it must have the samples' size ``patch``. One line naming the file
-    where it cannot be read or has another size."""
+    (``unit``: array -> [0, 1]); it must have the samples' size ``patch``, or for a ``projection`` view
+    also (X, Y, 1): the mean projection along z itself. One line naming the file where it cannot be read
+    or has another size."""
     vol = read_volume(path).array  # a VqldmError naming the file where it cannot be read
+    if kind == "projection" and list(vol.shape) == list(patch[:2]) + [1]:
+        vol = np.repeat(vol, patch[2], axis=2)  # a 2D image: the same view as any volume projecting to it
     if list(vol.shape) != list(patch):
+        also = f" or {list(patch[:2]) + [1]} (a projection along z)" if kind == "projection" else ""
         raise VqldmError(f"--cond-volume {path}: shape {list(vol.shape)}, but the samples are {list(patch)} "
-                         f"(the training patch); give a volume of that size, its coarse view is taken here")
+                         f"(the training patch){also}; give a volume of that size, its coarse view is taken here")
     x = torch.from_numpy(np.clip(unit(vol), 0.0, 1.0).astype(np.float32))[None, None]
-    coarse = block_means(x, stride)
+    coarse = as_view(block_means(x, stride), kind)
     if list(coarse.shape[2:]) != list(latent):
         raise VqldmError(f"--cond-volume {path}: its coarse view {list(coarse.shape[2:])} does not match the "
                          f"latent grid {list(latent)}")

@@ -22,8 +22,10 @@ from vqldm.data.pipeline import Normalization
 from vqldm.errors import VqldmError
 from vqldm.latents import LatentNorm, RecordedGrid, recorded_stage1
 from vqldm.priors.diffusion.autoguidance import Autoguidance, autoguided, check_guide, recorded_guide
-from vqldm.priors.diffusion.coarse import coarse_guided, condition_volume
-from vqldm.priors.diffusion.unet import as_denoiser, build_unet, class_guided
+from vqldm.priors.diffusion.coarse import condition_volume
+from vqldm.priors.diffusion.conditions import Asked, Slots, guided
+from vqldm.priors.diffusion.covariates import asked_values
+from vqldm.priors.diffusion.unet import as_denoiser, build_unet
 from vqldm.runtime import Runtime, make_runtime, sample_generator
 from vqldm.sampling.decode import decode_latents
 from vqldm.sampling.samplers import Denoiser, sample_latents
@@ -53,6 +55,8 @@ class DiffusionPipeline(RecordedGrid):
     guide_ckpt: dict | None = None
     coarse: torch.Tensor | None = None  # coarse-to-fine: the coarse view (1, 1, x, y, z) samples must match
     coarse_path: Path | None = None
+    asked_covariates: dict | None = None  # --cond KEY=VALUE: the covariates asked for (raw values)
+    covariate_values: tuple | None = None  # ... normalised, with their presence: ((K,), (K,))
 
     @property
     def classes(self) -> list[str] | None:
@@ -65,9 +69,22 @@ class DiffusionPipeline(RecordedGrid):
         return (self.diff_ckpt.get("coarse_condition") or {}).get("stride")
 
     @property
+    def coarse_view(self) -> str:
+        """A coarse-to-fine UNet's view: ``volume`` (block means) or ``projection`` (their mean along z)."""
+        return (self.diff_ckpt.get("coarse_condition") or {}).get("view", "volume")
+
+    @property
+    def covariates(self) -> dict[str, list[float]]:
+        """The covariates of a UNet trained with ``diffusion.covariates``: name -> training [min, max]."""
+        return dict(self.diff_ckpt.get("covariates") or {})
+
+    @property
+    def slots(self) -> Slots:
+        return Slots.of(self.diff_ckpt["network"])
+
+    @property
     def extra_channels(self) -> int:
-        net = self.diff_ckpt["network"]
-        return net["in_channels"] - net["out_channels"]
+        return self.slots.extra_channels
 
     def set_coarse(self, path: str | None) -> None:
         """Coarse-to-fine: every sample is to match the coarse view of the volume in ``path`` (None: the
@@ -79,7 +96,8 @@ class DiffusionPipeline(RecordedGrid):
             raise VqldmError(f"--cond-volume: {self.diff_path} was trained without diffusion.coarse_condition")
         unit = Normalization.from_dict(self.vq_ckpt["normalization"]).unit
         self.set_coarse_view(condition_volume(path, unit, self.diff_ckpt["data"]["patch_size"],
-                                              list(self.diff_ckpt["latent_shape"])[1:], self.coarse_stride))
+                                              list(self.diff_ckpt["latent_shape"])[1:], self.coarse_stride,
+                                              self.coarse_view))
         self.coarse_path = Path(path)
 
     def set_coarse_view(self, view: torch.Tensor) -> None:
@@ -91,25 +109,35 @@ class DiffusionPipeline(RecordedGrid):
                              f"got {list(view.shape)} for {self.diff_path}")
         self.coarse, self.coarse_path, self._denoise = view.float(), None, None
 
+    def set_covariates(self, asked: dict[str, float] | None) -> None:
+        """Sample at these covariate values (``--cond KEY=VALUE``; a covariate left out is its null); an
+        unknown name is one line, a value outside the training range a warning."""
+        if asked and not self.covariates:
+            raise VqldmError(f"--cond {next(iter(asked))}: {self.diff_path} was trained without diffusion.covariates")
+        self.covariate_values = asked_values(asked or {}, self.covariates) if self.covariates else None
+        self.asked_covariates, self._denoise = dict(asked or {}) or None, None
+
     def set_class(self, name: str | None, guidance: float = 1.0) -> None:
-        """Sample class ``name`` (or the coarse view of :meth:`set_coarse`) with guidance ``guidance`` (a
-        conditional model without a class samples the null class, i.e. unconditionally); an unconditional
-        model refuses a class in one line."""
+        """Sample class ``name`` (with the coarse view and covariates set before) with guidance ``guidance``
+        (a conditional model without a class samples the null class); an unconditional model refuses a
+        class in one line, and guidance without any condition too."""
         if name is not None:
             class_index(self.classes, name)
-        elif guidance != 1.0 and self.coarse is None:
-            raise VqldmError("--guidance needs --class or --cond-volume: it mixes a condition's prediction with "
-                             "the unconditional one")
+        elif guidance != 1.0 and self.coarse is None and not self.asked_covariates:
+            raise VqldmError("--guidance needs --class, --cond-volume or --cond: it mixes a condition's prediction "
+                             "with the unconditional one")
         self.sample_class, self.guidance, self._denoise = name, float(guidance), None
 
-    def _conditioned(self, call: Denoiser) -> Denoiser:
-        """``call`` with this pipeline's class or coarse view and guidance (unchanged for an unconditional UNet)."""
-        if self.coarse_stride:
-            return coarse_guided(call, self.coarse, self.guidance)
-        if not self.classes:
-            return call
+    def asked(self) -> Asked:
+        """Everything this pipeline's samples are conditioned on."""
         label = None if self.sample_class is None else self.classes.index(self.sample_class)
-        return class_guided(call, label, len(self.classes), self.guidance)
+        values, keep = self.covariate_values or (None, None)
+        return Asked(label, self.coarse, values, keep)
+
+    def _conditioned(self, call: Denoiser) -> Denoiser:
+        """``call`` with this pipeline's conditions and guidance (unchanged for an unconditional UNet)."""
+        slots = self.slots
+        return guided(call, slots, self.asked(), self.guidance) if slots.count else call
 
     @property
     def scale_factor(self) -> float:
@@ -201,7 +229,7 @@ class DiffusionPipeline(RecordedGrid):
         return self._denoise
 
     def _graphed(self, call: Denoiser, name: str) -> Denoiser:
-        if not self.rt.cuda_graphs or self.classes or self.coarse_stride:  # a replay would drop the condition
+        if not self.rt.cuda_graphs or self.slots.count:  # a replay would drop the condition
             return call
         from vqldm.graphs import CudaGraphed
 

@@ -14,7 +14,8 @@ from vqldm.errors import VqldmError
 from vqldm.data.pipeline import to_unit
 from vqldm.latents import LatentNorm, block_means, check_same_stage1, encode
 from vqldm.priors.diffusion.autoguidance import GUIDE
-from vqldm.priors.diffusion.coarse import coarse_concat
+from vqldm.priors.diffusion.coarse import as_view
+from vqldm.priors.diffusion.conditions import Slots, training_args, unet_args
 from vqldm.priors.diffusion.objective import Objective
 from vqldm.priors.diffusion.unet import as_denoiser, build_unet
 from vqldm.runtime import Runtime
@@ -32,7 +33,8 @@ class DiffusionTask(Task):
         self.net_config, self.sc, self.norm = net_config, scheduler_cfg, norm
         self.meta, self.vis_real = meta, vis_real
         self.model = rt.prepare_module(build_unet(net_config, flash_attention=rt.is_cuda))
-        self.extra_channels = net_config["in_channels"] - net_config["out_channels"]  # coarse-to-fine: 2
+        self.slots = Slots.of(net_config)
+        self.extra_channels = self.slots.extra_channels  # coarse-to-fine: 2
         self.train_forward = self.model
         self.objective = Objective(scheduler_cfg)
 
@@ -58,29 +60,23 @@ class DiffusionTask(Task):
         return self.meta.get("classes")
 
     def condition_of(self, batch: dict, drop: bool) -> dict | None:
-        """The UNet's ``class_labels`` (or a coarse-to-fine UNet's ``concat``: the coarse view) for a batch;
-        in training each is replaced by the null with probability ``diffusion.condition_drop_prob`` (drawn
-        on the device: graph-safe, resumed exactly)."""
-        p = self.cfg.diffusion.condition_drop_prob if drop else 0.0
-        if self.extra_channels:
-            coarse = self.coarse_of(batch)
-            keep = (torch.rand(coarse.shape[0], device=coarse.device) >= p).float() if p > 0 else \
-                torch.ones(coarse.shape[0], device=coarse.device)
-            return {"concat": coarse_concat(coarse, keep)}
-        if not self.classes:
+        """The UNet's conditioning arguments for a batch (:mod:`.conditions`): its classes, coarse views and
+        covariates, as the UNet takes them; in training each is dropped to its null with probability
+        ``diffusion.condition_drop_prob`` (drawn on the device: graph-safe, resumed exactly)."""
+        if not self.slots.count:
             return None
-        labels = self.rt.to_device(batch["label"]).long()
-        if p > 0:
-            null = torch.full_like(labels, len(self.classes))
-            labels = torch.where(torch.rand(labels.shape, device=labels.device) < p, null, labels)
-        return {"class_labels": labels}
+        labels = self.rt.to_device(batch["label"]).long() if self.slots.null_class is not None else None
+        coarse = self.coarse_of(batch) if self.extra_channels else None
+        values = self.rt.to_device(batch["covariates"]).float() if self.slots.covariates else None
+        return training_args(self.slots, labels, coarse, values, self.cfg.diffusion.condition_drop_prob if drop else 0.0)
 
     def coarse_of(self, batch: dict) -> torch.Tensor:
         """A batch's coarse views (B, 1, x, y, z): cached with the latents, or from its image patches."""
+        view = self.meta["coarse_condition"]
         if "coarse" in batch:
-            return self.rt.to_device(batch["coarse"]).float()
+            return as_view(self.rt.to_device(batch["coarse"]).float(), view.get("view", "volume"))
         img = to_unit(self.rt.to_device(batch["image"]).float(), self.meta["normalization"]["intensity_range"])
-        return block_means(img.clamp(0, 1), self.meta["coarse_condition"]["stride"])
+        return as_view(block_means(img.clamp(0, 1), view["stride"]), view.get("view", "volume"))
 
     def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         z0 = self.latent_of(batch)
@@ -98,12 +94,18 @@ class DiffusionTask(Task):
                                             self.condition_of(batch, drop=False))}
 
     def _sampling_denoiser(self, model: nn.Module):
-        """The previews' UNet call: a conditional model draws the classes in turn (sample i: class i mod C)."""
-        den = as_denoiser(model, self.extra_channels)  # a coarse-to-fine UNet previews unconditionally
-        if not self.classes:
+        """The previews' UNet call: unconditional (every condition its null), except that a class-conditional
+        model draws the classes in turn (sample i: class i mod C)."""
+        den, slots = as_denoiser(model, self.extra_channels), self.slots
+        if not slots.count:
             return den
-        c = len(self.classes)
-        return lambda x, t, condition=None: den(x, t, {"class_labels": torch.arange(x.shape[0], device=x.device) % c})
+
+        def call(x, t, condition=None):
+            args = unet_args(slots, x, None)
+            if self.classes:
+                args["class_labels"] = torch.arange(x.shape[0], device=x.device) % len(self.classes)
+            return den(x, t, args)
+        return call
 
     @torch.no_grad()
     def generate(self, model: nn.Module, n: int, steps: int, seed: int, sampler: str) -> torch.Tensor:
@@ -140,3 +142,7 @@ class DiffusionTask(Task):
         if ckpt.get("classes") != self.classes:
             raise VqldmError(f"{key}: {path} was trained with classes {ckpt.get('classes')}, this run has "
                              f"{self.classes} (data.labels_file); resume with the same labels")
+        if ckpt.get("covariates") != self.meta.get("covariates"):
+            raise VqldmError(f"{key}: {path} was trained with covariates {ckpt.get('covariates')}, this run has "
+                             f"{self.meta.get('covariates')} (diffusion.covariates and their training range); "
+                             f"resume with the same labels")

@@ -79,10 +79,14 @@ def _latent_norm(cfg: Config, train_ds, train_loader, sampler, use_cache: bool, 
 
 
 def _val_labels(labels: ClassLabels | None, tiles) -> dict:
-    """The validation tiles' classes (each tile's volume's), as TensorDictDataset columns."""
+    """The validation tiles' classes and covariates (each tile's volume's), as TensorDictDataset columns."""
     if labels is None:
         return {}
-    return {"label": torch.tensor([labels.val[tile[0]] for tile in tiles.tiles], dtype=torch.long)}
+    vols = [tile[0] for tile in tiles.tiles]
+    out = {"label": torch.tensor([labels.val[v] for v in vols], dtype=torch.long)} if labels.classes else {}
+    if labels.covariates:
+        out["covariates"] = torch.tensor([labels.val_values[v] for v in vols], dtype=torch.float32)
+    return out
 
 
 def _val_coarse(cfg: Config, tiles, norm, stride: int) -> dict:
@@ -90,6 +94,33 @@ def _val_coarse(cfg: Config, tiles, norm, stride: int) -> dict:
     if not cfg.diffusion.coarse_condition:
         return {}
     return {"coarse": L.block_means(L.real_tiles(tiles, norm, len(tiles)), stride)}
+
+
+def _conditions(cfg: Config, train_info, val_info) -> ClassLabels | None:
+    """Every file's class and covariates, checked before any compute; None: no labels."""
+    u = cfg.diffusion
+    labels = dataset_labels(cfg, train_info.files, val_info.files, list(u.covariates))
+    if labels is not None and labels.classes:
+        log.info("class-conditional UNet: %d classes (%s), condition_drop_prob %g", len(labels.classes),
+                 ", ".join(labels.classes), u.condition_drop_prob)
+    if labels is not None and labels.covariates:
+        log.info("covariates as cross-attention context: %s", ", ".join(
+            f"{k} in [{lo:g}, {hi:g}]" for k, (lo, hi) in labels.covariates.items()))
+    return labels
+
+
+def _condition_meta(cfg: Config, labels: ClassLabels | None, stride: int) -> dict:
+    """What the checkpoint records of the conditions: class names, covariate ranges, the coarse view."""
+    meta = {}
+    if labels is not None and labels.classes:
+        meta["classes"] = list(labels.classes)
+    if labels is not None and labels.covariates:
+        meta["covariates"] = {k: list(v) for k, v in labels.covariates.items()}
+    if cfg.diffusion.coarse_condition:
+        meta["coarse_condition"] = {"stride": stride, "view": cfg.diffusion.coarse_view}
+        log.info("coarse-to-fine UNet: conditioned on the %s view of block means over %d^3 voxels, "
+                 "condition_drop_prob %g", cfg.diffusion.coarse_view, stride, cfg.diffusion.condition_drop_prob)
+    return meta
 
 
 def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool = True) -> Trainer:
@@ -100,10 +131,7 @@ def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool
     net = vq_ckpt["network"]
     lat_shape = [net["embedding_dim"]] + lat_spatial
     train_info, val_info = setup.scan_data(cfg, progress)
-    labels = dataset_labels(cfg, train_info.files, val_info.files)
-    if labels is not None:
-        log.info("class-conditional UNet: %d classes (%s), condition_drop_prob %g", len(labels.classes),
-                 ", ".join(labels.classes), cfg.diffusion.condition_drop_prob)
+    labels = _conditions(cfg, train_info, val_info)
     norm = L.stage1_normalization(cfg, vq_ckpt)
     sc = scheduler_config(cfg)
     val_z, tiles = L.encoded_tiles(cfg, "diffusion", val_info.files, norm, vqvae, rt)
@@ -116,19 +144,14 @@ def build_diffusion_trainer(cfg: Config, overwrite: bool = False, progress: bool
                                         stride, progress, latent_cache=cfg.diffusion.latent_cache,
                                         coarse=cfg.diffusion.coarse_condition)
     if labels is not None:
-        train_ds = LabelledDataset(train_ds, labels.train)
+        train_ds = LabelledDataset(train_ds, labels.train, labels.train_values)
     train_loader, sampler = setup.train_loader(cfg, "diffusion", train_ds, rt)
     val_loader = setup.val_loader(cfg, "diffusion", val_ds, rt)
     norm = _latent_norm(cfg, train_ds, train_loader, sampler, use_cache, vqvae, rt)
-    meta = L.stage1_meta(cfg, "diffusion", vq_ckpt, train_info.grid, lat_shape, use_cache)
-    if labels is not None:
-        meta["classes"] = list(labels.classes)
-    if cfg.diffusion.coarse_condition:
-        meta["coarse_condition"] = {"stride": stride}
-        log.info("coarse-to-fine UNet: conditioned on block means over %d^3 voxels, condition_drop_prob %g", stride,
-                 cfg.diffusion.condition_drop_prob)
-    task = DiffusionTask(cfg, rt, vqvae, unet_net_config(cfg, len(labels.classes) if labels else 0), sc, norm,
-                         meta, vis_real)
+    meta = {**L.stage1_meta(cfg, "diffusion", vq_ckpt, train_info.grid, lat_shape, use_cache),
+            **_condition_meta(cfg, labels, stride)}
+    net_config = unet_net_config(cfg, len(labels.classes) if labels else 0, len(labels.covariates) if labels else 0)
+    task = DiffusionTask(cfg, rt, vqvae, net_config, sc, norm, meta, vis_real)
     task.train_forward = setup.wrap_for_training(task.model, rt)
     bs, world = cfg.batch_size("diffusion"), dist.world_size()
     log.info("stage 2: latent %s, batch %d per rank x %d rank(s) = effective batch %d, lr %g%s, %s scheduler",

@@ -6,11 +6,13 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 
 from vqldm.config import Config
+from vqldm.priors.diffusion.covariates import token_dim
 
 
-def unet_net_config(cfg: Config, num_classes: int = 0) -> dict:
+def unet_net_config(cfg: Config, num_classes: int = 0, num_covariates: int = 0) -> dict:
     """Plain-value constructor arguments of the UNet; saved in every stage-2 checkpoint. With
-    ``num_classes`` the UNet gets a class embedding of ``num_classes + 1`` rows (the last: the learned null)."""
+    ``num_classes`` the UNet gets a class embedding of ``num_classes + 1`` rows (the last: the learned null);
+    with ``num_covariates`` cross-attention to that many context tokens (:mod:`.covariates`)."""
     u = cfg.diffusion
     m = len(u.num_channels)
     heads = u.num_head_channels if isinstance(u.num_head_channels, list) else [u.num_head_channels] * m
@@ -25,6 +27,7 @@ def unet_net_config(cfg: Config, num_classes: int = 0) -> dict:
         "num_res_blocks": list(u.num_res_blocks) if isinstance(u.num_res_blocks, list) else int(u.num_res_blocks),
         "norm_num_groups": u.norm_num_groups,
         **({"num_class_embeds": num_classes + 1} if num_classes else {}),
+        **({"with_conditioning": True, "cross_attention_dim": token_dim(num_covariates)} if num_covariates else {}),
     }
 
 
@@ -62,21 +65,3 @@ def guidance_mix(uncond: torch.Tensor, cond: torch.Tensor, w: float) -> torch.Te
     """Classifier-free guidance, ``uncond + w (cond - uncond)``, as ``torch.lerp``: exactly ``uncond`` at
     ``w = 0`` and exactly ``cond`` at ``w = 1`` (lerp evaluates from the nearer end)."""
     return torch.lerp(uncond, cond.to(uncond.dtype), float(w))
-
-
-def class_guided(denoiser, label: int | None, null: int, w: float = 1.0):
-    """A class-conditional UNet's call for one class: ``label`` (None: the null, i.e. unconditional)
-    with guidance weight ``w`` (Ho & Salimans, 2022). Builds ``class_labels`` for whatever batch it is
-    given (so latent tiles work too) and calls the UNet directly: MONAI's inferers drop class labels."""
-    def labels(x, k):
-        return torch.full((x.shape[0],), int(k), dtype=torch.long, device=x.device)
-
-    def call(x, t, condition=None):
-        extra = {k: v for k, v in (condition or {}).items() if k != "class_labels"}
-        if label is None:
-            return denoiser(x, t, {**extra, "class_labels": labels(x, null)})
-        cond = denoiser(x, t, {**extra, "class_labels": labels(x, label)})
-        if w == 1.0:  # the conditional prediction itself; guidance_mix(u, c, 1) is c exactly anyway
-            return cond
-        return guidance_mix(denoiser(x, t, {**extra, "class_labels": labels(x, null)}), cond, w)
-    return call
