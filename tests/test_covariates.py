@@ -181,3 +181,12 @@ def test_class_subfolders_train_a_class_conditional_prior(tmp_path, trained_stag
     assert ckpt["classes"] == ["dense", "sparse"]
     assert run_cli("--quiet", "sample", "--config", cfg_path, "-n", 1, "--steps", 2, "--class", "dense",
                    "--out", tmp_path / "s") == 0
+
+
+def test_a_guide_with_other_covariates_cannot_guide(tmp_path):
+    from vqldm.priors.diffusion.autoguidance import check_guide
+
+    model = {"vqvae_sha256": "a", "latent_shape": [4, 8, 8, 8], "classes": None, "covariates": {"n": [5.0, 35.0]}}
+    check_guide(dict(model), model, tmp_path / "g.pt", tmp_path / "m.pt")
+    with pytest.raises(VqldmError, match="their covariates differ"):
+        check_guide({**model, "covariates": {"n": [4.0, 35.0]}}, model, tmp_path / "g.pt", tmp_path / "m.pt")

@@ -227,7 +227,7 @@ class DiffusionConfig:
     sampler: str | None = None  # sampling: ddim | ddpm | dpmpp_2m | rflow (null: ddim for a DDPM-trained model, rflow for rflow)
     snap_to_codebook: bool = True  # sampling: quantise the denoised latent before decoding
     clip_to_codebook_range: bool = True  # sampling: bound each predicted clean latent by the codebook's range
-    # with data.labels_file or coarse_condition: the share of training conditions dropped to the null
+    # with classes, covariates or coarse_condition: the share of each training condition dropped to its null
     condition_drop_prob: float = 0.15
     coarse_condition: bool = False  # coarse-to-fine: condition on the volume's block means over the latent grid
     coarse_view: str = "volume"  # with coarse_condition: volume (3D block means) | projection (their mean along z)

@@ -71,10 +71,10 @@ def recorded_guide(ckpt: dict, path: Path) -> Path:
 
 def check_guide(guide: dict, model: dict, guide_path: Path, model_path: Path) -> None:
     """A guide must denoise the model's latent under the model's conditions: the same stage 1, latent grid,
-    normalisation, noise schedule, classes and coarse condition. One line naming both files and the first
-    difference otherwise."""
+    normalisation, noise schedule, classes, covariates and coarse condition. One line naming both files and
+    the first difference otherwise."""
     keys = ("vqvae_sha256", "latent_shape", "scale_factor", "latent_shift", "latent_scale", "scheduler", "classes",
-            "coarse_condition")
+            "covariates", "coarse_condition")
     for k in keys:
         a, b = _plain(guide.get(k)), _plain(model.get(k))
         if a != b:
