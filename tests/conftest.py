@@ -213,6 +213,19 @@ def trained_stage2(tmp_path_factory, data_dir, trained_stage1) -> dict:
             "log_dir": Path(cfg["diffusion"]["logging"]["log_dir"]), "stage1_sha_before": stage1_sha}
 
 
+def labelled_config(root, stage1_best, stage: str, num_val: int = 3) -> dict:
+    """Three filament-density levels under ``root/data`` (``vqldm synth --vary density --levels 3``: 3 train
+    and ``num_val`` val volumes of 32^3, ``labels.csv``) and a tiny config whose ``data.labels_file`` makes
+    ``stage`` ("diffusion" or "prior") class-conditional, on the shared stage 1 ``stage1_best``."""
+    data = Path(root) / "data"
+    assert run_cli("--quiet", "synth", "--out", data, "--num-train", 3, "--num-val", num_val, "--shape", 32, 32, 32,
+                   "--vary", "density", "--levels", 3) == 0
+    cfg = tiny_config_dict(root, data)
+    cfg["data"]["labels_file"] = str(data / "labels.csv")
+    cfg[stage]["checkpoints"]["vqvae_path"] = str(stage1_best)
+    return cfg
+
+
 def copy_tree(src, dst) -> Path:
     shutil.copytree(src, dst)
     return Path(dst)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import run_cli, tiny_config_dict, write_config
+from conftest import labelled_config, run_cli, tiny_config_dict, write_config
 from vqldm.checkpoint import load_checkpoint
 from vqldm.data.labels import LabelledDataset, class_index, class_labels, read_labels
 from vqldm.errors import VqldmError
@@ -120,16 +120,11 @@ def test_condition_drop_replaces_labels_by_the_null_at_the_configured_rate():
 def labelled_run(tmp_path_factory, trained_stage1):
     """``vqldm synth --vary density --levels 3`` and a 1-epoch class-conditional stage 2 on it."""
     root = tmp_path_factory.mktemp("cond_run")
-    data = root / "data"
-    assert run_cli("--quiet", "synth", "--out", data, "--num-train", 3, "--num-val", 3, "--shape", 32, 32, 32,
-                   "--vary", "density", "--levels", 3) == 0
-    cfg = tiny_config_dict(root, data)
-    cfg["data"]["labels_file"] = str(data / "labels.csv")
-    cfg["diffusion"]["checkpoints"]["vqvae_path"] = str(trained_stage1["best"])
+    cfg = labelled_config(root, trained_stage1["best"], "diffusion")
     cfg["diffusion"]["training"]["n_epochs"] = 1
     cfg_path = write_config(root / "config.yaml", cfg)
     assert run_cli("--quiet", "train-diffusion", "--config", cfg_path) == 0
-    return {"root": root, "data": data, "config": cfg, "config_path": cfg_path,
+    return {"root": root, "data": root / "data", "config": cfg, "config_path": cfg_path,
             "best": Path(cfg["diffusion"]["checkpoints"]["output_dir"]) / "best_model.pt"}
 
 
