@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from conftest import labelled_config, run_cli, tiny_config_dict, write_config
 from vqldm.checkpoint import load_checkpoint
 from vqldm.config import config_from_dict
 from vqldm.data.labels import read_labels
+from vqldm.errors import VqldmError
 from vqldm.priors.transformer.model import build_transformer, start_tokens, transformer_net_config, with_bos
 from vqldm.priors.transformer.sampler import gumbel_noise, guided_logits, sample_tokens
 from vqldm.priors.transformer.task import TransformerTask
@@ -135,6 +137,11 @@ def token_run(tmp_path_factory, trained_stage1):
             "latest": out / "latest_checkpoint.pt", "vqvae": trained_stage1["best"]}
 
 
+def _sample(run, out, *extra) -> int:
+    return run_cli("--quiet", "sample", "--config", run["config_path"], "--prior", "transformer", "-n", 3,
+                   "--batch-size", 2, "--out", out, *extra)
+
+
 def test_conditional_training_records_the_classes_and_one_start_token_each(token_run):
     ckpt = load_checkpoint(token_run["best"], kind="prior", what="test")
     assert ckpt["classes"] == ["level0", "level1", "level2"]
@@ -142,6 +149,52 @@ def test_conditional_training_records_the_classes_and_one_start_token_each(token
     assert ckpt["state_dict"]["token_embeddings.weight"].shape[0] == 20
     assert ckpt["config"]["prior"]["condition_drop_prob"] == 0.15
     assert (Path(token_run["config"]["prior"]["logging"]["log_dir"]) / "images" / "generated_epoch0001.png").is_file()
+
+
+def test_sample_records_the_class_and_guidance_like_the_diffusion_prior(token_run, tmp_path):
+    assert _sample(token_run, tmp_path / "a", "--class", "level2", "--guidance", 2.0) == 0
+    rec = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert rec["prior"] == "transformer" and rec["classes"] == ["level0", "level1", "level2"]
+    assert rec["class"] == "level2" and rec["guidance"] == 2.0
+    assert rec["conditions"] == {f"sample_{i:04d}": {"class": "level2", "guidance": 2.0} for i in range(3)}
+    assert _sample(token_run, tmp_path / "b") == 0  # no --class: the null class
+    rec = json.loads((tmp_path / "b" / "samples.json").read_text())
+    assert rec["class"] is None and rec["guidance"] == 1.0
+
+
+def test_class_refusals_are_one_line(token_run, trained_stage1, data_dir, tmp_path, capsys):
+    from test_reliability import assert_clean_error, cli
+
+    base = ["sample", "--config", token_run["config_path"], "--prior", "transformer", "-n", 1]
+    rc, _, err = cli(capsys, *base, "--class", "level9", "--out", tmp_path / "a")
+    assert_clean_error(rc, err, "--class level9: unknown class; this model knows level0, level1, level2")
+    rc, _, err = cli(capsys, *base, "--guidance", 2, "--out", tmp_path / "b")
+    assert_clean_error(rc, err, "--guidance needs --class")
+    uncond = tiny_config_dict(tmp_path / "u", data_dir)
+    uncond["prior"]["checkpoints"]["vqvae_path"] = str(trained_stage1["best"])
+    uncond["prior"]["training"]["n_epochs"] = 1
+    uncond["prior"]["logging"]["num_visualize_samples"] = 0
+    uncond_cfg = write_config(tmp_path / "u.yaml", uncond)
+    assert run_cli("--quiet", "train-prior", "--config", uncond_cfg) == 0
+    assert "classes" not in load_checkpoint(tmp_path / "u" / "prior_checkpoints" / "best_model.pt", kind="prior")
+    rc, _, err = cli(capsys, "sample", "--config", uncond_cfg, "--prior", "transformer", "-n", 1, "--class",
+                     "level0", "--out", tmp_path / "c")
+    assert_clean_error(rc, err, "--class level0: this model is unconditional")
+    assert not list((tmp_path / "c").glob("sample_*"))
+
+
+def test_api_guidance_zero_samples_exactly_the_null_class(token_run):
+    import vqldm
+
+    model = vqldm.load_model(token_run["config_path"], prior="transformer", device="cpu")
+    null = model.sample(2, seed=4).volumes
+    w0 = model.sample(2, seed=4, class_name="level1", guidance=0.0).volumes
+    w1 = model.sample(2, seed=4, class_name="level1").volumes
+    assert np.array_equal(w0, null) and w1.shape == null.shape and np.isfinite(w1).all()
+    with pytest.raises(VqldmError, match="unknown class"):
+        model.sample(1, class_name="nope")
+    with pytest.raises(VqldmError, match="autoguidance, guide_checkpoint and cond_volume are the diffusion prior's"):
+        model.sample(1, autoguidance=2.0)
 
 
 def test_a_resume_with_other_classes_is_refused(token_run, tmp_path, capsys):
@@ -156,3 +209,27 @@ def test_a_resume_with_other_classes_is_refused(token_run, tmp_path, capsys):
     cfg["prior"]["training"]["n_epochs"] = 2
     rc, _, err = cli(capsys, "train-prior", "--config", write_config(tmp_path / "c.yaml", cfg))
     assert_clean_error(rc, err, "was trained with classes ['level0', 'level1', 'level2']")
+
+
+def test_evaluate_judges_token_prior_class_folders_per_class(token_run, tmp_path):
+    folders = [tmp_path / "level0", tmp_path / "level2"]
+    for folder in folders:
+        assert _sample(token_run, folder, "--class", folder.name) == 0
+    assert run_cli("--quiet", "evaluate", "--config", token_run["config_path"], "--vqvae-checkpoint",
+                   token_run["vqvae"], "--samples", folders[0], "--samples", folders[1], "--out", tmp_path / "ev") == 0
+    res = json.loads((tmp_path / "ev" / "metrics.json").read_text())["per_class"]
+    assert [e["class"] for e in res["folders"]] == ["level0", "level2"]
+    assert all(e["n"] == 3 and e["n_real"] == 2 and 0.0 <= e["accuracy"] <= 1.0 for e in res["folders"])
+
+
+def test_score_takes_a_conditional_prior_under_the_null_class(token_run):
+    from vqldm.commands.score import token_nll_grid
+    from vqldm.config import load_config
+    from vqldm.data.io import list_volumes, read_volume
+    from vqldm.priors.transformer.pipeline import load_token_pipeline
+
+    pipe = load_token_pipeline(load_config(token_run["config_path"], announce=False))
+    # score starts every sequence with num_codes: the begin-of-sequence token, i.e. the null class
+    assert pipe.num_codes == 16 and pipe.classes == ["level0", "level1", "level2"]
+    nll = token_nll_grid(pipe, read_volume(list_volumes(token_run["data"] / "val")[0]).array)
+    assert nll.shape == (8, 8, 8) and torch.isfinite(nll).all() and nll.min() >= 0

@@ -478,17 +478,18 @@ def _add_sample(sub) -> None:
 
 
 def _add_sample_conditions(s) -> None:
-    """``vqldm sample``'s steering options of the diffusion prior: conditions, guidance, autoguidance."""
+    """``vqldm sample``'s steering options: conditions and guidance (either prior), autoguidance (diffusion)."""
     s.add_argument("--class", dest="class_name", default=None, metavar="NAME",
-                   help="class-conditional model (trained with data.labels_file): sample this class (default: the "
-                        "null class, unconditional); an unconditional model refuses it")
+                   help="class-conditional prior, diffusion or token (trained with data.labels_file): sample this "
+                        "class (default: the null class, unconditional); an unconditional model refuses it")
     s.add_argument("--cond-volume", default=None, metavar="FILE",
                    help="coarse-to-fine model (trained with diffusion.coarse_condition): every sample matches this "
                         "volume's coarse view (its block means over the VQ-VAE's stride) and differs in the fine "
                         "detail; a volume of the training patch size (default: unconditional)")
     s.add_argument("--guidance", type=float, default=1.0, metavar="W",
-                   help="classifier-free guidance with --class or --cond-volume: uncond + W (cond - uncond); "
-                        "0: unconditional, 1: conditional (default 1), above 1: stronger")
+                   help="classifier-free guidance with --class (either prior) or --cond-volume: uncond + W (cond - "
+                        "uncond), on the diffusion prior's predictions or the token prior's logits; 0: "
+                        "unconditional, 1: conditional (default 1), above 1: stronger")
     s.add_argument("--autoguidance", type=float, default=None, metavar="W",
                    help="diffusion: guide + W (model - guide) at timesteps >= diffusion.autoguidance.min_timestep, "
                         "the guide being an early snapshot of the same run (guide_model.pt, kept when training with "
