@@ -213,19 +213,27 @@ def trained_stage2(tmp_path_factory, data_dir, trained_stage1) -> dict:
             "log_dir": Path(cfg["diffusion"]["logging"]["log_dir"]), "stage1_sha_before": stage1_sha}
 
 
-def labelled_prior(root: Path, stage1_best, **diffusion) -> dict:
-    """``vqldm synth --vary density --levels 3`` (3 + 3 volumes, labels.csv with a label and covariates) and a
-    tiny stage 2 on it, conditioned as ``data.labels_file`` and the ``diffusion`` keys given say."""
-    data = root / "data"
-    assert run_cli("--quiet", "synth", "--out", data, "--num-train", 3, "--num-val", 3, "--shape", 32, 32, 32,
+def labelled_config(root, stage1_best, stage: str, num_val: int = 3) -> dict:
+    """Three filament-density levels under ``root/data`` (``vqldm synth --vary density --levels 3``: 3 train
+    and ``num_val`` val volumes of 32^3, ``labels.csv`` with a label and covariates) and a tiny config whose
+    ``data.labels_file`` makes ``stage`` ("diffusion" or "prior") class-conditional, on the shared stage 1
+    ``stage1_best``."""
+    data = Path(root) / "data"
+    assert run_cli("--quiet", "synth", "--out", data, "--num-train", 3, "--num-val", num_val, "--shape", 32, 32, 32,
                    "--vary", "density", "--levels", 3) == 0
     cfg = tiny_config_dict(root, data)
     cfg["data"]["labels_file"] = str(data / "labels.csv")
-    cfg["diffusion"]["checkpoints"]["vqvae_path"] = str(stage1_best)
+    cfg[stage]["checkpoints"]["vqvae_path"] = str(stage1_best)
+    return cfg
+
+
+def labelled_prior(root: Path, stage1_best, **diffusion) -> dict:
+    """:func:`labelled_config` and a tiny stage 2 trained on it, with the ``diffusion`` keys given."""
+    cfg = labelled_config(root, stage1_best, "diffusion")
     cfg["diffusion"].update(diffusion)
     cfg_path = write_config(root / "config.yaml", cfg)
     assert run_cli("--quiet", "train-diffusion", "--config", cfg_path) == 0
-    return {"root": root, "data": data, "config": cfg, "config_path": cfg_path,
+    return {"root": root, "data": root / "data", "config": cfg, "config_path": cfg_path,
             "best": Path(cfg["diffusion"]["checkpoints"]["output_dir"]) / "best_model.pt"}
 
 

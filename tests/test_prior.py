@@ -45,16 +45,16 @@ def test_every_ordering_visits_each_position_once_and_round_trips(ordering):
 def test_cached_sampling_gives_the_same_tokens_as_uncached(knobs):
     model = _model()
     noise = gumbel_noise([0, 1, 2], seed=5, seq_len=40, num_codes=16)
-    cached = sample_tokens(model, noise, bos=16, cached=True, **knobs)
-    plain = sample_tokens(model, noise, bos=16, cached=False, **knobs)
+    cached = sample_tokens(model, noise, start=16, cached=True, **knobs)
+    plain = sample_tokens(model, noise, start=16, cached=False, **knobs)
     assert cached.shape == (3, 40) and cached.max() < 16  # never the begin-of-sequence token
     assert torch.equal(cached, plain)
 
 
 def test_a_sample_does_not_depend_on_its_batch():
     model = _model()
-    together = sample_tokens(model, gumbel_noise([0, 1, 2], 9, 40, 16), bos=16)
-    alone = sample_tokens(model, gumbel_noise([2], 9, 40, 16), bos=16)
+    together = sample_tokens(model, gumbel_noise([0, 1, 2], 9, 40, 16), start=16)
+    alone = sample_tokens(model, gumbel_noise([2], 9, 40, 16), start=16)
     assert torch.equal(together[2:], alone)
     assert not torch.equal(together[0], together[1])
 

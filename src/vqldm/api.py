@@ -140,11 +140,10 @@ class Model:
                cond_volume: str | Path | None = None, cond: dict[str, float] | None = None) -> Samples:
         """``n`` volumes; sample ``i`` is seeded by ``(seed, i)``. Diffusion: ``sampler`` (ddim, ddpm, dpmpp_2m, rflow),
         ``steps``, ``snap``, ``shape``, ``autoguidance`` and ``guide_checkpoint`` (as ``--autoguidance`` and
-        ``--guide-checkpoint``), for a class-conditional model ``class_name`` and ``guidance`` (as ``--class``
-        and ``--guidance``), for a coarse-to-fine model ``cond_volume`` (``--cond-volume``), for a model with
-        covariates ``cond`` ({name: value}, as ``--cond KEY=VALUE``); token prior:
-        ``temperature``, ``top_k``, ``top_p``. None: as ``vqldm sample`` (the config's, then the model's
-        defaults)."""
+        ``--guide-checkpoint``), for a coarse-to-fine model ``cond_volume`` (``--cond-volume``), for a model with
+        covariates ``cond`` ({name: value}, as ``--cond KEY=VALUE``); token prior: ``temperature``, ``top_k``,
+        ``top_p``; for a class-conditional model of either prior ``class_name`` and ``guidance`` (as ``--class``
+        and ``--guidance``). None: as ``vqldm sample`` (the config's, then the model's defaults)."""
         from vqldm.commands.sample import SampleOptions, sampling_settings, token_settings
 
         if n < 1 or batch_size < 1:
@@ -154,10 +153,10 @@ class Model:
                              temperature=temperature, top_k=top_k, top_p=top_p)
         indices = list(range(n))
         if self.prior == "transformer":
-            diffusion_only = (class_name, autoguidance, guide_checkpoint, cond_volume, cond)
-            if guidance != 1.0 or any(v is not None for v in diffusion_only):
-                raise VqldmError("sample: class_name, guidance, autoguidance, guide_checkpoint, cond_volume and cond "
-                                 "are the diffusion prior's; the token prior takes temperature, top_k and top_p")
+            if any(v is not None for v in (autoguidance, guide_checkpoint, cond_volume, cond)):
+                raise VqldmError("sample: autoguidance, guide_checkpoint, cond_volume and cond are the diffusion "
+                                 "prior's; the token prior takes temperature, top_k, top_p, class_name and guidance")
+            self.pipeline.set_class(class_name, guidance)
             vols = self.pipeline.generate(indices, seed, batch_size, progress=progress, **token_settings(self.config, opts))
         else:
             self.pipeline.set_coarse(None if cond_volume is None else str(cond_volume))

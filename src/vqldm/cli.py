@@ -480,23 +480,24 @@ def _add_sample(sub) -> None:
 
 
 def _add_sample_conditions(s) -> None:
-    """``vqldm sample``'s steering options of the diffusion prior: conditions, guidance, autoguidance."""
+    """``vqldm sample``'s steering options: conditions and guidance (either prior), autoguidance (diffusion)."""
     s.add_argument("--class", dest="class_name", default=None, metavar="NAME",
-                   help="class-conditional model (trained with data.labels_file or data.class_folders): sample this "
-                        "class (default: the null class, unconditional); an unconditional model refuses it")
+                   help="class-conditional prior, diffusion or token (trained with data.labels_file or "
+                        "data.class_folders): sample this class (default: the null class, unconditional); an "
+                        "unconditional model refuses it")
     s.add_argument("--cond", action="append", default=None, metavar="KEY=VALUE",
-                   help="model trained with diffusion.covariates: sample at this covariate value, in the labels "
-                        "file's units (repeat for several; a covariate left out is unconstrained); a value outside "
-                        "the training range is warned about")
+                   help="diffusion model trained with diffusion.covariates: sample at this covariate value, in the "
+                        "labels file's units (repeat for several; a covariate left out is unconstrained); a value "
+                        "outside the training range is warned about")
     s.add_argument("--cond-volume", default=None, metavar="FILE",
                    help="coarse-to-fine model (trained with diffusion.coarse_condition): every sample matches this "
                         "volume's coarse view (its block means over the VQ-VAE's stride, or with coarse_view "
                         "projection their mean along z) and differs in the fine detail; a volume of the training "
                         "patch size, or for a projection model also an (X, Y, 1) image (default: unconditional)")
     s.add_argument("--guidance", type=float, default=1.0, metavar="W",
-                   help="classifier-free guidance with --class, --cond or --cond-volume: uncond + W (cond - uncond), "
-                        "uncond having every condition dropped; 0: unconditional, 1: conditional (default 1), "
-                        "above 1: stronger")
+                   help="classifier-free guidance with --class (either prior), --cond or --cond-volume: uncond + W "
+                        "(cond - uncond), on the diffusion prior's predictions (uncond: every condition dropped) or "
+                        "the token prior's logits; 0: unconditional, 1: conditional (default 1), above 1: stronger")
     s.add_argument("--autoguidance", type=float, default=None, metavar="W",
                    help="diffusion: guide + W (model - guide) at timesteps >= diffusion.autoguidance.min_timestep, "
                         "the guide being an early snapshot of the same run (guide_model.pt, kept when training with "

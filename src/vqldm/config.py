@@ -259,6 +259,7 @@ class PriorConfig:
     temperature: float = 1.0  # sampling: logits are divided by this (lower: more conservative samples)
     top_k: int | None = None  # sampling: keep the k likeliest codes (null: all)
     top_p: float | None = None  # sampling: keep the smallest set of codes holding this probability (null: all)
+    condition_drop_prob: float = 0.15  # data.labels_file: share of training sequences started by the null class
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(ema=True, n_epochs=100))
     checkpoints: CheckpointConfig = field(
         default_factory=lambda: CheckpointConfig(
@@ -739,6 +740,8 @@ def _validate_prior(p: PriorConfig) -> None:
         _require(p.top_k >= 1, "prior.top_k must be >= 1 or null")
     if p.top_p is not None:
         _require(0.0 < p.top_p <= 1.0, "prior.top_p must lie in (0, 1] or null")
+    _require(0.0 <= p.condition_drop_prob < 1.0,
+             f"prior.condition_drop_prob must lie in [0, 1), got {p.condition_drop_prob}")
 
 
 def vqvae_from_network(net: dict) -> VQVAEConfig:

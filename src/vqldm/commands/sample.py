@@ -26,7 +26,7 @@ from vqldm.data.io import list_volumes, read_volume, write_volume
 from vqldm.errors import VqldmError
 from vqldm.files import archive_previous, atomic_write_bytes
 from vqldm.priors.diffusion.pipeline import DiffusionPipeline, load_pipeline
-from vqldm.priors.transformer.pipeline import load_token_pipeline
+from vqldm.priors.transformer.pipeline import TokenPipeline, load_token_pipeline
 from vqldm.sampling.samplers import check_sampler, default_sampler
 from vqldm.smlm.grid import Grid
 from vqldm.smlm.points import point_count, volume_to_points
@@ -57,7 +57,7 @@ class SampleOptions:
     temperature: float | None = None  # transformer: default prior.temperature
     top_k: int | None = None  # transformer: default prior.top_k
     top_p: float | None = None  # transformer: default prior.top_p
-    class_name: str | None = None  # diffusion, class-conditional UNet: the class to sample (None: unconditional)
+    class_name: str | None = None  # class-conditional prior (either): the class to sample (None: unconditional)
     guidance: float = 1.0  # classifier-free guidance weight W (0: unconditional, 1: conditional)
     autoguidance: float | None = None  # diffusion: autoguidance weight (default: diffusion.autoguidance.weight)
     guide_checkpoint: str | None = None  # diffusion: the guide (default: the one the checkpoint's run kept)
@@ -161,9 +161,9 @@ def _coarse_record(pipe: DiffusionPipeline, opts: SampleOptions) -> dict:
         "guidance": opts.guidance}}
 
 
-def _class_record(pipe, opts: SampleOptions) -> dict:
-    """samples.json's conditions: every sample's class, covariates and guidance weight (a conditional model
-    only), and the model's classes and covariates' training ranges."""
+def _class_record(pipe: DiffusionPipeline | TokenPipeline, opts: SampleOptions) -> dict:
+    """samples.json's conditions: every sample's class, covariates and guidance weight (a conditional model of
+    either prior only), and the model's classes and covariates' training ranges."""
     ranges = getattr(pipe, "covariates", None)
     if not pipe.classes and not ranges:
         return {}
@@ -198,9 +198,6 @@ def _token_run(cfg: Config, opts: SampleOptions):
     if opts.scheduler is not None or opts.steps is not None or opts.snap is not None:
         raise VqldmError("--scheduler, --steps and --snap are diffusion sampling options; the token prior takes "
                          "--temperature, --top-k and --top-p")
-    if opts.class_name is not None or opts.guidance != 1.0:
-        raise VqldmError("--class and --guidance: the token prior is unconditional; class conditions are the "
-                         "diffusion prior's (data.labels_file)")
     if opts.cond_volume is not None:
         raise VqldmError("--cond-volume: coarse-to-fine is the diffusion prior's (diffusion.coarse_condition)")
     if opts.cond:
@@ -210,6 +207,7 @@ def _token_run(cfg: Config, opts: SampleOptions):
                          "prior takes --temperature, --top-k and --top-p")
     knobs = token_settings(cfg, opts)
     pipe = load_token_pipeline(cfg, opts.prior_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
+    pipe.set_class(opts.class_name, opts.guidance)
 
     def run(mine: list[int]) -> torch.Tensor:
         return pipe.generate(mine, opts.seed, opts.batch_size, progress=opts.progress and dist.is_main(), **knobs)
@@ -217,7 +215,7 @@ def _token_run(cfg: Config, opts: SampleOptions):
     record = {"prior": "transformer", **knobs, "ordering": pipe.ckpt["ordering"]["type"],
               "intensity_calibration": bool(pipe.vq_ckpt.get("intensity_calibration")),
               "ema": opts.use_ema and bool(pipe.ckpt.get("ema")), "prior_checkpoint": str(pipe.path),
-              "prior_sha256": file_sha256(pipe.path)}
+              "prior_sha256": file_sha256(pipe.path), **_class_record(pipe, opts)}
     return pipe, run, record
 
 

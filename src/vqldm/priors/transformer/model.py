@@ -4,6 +4,10 @@ A volume's latent is a grid of code indices (x, y, z). The prior reads it as a s
 of MONAI's ``Ordering`` (raster scan, s-curve or random), after a begin-of-sequence token that is
 one past the codebook (index ``num_embeddings``), and predicts each code from the ones before it
 (Esser et al., 2021; Pinaya et al., 2022 for 3D medical volumes).
+
+A class-conditional prior (``data.labels_file``) reads the class as that first token: the
+begin-of-sequence token is the null class, and class ``k`` has a start token of its own,
+``num_embeddings + 1 + k`` (:func:`start_tokens`).
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from monai.utils.ordering import Ordering
 from vqldm.config import Config
 
 
-def transformer_net_config(cfg: Config, num_embeddings: int, seq_len: int) -> dict:
-    """Plain-value constructor arguments of the transformer; saved in every prior checkpoint."""
+def transformer_net_config(cfg: Config, num_embeddings: int, seq_len: int, num_classes: int = 0) -> dict:
+    """Plain-value constructor arguments of the transformer; saved in every prior checkpoint. With
+    ``num_classes`` the vocabulary also holds one start token per class (after the null's)."""
     p = cfg.prior
     return {
-        "num_tokens": num_embeddings + 1,  # the codes and the begin-of-sequence token
+        # the codes, the begin-of-sequence token (a conditional model's null class) and the classes' start tokens
+        "num_tokens": num_embeddings + 1 + num_classes,
         "max_seq_len": seq_len,
         "attn_layers_dim": p.attn_layers_dim,
         "attn_layers_depth": p.attn_layers_depth,
@@ -75,7 +81,14 @@ def to_grid(seq: torch.Tensor, order: torch.Tensor, grid: list[int]) -> torch.Te
     return flat.reshape(seq.shape[0], *grid)
 
 
-def with_bos(seq: torch.Tensor, bos: int) -> torch.Tensor:
-    """The model's input: the begin-of-sequence token, then all but the last code."""
-    start = torch.full((seq.shape[0], 1), bos, dtype=seq.dtype, device=seq.device)
-    return torch.cat([start, seq[:, :-1]], dim=1)
+def start_tokens(labels: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """The start token of each class index in ``labels`` (B,): class ``k`` is ``num_codes + 1 + k``. The
+    null class is the begin-of-sequence token, ``num_codes``."""
+    return labels.long() + (num_codes + 1)
+
+
+def with_bos(seq: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+    """The model's input: the start token (the begin-of-sequence token, or one per row (B,): a class's),
+    then all but the last code."""
+    first = torch.as_tensor(start, dtype=seq.dtype, device=seq.device).expand(seq.shape[0])[:, None]
+    return torch.cat([first, seq[:, :-1]], dim=1)

@@ -1,5 +1,6 @@
 """A trained token prior and its stage 1, rebuilt from their checkpoints alone, turning seeded
-Gumbel noise into code grids and volumes (``vqldm sample --prior transformer``)."""
+Gumbel noise into code grids and volumes (``vqldm sample --prior transformer``), for a class-conditional
+prior of the class and guidance weight :meth:`TokenPipeline.set_class` sets."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import torch
 
 from vqldm.checkpoint import inference_weights, load_checkpoint, rebuild
 from vqldm.config import Config
+from vqldm.data.labels import class_index
 from vqldm.errors import VqldmError
 from vqldm.latents import RecordedGrid, recorded_stage1
-from vqldm.priors.transformer.model import build_transformer, to_grid, without_masks
+from vqldm.priors.transformer.model import build_transformer, start_tokens, to_grid, without_masks
 from vqldm.priors.transformer.sampler import gumbel_noise, sample_tokens
 from vqldm.runtime import Runtime, make_runtime
 from vqldm.sampling.decode import decode_codes
@@ -35,14 +37,38 @@ class TokenPipeline(RecordedGrid):
     path: Path
     vq_path: Path
     vq_sha256: str | None = None
+    sample_class: str | None = None  # set_class: the class to sample (None: the null class)
+    guidance: float = 1.0  # set_class: the classifier-free guidance weight
 
     @property
     def grid(self) -> list[int]:
         return list(self.ckpt["latent_grid"])
 
     @property
+    def classes(self) -> list[str] | None:
+        """The class names of a class-conditional prior (recorded in its checkpoint), else None."""
+        return self.ckpt.get("classes")
+
+    @property
     def num_codes(self) -> int:
-        return int(self.ckpt["network"]["num_tokens"]) - 1
+        """The codebook size, which is also the begin-of-sequence (null class) token."""
+        return int(self.ckpt["network"]["num_tokens"]) - 1 - len(self.classes or [])
+
+    def set_class(self, name: str | None, guidance: float = 1.0) -> None:
+        """Sample class ``name`` with guidance ``guidance`` (a conditional prior without a class samples
+        the null class, i.e. unconditionally); an unconditional prior refuses a class in one line."""
+        if name is not None:
+            class_index(self.classes, name)
+        elif guidance != 1.0:
+            raise VqldmError("--guidance needs --class: it mixes a class's logits with the unconditional ones")
+        self.sample_class, self.guidance = name, float(guidance)
+
+    @property
+    def start(self) -> int:
+        """The first token of every sequence: the set class's start token, else the begin-of-sequence token."""
+        if self.sample_class is None:
+            return self.num_codes
+        return int(start_tokens(torch.tensor(class_index(self.classes, self.sample_class)), self.num_codes))
 
     def data_records(self) -> tuple[dict, dict]:
         return self.ckpt.get("data", {}), self.vq_ckpt.get("data", {})
@@ -52,8 +78,9 @@ class TokenPipeline(RecordedGrid):
         """Code grids (B, x, y, z) for sample ``indices``; sample ``i`` is seeded by ``(seed, i)``."""
         order = torch.tensor(self.ckpt["ordering"]["order"], dtype=torch.long, device=self.rt.device)
         noise = gumbel_noise(indices, seed, len(order), self.num_codes)
-        seq = sample_tokens(self.model, noise, self.num_codes, temperature, top_k, top_p, cached=cached,
-                            autocast=self.rt.autocast, desc="token sampling" if progress else None)
+        seq = sample_tokens(self.model, noise, self.start, temperature, top_k, top_p, cached=cached,
+                            autocast=self.rt.autocast, desc="token sampling" if progress else None,
+                            guidance=self.guidance)
         return to_grid(seq, order, self.grid)
 
     @torch.no_grad()

@@ -9,6 +9,12 @@ Sampling is a pure function of its inputs: the randomness arrives as Gumbel nois
 per sample drawn from that sample's own generator (:func:`gumbel_noise`), and a token is
 ``argmax(logits / temperature + noise)`` over the codes kept by top-k / top-p: an exact draw from the
 tempered, truncated softmax (the Gumbel-max trick), independent of the batch a sample runs in.
+
+Only the first K logits (the codes) are ever drawn from: the begin-of-sequence token and a
+class-conditional model's class start tokens (indices >= K) are never emitted as codes. A class is
+sampled by starting the sequence with its start token; with classifier-free guidance weight ``W`` the
+sampler also runs the null (begin-of-sequence) stream, with a key/value cache of its own, and draws from
+``null + W (cond - null)`` (:func:`guided_logits`) before temperature, top-k and top-p.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqldm.priors.diffusion.unet import guidance_mix
 from vqldm.runtime import sample_generator
 
 
@@ -87,19 +94,43 @@ def _cached_step(model: nn.Module, token: torch.Tensor, pos: int, cache: _Cache)
     return model.to_logits(x)[:, 0]
 
 
+def guided_logits(cond: torch.Tensor, null: torch.Tensor | None, w: float) -> torch.Tensor:
+    """Classifier-free guidance on code logits, ``null + w (cond - null)`` as ``torch.lerp``: exactly the
+    null logits at ``w = 0`` and exactly ``cond`` at ``w = 1`` (or where no null stream runs)."""
+    return cond if null is None else guidance_mix(null, cond, w)
+
+
+class _Stream:
+    """One sequence being generated, (B, N + 1) after its start tokens, with its key/value cache."""
+
+    def __init__(self, model: nn.Module, start: torch.Tensor, n: int, cached: bool):
+        self.model, self.seq = model, torch.empty((start.shape[0], n + 1), dtype=torch.long, device=start.device)
+        self.seq[:, 0] = start
+        self.cache = _Cache(model, start.shape[0], n, start.device, torch.float32) if cached else None
+
+    def logits(self, pos: int, k: int) -> torch.Tensor:
+        """The code logits (B, k) of position ``pos``: never a start token's."""
+        if self.cache is not None:
+            return _cached_step(self.model, self.seq[:, pos], pos, self.cache)[:, :k]
+        return self.model(self.seq[:, :pos + 1])[:, -1, :k]
+
+
 @torch.inference_mode()
-def sample_tokens(model: nn.Module, noise: torch.Tensor, bos: int, temperature: float = 1.0,
+def sample_tokens(model: nn.Module, noise: torch.Tensor, start: int | torch.Tensor, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, cached: bool = True,
-                  autocast=None, desc: str | None = None) -> torch.Tensor:
-    """(B, N) code sequences in prior order, from Gumbel ``noise`` (B, N, K); ``bos`` is the model's
-    begin-of-sequence token (= K, the number of codes). The model must be in eval mode."""
+                  autocast=None, desc: str | None = None, guidance: float = 1.0) -> torch.Tensor:
+    """(B, N) code sequences in prior order, from Gumbel ``noise`` (B, N, K). ``start``: the first token,
+    one for all or one per sample (B,): the begin-of-sequence token (= K, the number of codes; a
+    conditional model's null class) or a class's start token. A ``guidance`` other than 1 mixes in the
+    null stream (:func:`guided_logits`). The model must be in eval mode."""
     import contextlib
 
     b, n, k = noise.shape
     device = next(model.parameters()).device
     noise = noise.to(device)
-    seq = torch.full((b, n + 1), bos, dtype=torch.long, device=device)
-    cache = _Cache(model, b, n, device, torch.float32) if cached else None
+    streams = [_Stream(model, torch.as_tensor(start, device=device).long().expand(b), n, cached)]
+    if guidance != 1.0:
+        streams.append(_Stream(model, torch.full((b,), k, dtype=torch.long, device=device), n, cached))
     steps = range(n)
     if desc:
         from tqdm import tqdm
@@ -107,6 +138,9 @@ def sample_tokens(model: nn.Module, noise: torch.Tensor, bos: int, temperature: 
         steps = tqdm(steps, desc=desc, unit="token", leave=False, dynamic_ncols=True)
     for pos in steps:
         with (autocast or contextlib.nullcontext)():
-            logits = _cached_step(model, seq[:, pos], pos, cache) if cached else model(seq[:, :pos + 1])[:, -1]
-        seq[:, pos + 1] = choose(logits[:, :k], noise[:, pos], temperature, top_k, top_p)
-    return seq[:, 1:]
+            logits = [s.logits(pos, k) for s in streams]
+        token = choose(guided_logits(logits[0], logits[1] if len(logits) > 1 else None, guidance), noise[:, pos],
+                       temperature, top_k, top_p)
+        for s in streams:
+            s.seq[:, pos + 1] = token
+    return streams[0].seq[:, 1:]

@@ -1,4 +1,5 @@
-"""The token prior as an engine task: a transformer learns the frozen VQ-VAE's code sequences."""
+"""The token prior as an engine task: a transformer learns the frozen VQ-VAE's code sequences (after a
+class's start token, for a class-conditional prior)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,16 @@ from vqldm.engine.tensorboard import Board
 from vqldm.engine.trainer import OptimizerSpec, StepContext, Task, make_optimizer
 from vqldm.errors import VqldmError
 from vqldm.latents import check_same_stage1, encode_indices
-from vqldm.priors.transformer.model import build_transformer, to_grid, to_sequence, with_bos
+from vqldm.priors.transformer.model import build_transformer, start_tokens, to_grid, to_sequence, with_bos
 from vqldm.priors.transformer.sampler import gumbel_noise, sample_tokens
 from vqldm.runtime import Runtime
 from vqldm.sampling.decode import decode_codes
 
 
-def token_nll(model: nn.Module, seq: torch.Tensor, bos: int) -> torch.Tensor:
-    """Negative log-likelihood (nats) of every code of (B, N) sequences under the prior: (B, N)."""
-    logits = model(with_bos(seq, bos))
+def token_nll(model: nn.Module, seq: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood (nats) of every code of (B, N) sequences under the prior, after ``start``
+    (the begin-of-sequence token, or each row's class start token): (B, N)."""
+    logits = model(with_bos(seq, start))
     return F.cross_entropy(logits.float().transpose(1, 2), seq, reduction="none")
 
 
@@ -36,7 +38,8 @@ class TransformerTask(Task):
         self.net_config, self.grid, self.meta, self.vis_real = net_config, list(grid), meta, vis_real
         self.order_list = list(order)
         self.order = torch.tensor(order, dtype=torch.long, device=rt.device)
-        self.bos = net_config["num_tokens"] - 1
+        # the begin-of-sequence token, one past the codes: a class-conditional prior's null class
+        self.bos = net_config["num_tokens"] - 1 - len(self.classes or [])
         self.model = rt.prepare_module(build_transformer(net_config))
         self.train_forward = self.model
 
@@ -51,22 +54,43 @@ class TransformerTask(Task):
                                                                                            self.rt)
         return to_sequence(grid.long(), self.order)
 
-    def _losses(self, net, batch: dict) -> dict[str, torch.Tensor]:
-        loss = token_nll(net, self.tokens_of(batch), self.bos).mean()
+    @property
+    def classes(self) -> list[str] | None:
+        """The class names of a class-conditional prior (``data.labels_file``), else None."""
+        return self.meta.get("classes")
+
+    def start_of(self, batch: dict, drop: bool) -> int | torch.Tensor:
+        """The start token of each sequence of a batch: a conditional prior's class start tokens, in
+        training each replaced by the null (begin-of-sequence) token with probability
+        ``prior.condition_drop_prob`` (drawn on the device: graph-safe, resumed exactly)."""
+        if not self.classes:
+            return self.bos
+        starts = start_tokens(self.rt.to_device(batch["label"]), self.bos)
+        p = self.cfg.prior.condition_drop_prob if drop else 0.0
+        if p > 0:
+            null = torch.full_like(starts, self.bos)
+            starts = torch.where(torch.rand(starts.shape, device=starts.device) < p, null, starts)
+        return starts
+
+    def _losses(self, net, batch: dict, drop: bool) -> dict[str, torch.Tensor]:
+        loss = token_nll(net, self.tokens_of(batch), self.start_of(batch, drop)).mean()
         return {"loss": loss, "bits_per_token": loss.detach() / math.log(2.0)}
 
     def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
-        return self._losses(self.train_forward, batch)
+        return self._losses(self.train_forward, batch, drop=True)
 
     def validation_step(self, batch: dict, model: nn.Module) -> dict[str, torch.Tensor]:
-        return self._losses(model, batch)
+        return self._losses(model, batch, drop=False)
 
     @torch.no_grad()
     def generate(self, model: nn.Module, n: int, seed: int) -> torch.Tensor:
-        """Decoded volumes in [0,1] units (B,1,X,Y,Z) on CPU, sample ``i`` seeded by ``(seed, i)``."""
+        """Decoded volumes in [0,1] units (B,1,X,Y,Z) on CPU, sample ``i`` seeded by ``(seed, i)``; a
+        conditional prior draws the classes in turn (sample ``i``: class ``i mod C``, W = 1)."""
         p = self.cfg.prior
         noise = gumbel_noise(list(range(n)), seed, len(self.order_list), self.bos)
-        seq = sample_tokens(model, noise, self.bos, p.temperature, p.top_k, p.top_p, autocast=self.rt.autocast)
+        start = start_tokens(torch.arange(n, device=self.rt.device) % len(self.classes), self.bos) \
+            if self.classes else self.bos
+        seq = sample_tokens(model, noise, start, p.temperature, p.top_k, p.top_p, autocast=self.rt.autocast)
         return decode_codes(self.vqvae, to_grid(seq, self.order, self.grid),
                             self.meta["normalization"]["intensity_range"], self.rt.autocast,
                             self.meta.get("intensity_calibration"))
@@ -90,3 +114,6 @@ class TransformerTask(Task):
             raise VqldmError(f"{key}: {path} reads the code grid in another order ({theirs.get('type')}) than "
                              f"prior.ordering ({self.cfg.prior.ordering}) gives here; resume with the same ordering "
                              f"and patch size, or start afresh")
+        if ckpt.get("classes") != self.classes:
+            raise VqldmError(f"{key}: {path} was trained with classes {ckpt.get('classes')}, this run has "
+                             f"{self.classes} (data.labels_file); resume with the same labels")

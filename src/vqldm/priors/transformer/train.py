@@ -1,14 +1,18 @@
-"""``vqldm train-prior``: the frozen stage 1, its code indices (cached or on the fly), the token prior task."""
+"""``vqldm train-prior``: the frozen stage 1, its code indices (cached or on the fly), the class labels
+(``data.labels_file``: a class-conditional prior), the token prior task."""
 
 from __future__ import annotations
 
 import logging
 import math
 
+import torch
+
 from vqldm import distributed as dist
 from vqldm import latents as L
 from vqldm.autoencoder.model import total_stride
 from vqldm.config import Config
+from vqldm.data.labels import LabelledDataset, dataset_labels
 from vqldm.engine import setup
 from vqldm.engine.trainer import FitResult, Trainer
 from vqldm.priors.transformer.model import token_order, transformer_net_config
@@ -25,17 +29,26 @@ def build_prior_trainer(cfg: Config, overwrite: bool = False, progress: bool = T
     vqvae, vq_ckpt, grid = L.frozen_stage1(cfg, "prior", rt)
     net = vq_ckpt["network"]
     train_info, val_info = setup.scan_data(cfg, progress)
+    labels = dataset_labels(cfg, train_info.files, val_info.files)
     norm = L.stage1_normalization(cfg, vq_ckpt)
     val_tokens, tiles = L.encoded_tiles(cfg, "prior", val_info.files, norm, vqvae, rt, L.encode_indices)
-    val_ds = L.TensorDictDataset(tokens=val_tokens)
+    # a conditional prior validates on each tile's true class (its volume's), never dropped
+    val_ds = L.TensorDictDataset(tokens=val_tokens, **({} if labels is None else {"label": torch.tensor(
+        [labels.val[tile[0]] for tile in tiles.tiles], dtype=torch.long)}))
     vis_real = L.real_tiles(tiles, norm, cfg.prior.logging.num_visualize_samples)
     train_ds, cached = L.train_items(cfg, "prior", train_info.files, norm, vqvae, rt, grid, total_stride(net),
                                      progress, encoder=L.encode_indices, key="tokens")
+    if labels is not None:
+        train_ds = LabelledDataset(train_ds, labels.train)
     train_loader, sampler = setup.train_loader(cfg, "prior", train_ds, rt)
     val_loader = setup.val_loader(cfg, "prior", val_ds, rt)
     seq_len = math.prod(grid)
-    net_cfg = transformer_net_config(cfg, net["num_embeddings"], seq_len)
+    net_cfg = transformer_net_config(cfg, net["num_embeddings"], seq_len, len(labels.classes) if labels else 0)
     meta = L.stage1_meta(cfg, "prior", vq_ckpt, train_info.grid, [net["embedding_dim"]] + grid, cached)
+    if labels is not None:
+        meta["classes"] = list(labels.classes)
+        log.info("class-conditional token prior: %d classes (%s), one start token each, condition_drop_prob %g",
+                 len(labels.classes), ", ".join(labels.classes), cfg.prior.condition_drop_prob)
     task = TransformerTask(cfg, rt, vqvae, net_cfg, token_order(cfg.prior.ordering, grid, cfg.seed), grid, meta,
                            vis_real)
     task.train_forward = setup.wrap_for_training(task.model, rt)
