@@ -176,15 +176,37 @@ def test_synth_writes_density_levels_and_their_labels(labelled_run):
     data = labelled_run["data"]
     gt = json.loads((data / "ground_truth.json").read_text())
     rows = [r.split(",") for r in (data / "labels.csv").read_text().splitlines()]
-    assert rows[0] == ["file", "label", "n_filaments", "foreground_fraction"]
+    assert rows[0] == ["file", "label", "n_filaments", "persistence_nm", "foreground_fraction"]
     want = [[f"{s}/mt_{i:04d}.nii.gz", f"level{i}", str(gt[s][f"mt_{i:04d}.nii.gz"]["n_filaments"])]
             for s in ("train", "val") for i in range(3)]
     assert [r[:3] for r in rows[1:]] == want
-    assert [float(r[3]) for r in rows[1:]] == pytest.approx(
-        [gt[s][f"mt_{i:04d}.nii.gz"]["foreground_fraction"] for s in ("train", "val") for i in range(3)], rel=1e-5)
+    truth = [gt[s][f"mt_{i:04d}.nii.gz"] for s in ("train", "val") for i in range(3)]
+    assert [float(r[3]) for r in rows[1:]] == pytest.approx([sum(t["persistence_nm"]) / len(t["persistence_nm"])
+                                                             for t in truth], abs=0.06)
+    assert [float(r[4]) for r in rows[1:]] == pytest.approx([t["foreground_fraction"] for t in truth], rel=1e-5)
     assert [gt["levels"][f"level{k}"]["n_filaments"] for k in range(3)] == [[4, 6], [10, 15], [25, 35]]
     counts = [gt["train"][f"mt_{i:04d}.nii.gz"]["n_filaments"] for i in range(3)]
     assert 4 <= counts[0] <= 6 and 10 <= counts[1] <= 15 and 25 <= counts[2] <= 35
+
+
+def test_synth_varies_stiffness_in_levels_and_labels_each_volume(tmp_path):
+    from vqldm.synth import write_dataset
+    from vqldm.synth.microtubules import MicrotubuleParams, stiffness_levels
+
+    lv = stiffness_levels(MicrotubuleParams(), 3)
+    assert [round(v.persistence_nm[0] / 0.85) for v in lv.values()] == [2000, 8944, 40000]
+    s = write_dataset(tmp_path / "d", 3, 0, (32, 32, 16), seed=0, progress=False, levels=3, vary="stiffness")
+    gt = json.loads(Path(s["ground_truth"]).read_text())
+    assert gt["varied"] == "stiffness"
+    table = read_table(s["labels_file"])
+    for i, (name, level) in enumerate(lv.items()):
+        t = gt["train"][f"mt_{i:04d}.nii.gz"]
+        lo, hi = level.persistence_nm
+        assert all(lo <= v <= hi for v in t["persistence_nm"])
+        row = table.rows[f"train/mt_{i:04d}.nii.gz"]
+        assert row["label"] == name and lo <= float(row["persistence_nm"]) <= hi
+    with pytest.raises(VqldmError, match="--vary thickness: choose density or stiffness"):
+        write_dataset(tmp_path / "e", 1, 0, (32, 32, 16), seed=0, progress=False, levels=2, vary="thickness")
 
 
 def test_too_many_density_levels_are_refused_in_one_line():

@@ -58,7 +58,7 @@ def cmd_synth(args) -> int:
     if (args.vary is None) != (args.levels is None):
         raise VqldmError("synth: --vary and --levels go together (e.g. --vary density --levels 3)")
     s = write_dataset(args.out, args.num_train, args.num_val, tuple(args.shape), args.seed, progress=not args.quiet,
-                      locs=args.locs, levels=args.levels or 0)
+                      locs=args.locs, levels=args.levels or 0, vary=args.vary or "density")
     lines = {
         "train": f"{Path(args.out) / 'train'} ({s['num_train']} volumes)",
         "val": f"{Path(args.out) / 'val'} ({s['num_val']} volumes)",
@@ -67,8 +67,9 @@ def cmd_synth(args) -> int:
     }
     if args.locs:
         lines["localisations"] = f"{s['locs_dir']}/train, {s['locs_dir']}/val (x [nm],y [nm],z [nm])"
-    kind = f"label ({args.levels} density levels), " if args.levels else ""
-    lines["labels"] = f"{s['labels_file']} ({kind}n_filaments, foreground_fraction per volume; data.labels_file)"
+    kind = f"label ({args.levels} {args.vary} levels), " if args.levels else ""
+    lines["labels"] = (f"{s['labels_file']} ({kind}n_filaments, persistence_nm, foreground_fraction per volume; "
+                       f"data.labels_file)")
     _print_paths("synthetic microtubules written:", lines)
     return 0
 
@@ -300,7 +301,9 @@ def _add_synth(sub) -> None:
     s = sub.add_parser("synth", help="write synthetic SMLM microtubule volumes (the built-in data set)",
                        description="Synthesise 3D SMLM-like microtubule volumes: worm-like-chain filaments, "
                                    "localisations with anisotropic precision, voxelised to [0,1] density. Writes "
-                                   "OUT/train/*.nii.gz, OUT/val/*.nii.gz and OUT/ground_truth.json.")
+                                   "OUT/train/*.nii.gz, OUT/val/*.nii.gz, OUT/ground_truth.json and OUT/labels.csv "
+                                   "(each volume's filament count, mean persistence length and foreground "
+                                   "fraction, for data.labels_file and diffusion.covariates).")
     s.add_argument("--out", required=True, help="output folder (must not already hold volumes)")
     s.add_argument("--num-train", type=int, default=16, help="training volumes (default 16)")
     s.add_argument("--num-val", type=int, default=4, help="validation volumes (default 4)")
@@ -310,10 +313,10 @@ def _add_synth(sub) -> None:
     s.add_argument("--locs", action="store_true",
                    help="also write each volume's ground-truth localisations (inside the field of view) as "
                         "OUT/locs/train/*.csv and OUT/locs/val/*.csv")
-    s.add_argument("--vary", choices=["density"], default=None,
-                   help="draw classes: density varies the number of filaments per volume in --levels levels "
-                        "(volume i at level i mod N; 3 levels: 4-6, 10-15, 25-35 filaments) and writes "
-                        "OUT/labels.csv (file,label) for data.labels_file")
+    s.add_argument("--vary", choices=["density", "stiffness"], default=None,
+                   help="draw classes (volume i at level i mod N; OUT/labels.csv names each volume's level): "
+                        "density varies the number of filaments per volume (3 levels: 4-6, 10-15, 25-35 "
+                        "filaments), stiffness their persistence length (3 levels around 2, 9 and 40 um)")
     s.add_argument("--levels", type=int, default=None, metavar="N", help="with --vary: how many levels, 2 to 4 (e.g. 3)")
     s.set_defaults(func=cmd_synth)
 

@@ -34,7 +34,7 @@ from vqldm.errors import VqldmError
 from vqldm.smlm.tables import write_table
 
 __all__ = ["MicrotubuleParams", "synth_volume", "synth_volume_and_locs",
-           "write_dataset", "density_levels", "voxel_size_nm", "nifti_bytes", "FOREGROUND_THRESHOLD"]
+           "write_dataset", "density_levels", "stiffness_levels", "voxel_size_nm", "nifti_bytes", "FOREGROUND_THRESHOLD"]
 
 FOREGROUND_THRESHOLD = 0.1  # a voxel above this (normalised) counts as foreground in summaries
 _SPLITS = ("train", "val")
@@ -324,18 +324,37 @@ def density_levels(params: MicrotubuleParams, levels: int) -> dict[str, Microtub
     return {f"level{k}": replace(params, n_filaments=r) for k, r in enumerate(ranges)}
 
 
-COVARIATES = ("n_filaments", "foreground_fraction")  # the labels file's numeric columns, per volume
+def stiffness_levels(params: MicrotubuleParams, levels: int) -> dict[str, MicrotubuleParams]:
+    """``levels`` classes of filament stiffness, ``level0`` (floppiest) to ``level{levels-1}`` (stiffest):
+    persistence-length centres spaced geometrically from a quarter of ``persistence_nm[0]`` to
+    ``persistence_nm[1]`` (2 to 40 um by default), each filament drawing 0.85 to 1.15 times its level's
+    centre."""
+    lo, hi = params.persistence_nm
+    if not 2 <= levels <= 6:
+        raise VqldmError(f"synth: --levels {levels}: stiffness takes 2 to 6 levels")
+    ranges = [(0.85 * c, 1.15 * c) for c in np.geomspace(lo / 4, hi, levels)]
+    return {f"level{k}": replace(params, persistence_nm=r) for k, r in enumerate(ranges)}
+
+
+VARIED = {"density": density_levels, "stiffness": stiffness_levels}  # what --vary can vary, in levels
+COVARIATES = ("n_filaments", "persistence_nm", "foreground_fraction")  # the labels file's numeric columns
+
+
+def _covariates(t: dict) -> list[str]:
+    """A volume's covariates: its filament count, mean persistence length (nm) and foreground fraction."""
+    return [f"{t['n_filaments']}", f"{float(np.mean(t['persistence_nm'])):.1f}", f"{t['foreground_fraction']:.6g}"]
 
 
 def _labels_csv(truth: dict[str, dict], levels: list[str] | None) -> bytes:
-    """``file,[label,]n_filaments,foreground_fraction`` rows of every volume, keyed ``train/mt_0000.nii.gz``
-    (a train and a val file of one name differ in their counts); volume ``i``'s label is level ``i mod N``."""
+    """``file,[label,]n_filaments,persistence_nm,foreground_fraction`` rows of every volume, keyed
+    ``train/mt_0000.nii.gz`` (a train and a val file of one name differ in their values); volume ``i``'s
+    label is level ``i mod N``."""
     head = ["file"] + (["label"] if levels else []) + list(COVARIATES)
     rows = [",".join(head)]
     for split, vols in truth.items():
         for name, t in vols.items():
             label = [levels[int(name[3:7]) % len(levels)]] if levels else []
-            rows.append(",".join([f"{split}/{name}"] + label + [f"{t['n_filaments']}", f"{t['foreground_fraction']:.6g}"]))
+            rows.append(",".join([f"{split}/{name}"] + label + _covariates(t)))
     return ("\n".join(rows) + "\n").encode("utf-8")
 
 
@@ -349,6 +368,7 @@ def write_dataset(
     progress: bool = True,
     locs: bool = False,
     levels: int = 0,
+    vary: str = "density",
 ) -> dict:
     """Writes a synthetic microtubule data set as NIfTI volumes plus ground truth.
 
@@ -367,10 +387,12 @@ def write_dataset(
         progress: Show a tqdm progress bar.
         locs: Also write each volume's ground-truth localisations (those inside the field of view)
             as ``out_dir/locs/<split>/mt_0000.csv`` (``x [nm],y [nm],z [nm]``).
-        levels: With 2 or more, volume ``i`` is drawn at filament-density level ``i % levels``
-            (:func:`density_levels`), and ``out_dir/labels.csv`` names each file's level (``label``).
-            The labels file always holds each volume's ``n_filaments`` and ``foreground_fraction``,
-            covariates for ``diffusion.covariates`` (rows keyed ``train/mt_0000.nii.gz``).
+        levels: With 2 or more, volume ``i`` is drawn at level ``i % levels`` of ``vary`` (density:
+            :func:`density_levels`; stiffness: :func:`stiffness_levels`), and ``out_dir/labels.csv`` names
+            each file's level (``label``). The labels file always holds each volume's ``n_filaments``, mean
+            ``persistence_nm`` and ``foreground_fraction``, covariates for ``diffusion.covariates`` (rows
+            keyed ``train/mt_0000.nii.gz``).
+        vary: What the levels vary: ``density`` or ``stiffness``.
 
     Returns:
         Summary dict: out_dir, counts, shape, voxel_size_nm, file paths, ground_truth path and
@@ -387,7 +409,9 @@ def write_dataset(
     gt_path = out / "ground_truth.json"
     _check_target(out, gt_path, counts, seed, locs)
     vox = voxel_size_nm(shape, params)
-    varied = density_levels(params, levels) if levels else None
+    if vary not in VARIED:
+        raise VqldmError(f"synth: --vary {vary}: choose {' or '.join(VARIED)}")
+    varied = VARIED[vary](params, levels) if levels else None
     jobs = [(split, i) for split in _SPLITS for i in range(counts[split])]
     for split in _SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
@@ -403,7 +427,7 @@ def write_dataset(
         "locs_dir": str(out / "locs") if locs else None,
         "foreground_threshold": FOREGROUND_THRESHOLD,
         "params": _jsonable(asdict(params)),
-        **({"levels": {k: _jsonable(asdict(v)) for k, v in varied.items()}} if varied else {}),
+        **({"varied": vary, "levels": {k: _jsonable(asdict(v)) for k, v in varied.items()}} if varied else {}),
         "train": truth["train"],
         "val": truth["val"],
     }
