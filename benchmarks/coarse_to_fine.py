@@ -5,7 +5,8 @@ For each of the first ``--volumes`` held-out volumes (``data.val_data_dir``), a 
 ``--cond-volume``, and as many without a condition (the same seeds). It reports, per volume and overall:
 
 - PSNR (data range 1) between each sample's coarse view (block means over the VQ-VAE's stride, i.e.
-  the volume downsampled 4x for the demo) and the real volume's: conditioned samples against
+  the volume downsampled 4x for the demo; for a ``coarse_view: projection`` prior their mean along z)
+  and the real volume's: conditioned samples against
   unconditioned ones, which show what an unguided prior gives;
 - the mean pairwise MS-SSIM among one volume's conditioned samples (below 1: the detail varies), beside
   the MS-SSIM of each sample to the real volume it was conditioned on and the real volumes' own
@@ -29,11 +30,13 @@ import vqldm
 from vqldm.data import pipeline
 from vqldm.data.io import read_volume
 from vqldm.latents import block_means
+from vqldm.priors.diffusion.coarse import as_view
 from vqldm.metrics.generation import ms_ssim_diversity
 
 
-def coarse(vol: np.ndarray, stride: int) -> np.ndarray:
-    return block_means(torch.from_numpy(np.asarray(vol, np.float32))[None, None], stride)[0, 0].numpy()
+def coarse(vol: np.ndarray, stride: int, view: str = "volume") -> np.ndarray:
+    """The view a coarse-to-fine prior is given: block means, or their mean along z (``projection``)."""
+    return as_view(block_means(torch.from_numpy(np.asarray(vol, np.float32))[None, None], stride), view)[0, 0].numpy()
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -53,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = vqldm.load_config(args.config)
     model = vqldm.load_model(cfg, checkpoint=args.diffusion_checkpoint)
-    stride = model.pipeline.coarse_stride
+    stride, view = model.pipeline.coarse_stride, model.pipeline.coarse_view
     norm = pipeline.Normalization.from_dict(model.pipeline.vq_ckpt["normalization"])
     files = pipeline.scan_data_dir(cfg, "val_data_dir").files[:args.volumes]
     kw = {"batch_size": args.per_volume, "autoguidance": args.autoguidance}
@@ -61,11 +64,11 @@ def main() -> None:
     for i, f in enumerate(files):
         real = np.clip(norm.unit(read_volume(f).array), 0, 1)
         reals.append(real)
-        target = coarse(real, stride)
+        target = coarse(real, stride, view)
         cond = model.sample(args.per_volume, seed=i, cond_volume=f, guidance=args.guidance, **kw).volumes
         free = model.sample(args.per_volume, seed=i, **kw).volumes
-        rows.append({"volume": str(f), "psnr_conditioned": [psnr(coarse(v, stride), target) for v in cond],
-                     "psnr_unconditioned": [psnr(coarse(v, stride), target) for v in free],
+        rows.append({"volume": str(f), "psnr_conditioned": [psnr(coarse(v, stride, view), target) for v in cond],
+                     "psnr_unconditioned": [psnr(coarse(v, stride, view), target) for v in free],
                      "ms_ssim_among_samples": ms_ssim_diversity(list(cond))["mean"],
                      "ms_ssim_to_the_real_volume": float(np.mean([ms_ssim_diversity([v, real])["mean"] for v in cond]))})
         r = rows[-1]

@@ -23,6 +23,8 @@ import numpy as np
 from vqldm.data.io import list_volumes, read_volume
 from vqldm.data.labels import LABEL, read_table
 from vqldm.metrics.conditions import ConditionClassifier, features, volumes_by_class
+from vqldm.metrics.generation import PASS_RATIO, compare
+from vqldm.visuals import mip_grid, save_png
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -43,6 +45,15 @@ def _class_of_value(table, files, name: str, value: float) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
+def _ratios(val: str, table, cls: str, gen: list[np.ndarray], threshold: float) -> dict:
+    """Each generation statistic's ratio to its floor, against the held-out volumes of class ``cls``."""
+    real = [np.clip(read_volume(f).array, 0, 1) for f in list_volumes(val) if table.class_of(f) == cls]
+    m = compare(real, gen, threshold=threshold)
+    ratios = {k: s["ratio"] for k, s in m["statistics"].items()} | {"mmd": m["mmd"]["ratio"]}
+    return {**ratios, "within_2x": sum(1 for r in ratios.values() if r is not None and r <= PASS_RATIO),
+            "n_real": len(real)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for a in ("--real", "--labels", "--covariate", "--out"):
@@ -50,6 +61,10 @@ def main() -> None:
     ap.add_argument("--samples", nargs="+", required=True)
     ap.add_argument("--window", type=float, default=0.15, help="real volumes within this relative distance")
     ap.add_argument("--threshold", type=float, default=0.1)
+    ap.add_argument("--val", default=None, help="held-out real volumes: each folder's generation ratios against "
+                                                "those of the class holding its value (as vqldm evaluate per class)")
+    ap.add_argument("--png", default=None, help="also a picture: per folder, real volumes near the value (up to 3), "
+                                                "then 4 samples (MIPs)")
     args = ap.parse_args()
     table, files = read_table(args.labels), list_volumes(args.real)
     real = {f: np.clip(read_volume(f).array, 0, 1) for f in files}
@@ -58,7 +73,7 @@ def main() -> None:
                                   args.threshold) if LABEL in table.columns else None
     res = {"covariate": args.covariate, "real": args.real, "folders": [],
            "real_leave_one_out_accuracy": clf.leave_one_out if clf else None}
-    asked_all, fg_all = [], []
+    asked_all, fg_all, rows = [], [], []
     for d in args.samples:
         rec = json.loads((Path(d) / "samples.json").read_text())
         asked = float(rec["covariates"]["asked"][args.covariate])
@@ -72,17 +87,24 @@ def main() -> None:
         cls = _class_of_value(table, files, args.covariate, asked) if clf else None
         if cls is not None:
             entry["class"], (entry["accuracy"], entry["classified_as"]) = cls, clf.accuracy(gen, cls, args.threshold)
+            if args.val:
+                entry["ratios"] = _ratios(args.val, table, cls, gen, args.threshold)
         res["folders"].append(entry)
+        rows.append(near[:3] + gen[:4])
         asked_all += [asked] * len(gen)
         fg_all += list(fg)
     a, f = np.array(asked_all), np.array(fg_all)
     res["spearman_asked_vs_foreground"] = float(np.corrcoef(_ranks(a), _ranks(f))[0, 1])
     Path(args.out).write_text(json.dumps(res, indent=2))
+    if args.png:
+        save_png(mip_grid(rows), args.png)
     print(json.dumps({k: v for k, v in res.items() if k != "folders"}, indent=2))
     for e in res["folders"]:
         print(f"{e['asked']:g} (W {e['guidance']}): fg {e['foreground'][0]:.4f} +- {e['foreground'][1]:.4f}, real near "
               f"{e['real_foreground_near']} (n {e['n_real_near']}), class {e.get('class')}: accuracy "
               f"{e.get('accuracy')} {e.get('classified_as')}")
+        if "ratios" in e:
+            print("   ratios:", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in e["ratios"].items()})
 
 
 if __name__ == "__main__":
