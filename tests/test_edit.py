@@ -155,6 +155,36 @@ def test_ddim_inversion_then_regeneration_gives_back_the_latent(prediction_type)
     assert not torch.allclose(ddim_from(den, torch.randn(z0.shape, generator=g), 200, sched), z0, atol=0.06)
 
 
+def test_partial_inversion_reaches_the_level_and_interpolation_ends_are_the_inputs_at_any_depth():
+    """With the exact model of Gaussian data: inverting to an intermediate timestep gives the
+    probability-flow latent there; depth 1 is the whole chain (inversion, slerp, regeneration) exactly;
+    at every depth frames 0 and N come back to the two inputs; a depth outside (0, 1] is refused."""
+    from vqldm.errors import VqldmError
+    from vqldm.sampling.edit import _scheduler, ddim_from, ddim_invert, interpolate_latents, sdedit_start, slerp
+
+    sched = {**SCHEDULE, "prediction_type": "v_prediction"}
+    g = torch.Generator().manual_seed(2)
+    mean, sd = torch.randn(1, 2, 4, 4, 4, generator=g), 0.5
+    za, zb = (mean + sd * torch.randn(1, 2, 4, 4, 4, generator=g) for _ in range(2))
+    den = _gaussian_denoiser(mean, sd, "v_prediction")
+    first, t = sdedit_start(1000, sched, 0.4, "--depth")  # many steps: DDIM's first-order error is small
+    a = float(_scheduler(sched, 1000).alphas_cumprod[t])
+    flow = a**0.5 * mean + (a * sd**2 + 1 - a) ** 0.5 * (za - mean) / sd  # x_t of za on the Gaussian's flow
+    part = ddim_invert(den, za, 1000, sched, first)
+    assert 0 < first < 999 and torch.allclose(part, flow, atol=0.03) and not torch.allclose(part, za, atol=0.3)
+    noise = ddim_invert(den, torch.cat([za, zb]), 20, sched)
+    full = ddim_from(den, torch.cat([slerp(noise[:1], noise[1:], k / 4) for k in range(5)]), 20, sched)
+    assert torch.equal(interpolate_latents(den, za, zb, 4, 20, sched, 1.0), full)
+    for depth in (0.2, 0.5, 1.0):
+        z = interpolate_latents(den, za, zb, 4, 1000, sched, depth)
+        assert z.shape == (5, 2, 4, 4, 4)
+        assert torch.allclose(z[0], za[0], atol=0.03) and torch.allclose(z[-1], zb[0], atol=0.03)
+        assert not torch.allclose(z[2], za[0], atol=0.3) and not torch.allclose(z[2], zb[0], atol=0.3)
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(VqldmError, match=f"^--depth {bad}: must lie in \\(0, 1\\]$"):
+            interpolate_latents(den, za, zb, 4, 20, sched, bad)
+
+
 def test_slerp_ends_and_sdedit_start():
     from vqldm.errors import VqldmError
     from vqldm.sampling.edit import sdedit_start, slerp
