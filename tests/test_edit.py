@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli
+from vqldm.commands.edit import INTERPOLATE_DEPTH
 from vqldm.data.io import list_volumes, read_volume, write_volume
 from vqldm.metrics.reconstruction import psnr, seam_ratio
 from vqldm.sampling.window import aligned_overlap, encode_windowed, window_borders
@@ -215,11 +216,27 @@ def test_interpolate_writes_frames_whose_ends_are_the_inputs(trained_stage2, tmp
     assert all(f.array.shape == like.array.shape and np.allclose(f.spacing, like.spacing) for f in frames)
     rec = json.loads((tmp_path / "i" / "frame.json").read_text())
     assert len(rec["foreground_fraction"]) == 4 and rec["frames"] == 3
+    assert rec["depth"] == INTERPOLATE_DEPTH and rec["steps_run"] <= 10
     # the end frames are the inputs' VQ-VAE reconstructions: (almost) every latent voxel gets its input's code back
     # (this tiny stage 1 decodes to almost nothing, so the codes, not the voxels, show it)
     assert rec["codes_frame0_as_a"] >= 0.9 and rec["codes_last_frame_as_b"] >= 0.9
     assert rec["psnr_frame0_vs_a_reconstruction_db"] >= 25 and rec["psnr_last_frame_vs_b_reconstruction_db"] >= 25
     assert (tmp_path / "i" / "frame.png").stat().st_size > 0
+
+
+def test_interpolate_depth_is_recorded_keeps_the_ends_and_bad_depth_is_one_line(trained_stage2, tmp_path, capsys):
+    val = list_volumes(Path(trained_stage2["config"]["data"]["val_data_dir"]))
+    pair = ("--a", val[0], "--b", val[1], "--frames", "2")
+    assert _edit(trained_stage2, "interpolate", tmp_path / "half", *pair, "--depth", "0.5") == 0
+    rec = json.loads((tmp_path / "half" / "frame.json").read_text())
+    assert rec["depth"] == 0.5 and rec["start_timestep"] <= 0.5 * 999 and 0 < rec["steps_run"] < 10
+    assert rec["codes_frame0_as_a"] >= 0.9 and rec["codes_last_frame_as_b"] >= 0.9
+    capsys.readouterr()
+    for bad in ("0", "1.5", "-0.2"):
+        assert _edit(trained_stage2, "interpolate", tmp_path / "bad", *pair, "--depth", bad) == 2
+        err = capsys.readouterr().err
+        assert f"--depth {float(bad)}: must lie in (0, 1]" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_sdedit_variants_are_seeded_and_bad_input_is_one_line(trained_stage2, tmp_path, capsys):
