@@ -579,7 +579,7 @@ def _add_edit(sub) -> None:
     i.add_argument("--frames", type=int, default=8, help="N: writes frames 0..N (default 8)")
     i.add_argument("--depth", type=float, default=None,
                    help="how far to invert, in (0, 1]: the share of the noise schedule (1: to pure noise; "
-                        "smaller keeps the frames nearer the data) (default 1)")
+                        "smaller keeps the frames nearer the data) (default 0.4)")
     _edit_common(i)
     d = e.add_parser("sdedit", help="variants of a volume: noise its latent part way and denoise (SDEdit)",
                      description="Noise the input's latent to strength x T with seeded noise and denoise it with "

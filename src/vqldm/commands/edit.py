@@ -139,7 +139,7 @@ def _write(ed: Editor, name: str, vols: np.ndarray, like: Volume, picture_rows: 
             "record": out / f"{name}.json"}
 
 
-INTERPOLATE_DEPTH = 1.0  # how far interpolation inverts by default (docs/editing.md: measured)
+INTERPOLATE_DEPTH = 0.4  # how far interpolation inverts by default (chosen by measurement: docs/editing.md)
 
 
 def foreground(vols: np.ndarray, threshold: float) -> list[float]:
