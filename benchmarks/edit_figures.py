@@ -10,10 +10,12 @@ planes; with few filaments per plane the input's own ratio strays from 1, so the
 invert: held-out volumes (``data.val_data_dir``) encoded, DDIM-inverted and regenerated with the same
 chain (``--steps``); PSNR of the regenerated (snapped) volume against the VQ-VAE reconstruction.
 
-interpolate: ``vqldm edit interpolate`` between the held-out volume with the i-th lowest and the one
-with the i-th highest foreground fraction, ``--frames`` frames; the share of consecutive frame pairs
-whose foreground fraction moves towards B's (or stays), and the end frames' PSNR against the inputs'
-reconstructions.
+interpolate: ``vqldm edit interpolate`` (``--depth``, default the command's) between the held-out volume
+with the i-th lowest and the one with the i-th highest foreground fraction, ``--frames`` frames; the
+share of consecutive frame pairs (steps) whose foreground fraction moves towards B's (or stays), the
+share of PAIRS whose whole series is monotone (every step towards B, or back by at most
+``--tolerance`` x the pair's difference |B - A|; default 1 %), each also over the pairs whose
+fractions differ by >= 30 %, and the end frames' PSNR against the inputs' reconstructions.
 
 sdedit: ``vqldm edit sdedit`` of held-out volumes at strengths 0.2 ... 1: PSNR of the variants against
 the input's reconstruction and their share of the input's codes.
@@ -29,6 +31,7 @@ samples.
 
 usage: OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/edit_figures.py --config CONFIG \
            --part reconstruct|invert|interpolate|sdedit|inpaint|tiled [--n 8] [--steps 50] [--frames 8]
+           [--depth D] [--tolerance 0.01]
 """
 
 from __future__ import annotations
@@ -97,29 +100,43 @@ def invert_part(cfg, n: int, steps: int, **_) -> dict:
     return {"volumes": len(rows), "steps": steps, "psnr_vs_reconstruction_db": rows, "min_db": min(rows)}
 
 
-def interpolate_part(cfg, n: int, steps: int, frames: int, **_) -> dict:
+def interpolate_part(cfg, n: int, steps: int, frames: int, depth: float | None = None, tolerance: float = 0.01,
+                     **_) -> dict:
     files = list_volumes(cfg.data.val_data_dir)
     fg = [float((read_volume(f).array > 0.1).mean()) for f in files]
     order = np.argsort(fg)
-    pairs, moving, total, ends = [], 0, 0, []
+    pairs, ends = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(n):
             a, b = files[order[i]], files[order[-1 - i]]
             opts = EditOptions(out_dir=Path(tmp) / str(i), steps=steps, progress=False)
-            rec = interpolate(cfg, a, b, frames, opts)["record"]
-            r = json.loads(Path(rec).read_text())
-            d = np.diff(r["foreground_fraction"]) * np.sign(r["foreground_fraction"][-1] - r["foreground_fraction"][0])
-            moving, total = moving + int((d >= 0).sum()), total + len(d)
+            r = json.loads(Path(interpolate(cfg, a, b, frames, opts, depth)["record"]).read_text())
             ends += [r["psnr_frame0_vs_a_reconstruction_db"], r["psnr_last_frame_vs_b_reconstruction_db"]]
             pairs.append({"a": a.name, "b": b.name, "foreground_fraction": r["foreground_fraction"]})
+            depth = r["depth"]
+    return {"pairs": pairs, "frames": frames, "steps": steps, "depth": depth, **monotony(pairs, tolerance),
+            "end_frame_psnr_min_db": min(ends)}
+
+
+def monotony(pairs: list[dict], tolerance: float) -> dict:
+    """Each pair's steps (frame to frame) towards B's foreground fraction, and whether its whole series
+    is monotone: every step moves towards B or falls back by at most ``tolerance`` x |B - A| (the end
+    frames' fractions). Adds ``relative_difference``, ``monotone_share`` and ``monotone`` to each pair."""
+    moving = []
     for p in pairs:
         f = np.asarray(p["foreground_fraction"])
+        d = np.diff(f) * np.sign(f[-1] - f[0])
+        moving += list(d >= 0)
         p["relative_difference"] = float(abs(f[-1] - f[0]) / max(min(f[0], f[-1]), 1e-9))
-        p["monotone_share"] = float((np.diff(f) * np.sign(f[-1] - f[0]) >= 0).mean())
-    distinct = [p["monotone_share"] for p in pairs if p["relative_difference"] >= 0.3]
-    return {"pairs": pairs, "frames": frames, "steps": steps, "monotone_share": moving / total,
-            "monotone_share_pairs_differing_by_30pct": float(np.mean(distinct)) if distinct else None,
-            "end_frame_psnr_min_db": min(ends)}
+        p["monotone_share"] = float((d >= 0).mean())
+        p["monotone"] = bool((d >= -tolerance * abs(f[-1] - f[0])).all())
+    distinct = [p for p in pairs if p["relative_difference"] >= 0.3]
+    return {"monotone_share": float(np.mean(moving)),
+            "monotone_share_pairs_differing_by_30pct": float(np.mean([p["monotone_share"] for p in distinct]))
+            if distinct else None,
+            "monotone_pairs_share": float(np.mean([p["monotone"] for p in pairs])), "monotone_tolerance": tolerance,
+            "monotone_pairs_share_differing_by_30pct": float(np.mean([p["monotone"] for p in distinct]))
+            if distinct else None}
 
 
 def sdedit_part(cfg, n: int, steps: int, **_) -> dict:
@@ -211,13 +228,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     ap.add_argument("--frames", type=int, default=8, help="interpolation frames (default 8)")
     ap.add_argument("--autoguidance", type=float, default=1.0, help="inpaint: autoguidance weight (default 1: none)")
+    ap.add_argument("--depth", type=float, default=None, help="interpolate: inversion depth (default: the command's)")
+    ap.add_argument("--tolerance", type=float, default=0.01,
+                    help="interpolate: a monotone pair's largest step back, x its difference (default 0.01)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(args.config)
     parts = {"reconstruct": reconstruct_part, "invert": invert_part, "interpolate": interpolate_part,
              "sdedit": sdedit_part, "inpaint": inpaint_part, "tiled": tiled_part}
     res = parts[args.part](cfg, args.n, steps=args.steps, frames=args.frames, config_path=args.config,
-                           autoguidance=args.autoguidance)
+                           autoguidance=args.autoguidance, depth=args.depth, tolerance=args.tolerance)
     print(json.dumps(res, indent=2, default=float))
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli
+from vqldm.commands.edit import INTERPOLATE_DEPTH
 from vqldm.data.io import list_volumes, read_volume, write_volume
 from vqldm.metrics.reconstruction import psnr, seam_ratio
 from vqldm.sampling.window import aligned_overlap, encode_windowed, window_borders
@@ -155,6 +156,36 @@ def test_ddim_inversion_then_regeneration_gives_back_the_latent(prediction_type)
     assert not torch.allclose(ddim_from(den, torch.randn(z0.shape, generator=g), 200, sched), z0, atol=0.06)
 
 
+def test_partial_inversion_reaches_the_level_and_interpolation_ends_are_the_inputs_at_any_depth():
+    """With the exact model of Gaussian data: inverting to an intermediate timestep gives the
+    probability-flow latent there; depth 1 is the whole chain (inversion, slerp, regeneration) exactly;
+    at every depth frames 0 and N come back to the two inputs; a depth outside (0, 1] is refused."""
+    from vqldm.errors import VqldmError
+    from vqldm.sampling.edit import _scheduler, ddim_from, ddim_invert, interpolate_latents, sdedit_start, slerp
+
+    sched = {**SCHEDULE, "prediction_type": "v_prediction"}
+    g = torch.Generator().manual_seed(2)
+    mean, sd = torch.randn(1, 2, 4, 4, 4, generator=g), 0.5
+    za, zb = (mean + sd * torch.randn(1, 2, 4, 4, 4, generator=g) for _ in range(2))
+    den = _gaussian_denoiser(mean, sd, "v_prediction")
+    first, t = sdedit_start(1000, sched, 0.4, "--depth")  # many steps: DDIM's first-order error is small
+    a = float(_scheduler(sched, 1000).alphas_cumprod[t])
+    flow = a**0.5 * mean + (a * sd**2 + 1 - a) ** 0.5 * (za - mean) / sd  # x_t of za on the Gaussian's flow
+    part = ddim_invert(den, za, 1000, sched, first)
+    assert 0 < first < 999 and torch.allclose(part, flow, atol=0.03) and not torch.allclose(part, za, atol=0.3)
+    noise = ddim_invert(den, torch.cat([za, zb]), 20, sched)
+    full = ddim_from(den, torch.cat([slerp(noise[:1], noise[1:], k / 4) for k in range(5)]), 20, sched)
+    assert torch.equal(interpolate_latents(den, za, zb, 4, 20, sched, 1.0), full)
+    for depth in (0.2, 0.5, 1.0):
+        z = interpolate_latents(den, za, zb, 4, 1000, sched, depth)
+        assert z.shape == (5, 2, 4, 4, 4)
+        assert torch.allclose(z[0], za[0], atol=0.03) and torch.allclose(z[-1], zb[0], atol=0.03)
+        assert not torch.allclose(z[2], za[0], atol=0.3) and not torch.allclose(z[2], zb[0], atol=0.3)
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(VqldmError, match=f"^--depth {bad}: must lie in \\(0, 1\\]$"):
+            interpolate_latents(den, za, zb, 4, 20, sched, bad)
+
+
 def test_slerp_ends_and_sdedit_start():
     from vqldm.errors import VqldmError
     from vqldm.sampling.edit import sdedit_start, slerp
@@ -185,11 +216,27 @@ def test_interpolate_writes_frames_whose_ends_are_the_inputs(trained_stage2, tmp
     assert all(f.array.shape == like.array.shape and np.allclose(f.spacing, like.spacing) for f in frames)
     rec = json.loads((tmp_path / "i" / "frame.json").read_text())
     assert len(rec["foreground_fraction"]) == 4 and rec["frames"] == 3
+    assert rec["depth"] == INTERPOLATE_DEPTH and rec["steps_run"] <= 10
     # the end frames are the inputs' VQ-VAE reconstructions: (almost) every latent voxel gets its input's code back
     # (this tiny stage 1 decodes to almost nothing, so the codes, not the voxels, show it)
     assert rec["codes_frame0_as_a"] >= 0.9 and rec["codes_last_frame_as_b"] >= 0.9
     assert rec["psnr_frame0_vs_a_reconstruction_db"] >= 25 and rec["psnr_last_frame_vs_b_reconstruction_db"] >= 25
     assert (tmp_path / "i" / "frame.png").stat().st_size > 0
+
+
+def test_interpolate_depth_is_recorded_keeps_the_ends_and_bad_depth_is_one_line(trained_stage2, tmp_path, capsys):
+    val = list_volumes(Path(trained_stage2["config"]["data"]["val_data_dir"]))
+    pair = ("--a", val[0], "--b", val[1], "--frames", "2")
+    assert _edit(trained_stage2, "interpolate", tmp_path / "half", *pair, "--depth", "0.5") == 0
+    rec = json.loads((tmp_path / "half" / "frame.json").read_text())
+    assert rec["depth"] == 0.5 and rec["start_timestep"] <= 0.5 * 999 and 0 < rec["steps_run"] < 10
+    assert rec["codes_frame0_as_a"] >= 0.9 and rec["codes_last_frame_as_b"] >= 0.9
+    capsys.readouterr()
+    for bad in ("0", "1.5", "-0.2"):
+        assert _edit(trained_stage2, "interpolate", tmp_path / "bad", *pair, "--depth", bad) == 2
+        err = capsys.readouterr().err
+        assert f"--depth {float(bad)}: must lie in (0, 1]" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_sdedit_variants_are_seeded_and_bad_input_is_one_line(trained_stage2, tmp_path, capsys):

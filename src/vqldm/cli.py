@@ -241,7 +241,7 @@ def cmd_edit(args) -> int:
                             overwrite=args.overwrite, progress=not args.quiet, class_name=args.class_name,
                             guidance=args.guidance, autoguidance=args.autoguidance)
     if args.edit == "interpolate":
-        res = edit.interpolate(cfg, Path(args.a), Path(args.b), args.frames, opts)
+        res = edit.interpolate(cfg, Path(args.a), Path(args.b), args.frames, opts, args.depth)
     elif args.edit == "sdedit":
         res = edit.sdedit(cfg, Path(args.input), args.strength, args.num_samples, opts)
     elif args.edit == "inpaint":
@@ -580,14 +580,18 @@ def _add_edit(sub) -> None:
     e = s.add_subparsers(dest="edit", metavar="EDIT")
     e.required = True
     i = e.add_parser("interpolate", help="frames between two volumes (DDIM inversion, slerp, regeneration)",
-                     description="Encode A and B, invert each latent to its DDIM noise, slerp the two noises and "
-                                 "regenerate each frame with the same DDIM chain; frame 0 is A's VQ-VAE "
+                     description="Encode A and B, invert each latent with deterministic DDIM to the timestep at "
+                                 "--depth x T (1: all the way to its noise), slerp the two there and regenerate "
+                                 "each frame from that timestep with the same DDIM chain; frame 0 is A's VQ-VAE "
                                  "reconstruction, frame N B's. Writes OUT/frame_0000.nii.gz ... frame_N, "
                                  "OUT/frame.png (A and B, then the frames in rows of five) and "
-                                 "OUT/frame.json (foreground fraction per frame, end-frame PSNR).")
+                                 "OUT/frame.json (depth, foreground fraction per frame, end-frame PSNR).")
     i.add_argument("--a", required=True, help="first volume")
     i.add_argument("--b", required=True, help="last volume (the same shape as --a)")
     i.add_argument("--frames", type=int, default=8, help="N: writes frames 0..N (default 8)")
+    i.add_argument("--depth", type=float, default=None,
+                   help="how far to invert, in (0, 1]: the share of the noise schedule (1: to pure noise; "
+                        "smaller keeps the frames nearer the data) (default 0.4)")
     _edit_common(i)
     d = e.add_parser("sdedit", help="variants of a volume: noise its latent part way and denoise (SDEdit)",
                      description="Noise the input's latent to strength x T with seeded noise and denoise it with "

@@ -1,8 +1,9 @@
 """``vqldm edit``: edit existing volumes with the trained diffusion prior.
 
-- ``interpolate``: encode A and B, invert each latent to its DDIM noise (deterministic), slerp the
-  two noises, regenerate every frame with the same DDIM chain, snap to the codebook and decode;
-  frame 0 gives back A's VQ-VAE reconstruction and frame N B's.
+- ``interpolate``: encode A and B, invert each latent with deterministic DDIM to the timestep at
+  ``depth`` x T (1: all the way to its noise), slerp the two there, regenerate every frame from that
+  timestep with the same DDIM chain, snap to the codebook and decode; frame 0 gives back A's VQ-VAE
+  reconstruction and frame N B's.
 - ``sdedit``: noise the input's latent to ``strength`` x T with seeded noise and denoise it with DDIM
   (Meng et al., 2022): small strengths keep the input's layout, 1 draws a fresh sample.
 - ``inpaint``: regenerate the masked region (RePaint on a DDIM chain; the mask dilated to the latent
@@ -32,7 +33,7 @@ from vqldm.errors import VqldmError
 from vqldm.metrics.reconstruction import psnr
 from vqldm.priors.diffusion.pipeline import DiffusionPipeline, load_pipeline
 from vqldm.runtime import sample_generator
-from vqldm.sampling.edit import ddim_from, ddim_invert, noise_to, repaint, sdedit_start, slerp
+from vqldm.sampling.edit import ddim_from, interpolate_latents, noise_to, repaint, sdedit_start
 from vqldm.visuals import mip_grid, save_png
 
 
@@ -138,29 +139,36 @@ def _write(ed: Editor, name: str, vols: np.ndarray, like: Volume, picture_rows: 
             "record": out / f"{name}.json"}
 
 
+INTERPOLATE_DEPTH = 0.4  # how far interpolation inverts by default (chosen by measurement: docs/editing.md)
+
+
 def foreground(vols: np.ndarray, threshold: float) -> list[float]:
     return [float((v > threshold).mean()) for v in vols]
 
 
-def interpolate(cfg: Config, a: Path, b: Path, frames: int, opts: EditOptions) -> dict:
-    """Frames 0..``frames`` between A and B: DDIM-invert both, slerp the noises, regenerate, decode."""
+def interpolate(cfg: Config, a: Path, b: Path, frames: int, opts: EditOptions, depth: float | None = None) -> dict:
+    """Frames 0..``frames`` between A and B: DDIM-invert both to ``depth`` x T (None:
+    :data:`INTERPOLATE_DEPTH`), slerp there, regenerate, decode."""
+    depth = INTERPOLATE_DEPTH if depth is None else depth
     if frames < 1:
         raise VqldmError(f"--frames {frames}: must be >= 1")
+    if not 0 < depth <= 1:
+        raise VqldmError(f"--depth {depth}: must lie in (0, 1]")
     ed = load_editor(cfg, opts)
     va, ua, za = ed.latent(a, "--a")
     vb, ub, zb = ed.latent(b, "--b")
     if va.array.shape != vb.array.shape:
         raise VqldmError(f"--b {b}: shape {list(vb.array.shape)} differs from --a's {list(va.array.shape)}")
     prepare_out(opts.out_dir, ("frame_*", "frame.png", "frame.json"), opts.overwrite)
-    t0, steps, sched, den = time.perf_counter(), opts.steps, ed.pipe.schedule, ed.denoiser(za)
-    noise = ddim_invert(den, torch.cat([za, zb]), steps, sched, autocast=ed.pipe.rt.autocast,
-                        desc=ed.desc("DDIM inversion"))
-    x = torch.cat([slerp(noise[:1], noise[1:], k / frames) for k in range(frames + 1)])
-    z = ddim_from(den, x, steps, sched, autocast=ed.pipe.rt.autocast, desc=ed.desc("regenerating"))
+    t0 = time.perf_counter()
+    first, start = sdedit_start(opts.steps, ed.pipe.schedule, depth, "--depth")
+    z = interpolate_latents(ed.denoiser(za), za, zb, frames, opts.steps, ed.pipe.schedule, depth,
+                            autocast=ed.pipe.rt.autocast, progress=opts.progress)
     vols, rec = ed.decode(z), ed.decode(torch.cat([za, zb]))  # the end frames should give back rec
     same = (ed.codes(z[[0, -1]]) == ed.codes(torch.cat([za, zb]))).flatten(1).float().mean(1)
     thr = float(ed.stage1.ckpt.get("data", {}).get("foreground_threshold", 0.1))
-    record = {"a": str(a), "b": str(b), "frames": frames, "foreground_fraction": foreground(vols, thr),
+    record = {"a": str(a), "b": str(b), "frames": frames, "depth": depth, "start_timestep": start,
+              "steps_run": opts.steps - first, "foreground_fraction": foreground(vols, thr),
               "foreground_threshold": thr, "psnr_frame0_vs_a_reconstruction_db": psnr_of(vols[0], rec[0]),
               "psnr_last_frame_vs_b_reconstruction_db": psnr_of(vols[-1], rec[1]),
               "codes_frame0_as_a": float(same[0]), "codes_last_frame_as_b": float(same[1]),

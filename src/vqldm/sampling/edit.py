@@ -6,6 +6,8 @@ latent, the schedule and any generator are arguments; the global RNG is never to
 - :func:`ddim_from`: deterministic DDIM (eta 0) from any of its timesteps down to a clean latent.
 - :func:`sdedit_start`: where SDEdit (Meng et al., 2022) starts for a strength in (0, 1].
 - :func:`slerp`: spherical interpolation between two noise tensors.
+- :func:`interpolate_latents`: frames between two clean latents: invert both part or all of the way
+  (``depth``), slerp there, regenerate.
 
 Only models trained with the DDPM objective (epsilon, v or sample prediction) have a DDIM chain.
 """
@@ -58,9 +60,10 @@ def _steps(timesteps, desc: str | None):
 
 
 @torch.no_grad()
-def ddim_invert(denoiser: Denoiser, z0: torch.Tensor, steps: int, schedule: dict, *, condition=None,
-                autocast=None, desc: str | None = None) -> torch.Tensor:
-    """Clean latent ``z0`` -> the latent at the first DDIM timestep of ``steps`` steps.
+def ddim_invert(denoiser: Denoiser, z0: torch.Tensor, steps: int, schedule: dict, first: int = 0, *,
+                condition=None, autocast=None, desc: str | None = None) -> torch.Tensor:
+    """Clean latent ``z0`` -> the latent at DDIM timestep index ``first`` of ``steps`` steps (0: the
+    first, noisiest one; :func:`ddim_from` with the same ``first`` runs it back).
 
     Mirrors MONAI's DDIM step (which goes from timestep t to t - T // steps, the last one to a clean
     sample): each inverse step evaluates the model at the level the latent is at and moves it to the
@@ -70,7 +73,7 @@ def ddim_invert(denoiser: Denoiser, z0: torch.Tensor, steps: int, schedule: dict
     sch = _scheduler(schedule, steps)
     ac, ratio = sch.alphas_cumprod, sch.num_train_timesteps // sch.num_inference_steps
     x = z0.float()
-    for t in _steps([int(t) for t in reversed(sch.timesteps)], desc):
+    for t in _steps([int(t) for t in reversed(sch.timesteps[first:])], desc):
         prev = max(t - ratio, 0)
         a_prev = float(ac[prev])
         out = _call(denoiser, x, prev, condition, autocast)
@@ -91,11 +94,12 @@ def ddim_from(denoiser: Denoiser, x: torch.Tensor, steps: int, schedule: dict, f
     return x
 
 
-def sdedit_start(steps: int, schedule: dict, strength: float) -> tuple[int, int]:
+def sdedit_start(steps: int, schedule: dict, strength: float, option: str = "--strength") -> tuple[int, int]:
     """SDEdit at ``strength`` in (0, 1]: (index of the first DDIM timestep at or below strength * T,
-    that timestep). Strength 1 starts from pure noise; a small strength keeps more of the input."""
+    that timestep). Strength 1 starts from pure noise; a small strength keeps more of the input.
+    ``option`` names the setting in the one-line refusal of a value outside (0, 1]."""
     if not 0 < strength <= 1:
-        raise VqldmError(f"--strength {strength}: must lie in (0, 1]")
+        raise VqldmError(f"{option} {strength}: must lie in (0, 1]")
     sch = _scheduler(schedule, steps)
     ts = [int(t) for t in sch.timesteps]
     limit = strength * (schedule["num_train_timesteps"] - 1)
@@ -118,6 +122,22 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     if theta < 1e-4:
         return (1 - w) * a + w * b
     return (math.sin((1 - w) * theta) * a + math.sin(w * theta) * b) / math.sin(theta)
+
+
+@torch.no_grad()
+def interpolate_latents(denoiser: Denoiser, za: torch.Tensor, zb: torch.Tensor, frames: int, steps: int,
+                        schedule: dict, depth: float = 1.0, *, autocast=None, progress: bool = False) -> torch.Tensor:
+    """Frames 0..``frames`` between the clean latents ``za`` and ``zb`` (each (1, ...)), (frames + 1, ...).
+
+    Both are DDIM-inverted to the timestep at or below ``depth`` x T (:func:`sdedit_start`; depth 1: all
+    the way, to the chain's noise), slerped there and every frame is regenerated from that timestep
+    with the same chain, so frames 0 and ``frames`` come back to ``za`` and ``zb`` up to the inversion's
+    error at any depth. A smaller depth keeps the frames nearer the data (less is regenerated)."""
+    first, _ = sdedit_start(steps, schedule, depth, "--depth")
+    noise = ddim_invert(denoiser, torch.cat([za, zb]), steps, schedule, first, autocast=autocast,
+                        desc="DDIM inversion" if progress else None)
+    x = torch.cat([slerp(noise[:1], noise[1:], k / frames) for k in range(frames + 1)])
+    return ddim_from(denoiser, x, steps, schedule, first, autocast=autocast, desc="regenerating" if progress else None)
 
 
 def _renoise(x: torch.Tensor, a_from: float, a_to: float, generator: torch.Generator) -> torch.Tensor:
