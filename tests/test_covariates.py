@@ -193,3 +193,16 @@ def test_a_guide_with_other_covariates_cannot_guide(tmp_path):
     check_guide(dict(model), model, tmp_path / "g.pt", tmp_path / "m.pt")
     with pytest.raises(VqldmError, match="their covariates differ"):
         check_guide({**model, "covariates": {"n": [4.0, 35.0]}}, model, tmp_path / "g.pt", tmp_path / "m.pt")
+
+
+def test_edits_follow_the_covariates_and_coarse_view_asked_for_and_record_them(joint_run, tmp_path, capsys):
+    vol = list_volumes(joint_run["data"] / "val")[0]
+    common = ["--quiet", "edit", "sdedit", "--config", joint_run["config_path"], "--input", vol, "-n", 1,
+              "--steps", 4, "--strength", 0.5]
+    assert run_cli(*common, "--cond", "n_filaments=30", "--cond-volume", vol, "--class", "level2", "--guidance", 2,
+                   "--out", tmp_path / "e") == 0
+    rec = json.loads((tmp_path / "e" / "sdedit.json").read_text())
+    assert rec["covariates"] == {"n_filaments": 30.0} and rec["cond_volume"] == str(vol)
+    assert rec["class"] == "level2" and rec["guidance"] == 2.0
+    rc, _, err = cli(capsys, *common[1:], "--cond", "thickness=1", "--out", tmp_path / "f")
+    assert_clean_error(rc, err, "--cond thickness: unknown covariate")

@@ -233,13 +233,15 @@ def cmd_reconstruct(args) -> int:
 
 def cmd_edit(args) -> int:
     from vqldm.commands import edit
+    from vqldm.priors.diffusion.covariates import parse_cond
 
     cfg = _load(args, check_paths=False)
     opts = edit.EditOptions(out_dir=Path(args.out), steps=args.steps, seed=args.seed, snap=args.snap == "on",
                             overlap=args.overlap, diffusion_checkpoint=args.diffusion_checkpoint,
                             vqvae_checkpoint=args.vqvae_checkpoint, use_ema=not args.no_ema,
                             overwrite=args.overwrite, progress=not args.quiet, class_name=args.class_name,
-                            guidance=args.guidance, autoguidance=args.autoguidance)
+                            guidance=args.guidance, autoguidance=args.autoguidance, cond=parse_cond(args.cond),
+                            cond_volume=args.cond_volume)
     if args.edit == "interpolate":
         res = edit.interpolate(cfg, Path(args.a), Path(args.b), args.frames, opts, args.depth)
     elif args.edit == "sdedit":
@@ -562,8 +564,13 @@ def _edit_common(s) -> None:
     s.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA weights")
     s.add_argument("--class", dest="class_name", default=None, metavar="NAME",
                    help="class-conditional model: edit towards this class (default: the null class, unconditional)")
+    s.add_argument("--cond", action="append", default=None, metavar="KEY=VALUE",
+                   help="model trained with diffusion.covariates: edit towards this covariate value (repeatable)")
+    s.add_argument("--cond-volume", default=None, metavar="FILE",
+                   help="coarse-to-fine model: the edit follows this patch-sized volume's coarse view (or projection)")
     s.add_argument("--guidance", type=float, default=1.0, metavar="W",
-                   help="classifier-free guidance with --class: uncond + W (cond - uncond) (default 1)")
+                   help="classifier-free guidance with --class, --cond or --cond-volume: uncond + W (cond - uncond) "
+                        "(default 1)")
     s.add_argument("--autoguidance", type=float, default=1.0, metavar="W",
                    help="autoguidance by the guide the run kept, at timesteps >= diffusion.autoguidance.min_timestep "
                         "(default 1: the model alone, whatever the config says)")

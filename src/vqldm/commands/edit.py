@@ -52,6 +52,8 @@ class EditOptions:
     class_name: str | None = None  # class-conditional model: the class to edit towards (None: the null class)
     guidance: float = 1.0  # classifier-free guidance weight with class_name
     autoguidance: float = 1.0  # autoguidance weight (1: the model alone; the guide its run kept otherwise)
+    cond: dict | None = None  # a model with covariates: {name: value} to edit towards (--cond KEY=VALUE)
+    cond_volume: str | None = None  # a coarse-to-fine model: the volume whose coarse view the edit follows
 
 
 @dataclass
@@ -82,6 +84,9 @@ class Editor:
         tiled, train = self.pipe.tiled(list(z.shape[1:]))
         if not tiled:
             return self.pipe.denoiser()
+        if self.pipe.coarse is not None:
+            raise VqldmError("--cond-volume: the coarse view covers one training patch, and this edit's volume is "
+                             "larger; edit a patch-sized volume, or omit --cond-volume")
         from vqldm.sampling.window import tiled_denoiser
 
         return tiled_denoiser(self.pipe.plain_denoiser(), train, self.opts.overlap)
@@ -99,8 +104,18 @@ class Editor:
                 "sampler": "ddim (eta 0, no clipping)", "ema": self.opts.use_ema and bool(p.diff_ckpt.get("ema")),
                 "diffusion_checkpoint": str(p.diff_path), "diffusion_sha256": file_sha256(p.diff_path),
                 "vqvae_checkpoint": str(p.vq_path), "vqvae_sha256": p.vq_sha256, "device": p.rt.describe(),
-                **({"class": self.opts.class_name, "guidance": self.opts.guidance} if p.classes else {}),
-                "autoguidance": p.autoguidance_record()}
+                **self.conditions(), "autoguidance": p.autoguidance_record()}
+
+    def conditions(self) -> dict:
+        """What the edit's JSON record says of the conditions (a conditional model only)."""
+        p, o, out = self.pipe, self.opts, {}
+        if p.classes:
+            out["class"] = o.class_name
+        if p.covariates:
+            out["covariates"] = dict(o.cond or {})
+        if p.coarse_stride:
+            out["cond_volume"] = None if p.coarse_path is None else str(p.coarse_path)
+        return {**out, "guidance": o.guidance} if out else {}
 
 
 def check_shape(pipe: DiffusionPipeline, shape: list[int], what: str) -> None:
@@ -122,6 +137,8 @@ def load_editor(cfg: Config, opts: EditOptions) -> Editor:
                          f"{pipe.schedule['type']} objective, not ddpm")
     if not 1 <= opts.steps <= pipe.schedule["num_train_timesteps"]:
         raise VqldmError(f"--steps {opts.steps}: must lie in [1, {pipe.schedule['num_train_timesteps']}]")
+    pipe.set_coarse(opts.cond_volume)
+    pipe.set_covariates(opts.cond)
     pipe.set_class(opts.class_name, opts.guidance)  # one line for an unknown class or an unconditional model
     pipe.set_autoguidance(opts.autoguidance, cfg.diffusion.autoguidance.min_timestep)
     return Editor(pipe, Stage1(pipe.vqvae, pipe.vq_ckpt, pipe.vq_path, pipe.rt), opts)
