@@ -44,6 +44,24 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
+def _row(f: Path, real, target, cond, free, stride: int, view: str) -> dict:
+    """One held-out volume's figures: each sample's view against the real one (PSNR at data range 1, and
+    Pearson correlation, which a low-contrast projection needs), and the samples' MS-SSIM diversity."""
+    def corr(v):
+        return float(np.corrcoef(coarse(v, stride, view).ravel(), target.ravel())[0, 1])
+
+    r = {"volume": str(f), "psnr_conditioned": [psnr(coarse(v, stride, view), target) for v in cond],
+         "psnr_unconditioned": [psnr(coarse(v, stride, view), target) for v in free],
+         "correlation_conditioned": [corr(v) for v in cond], "correlation_unconditioned": [corr(v) for v in free],
+         "ms_ssim_among_samples": ms_ssim_diversity(list(cond))["mean"],
+         "ms_ssim_to_the_real_volume": float(np.mean([ms_ssim_diversity([v, real])["mean"] for v in cond]))}
+    print(f"{f.name}: coarse PSNR {np.mean(r['psnr_conditioned']):.2f} dB (unconditioned "
+          f"{np.mean(r['psnr_unconditioned']):.2f}), correlation {np.mean(r['correlation_conditioned']):.3f} "
+          f"({np.mean(r['correlation_unconditioned']):.3f}), MS-SSIM among samples {r['ms_ssim_among_samples']:.3f}, "
+          f"to the real volume {r['ms_ssim_to_the_real_volume']:.3f}")
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
@@ -67,26 +85,23 @@ def main() -> None:
         target = coarse(real, stride, view)
         cond = model.sample(args.per_volume, seed=i, cond_volume=f, guidance=args.guidance, **kw).volumes
         free = model.sample(args.per_volume, seed=i, **kw).volumes
-        rows.append({"volume": str(f), "psnr_conditioned": [psnr(coarse(v, stride, view), target) for v in cond],
-                     "psnr_unconditioned": [psnr(coarse(v, stride, view), target) for v in free],
-                     "ms_ssim_among_samples": ms_ssim_diversity(list(cond))["mean"],
-                     "ms_ssim_to_the_real_volume": float(np.mean([ms_ssim_diversity([v, real])["mean"] for v in cond]))})
-        r = rows[-1]
-        print(f"{f.name}: coarse PSNR {np.mean(r['psnr_conditioned']):.2f} dB (unconditioned "
-              f"{np.mean(r['psnr_unconditioned']):.2f}), MS-SSIM among samples {r['ms_ssim_among_samples']:.3f}, "
-              f"to the real volume {r['ms_ssim_to_the_real_volume']:.3f}")
+        rows.append(_row(f, real, target, cond, free, stride, view))
     allc = [p for r in rows for p in r["psnr_conditioned"]]
     allu = [p for r in rows for p in r["psnr_unconditioned"]]
     res = {"stride": stride, "per_volume": args.per_volume, "guidance": args.guidance,
            "autoguidance": args.autoguidance, "volumes": rows,
            "psnr_conditioned": {"mean": float(np.mean(allc)), "min": float(np.min(allc))},
            "psnr_unconditioned": {"mean": float(np.mean(allu)), "min": float(np.min(allu))},
+           **{f"correlation_{k}": float(np.mean([c for r in rows for c in r[f"correlation_{k}"]]))
+              for k in ("conditioned", "unconditioned")},
            "ms_ssim_among_samples_mean": float(np.mean([r["ms_ssim_among_samples"] for r in rows])),
            "ms_ssim_to_the_real_volume_mean": float(np.mean([r["ms_ssim_to_the_real_volume"] for r in rows])),
            "ms_ssim_among_real_volumes": ms_ssim_diversity(reals)["mean"]}
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"coarse PSNR, conditioned: mean {res['psnr_conditioned']['mean']:.2f} dB, min "
           f"{res['psnr_conditioned']['min']:.2f}; unconditioned: mean {res['psnr_unconditioned']['mean']:.2f}")
+    print(f"Pearson correlation of the views, conditioned {res['correlation_conditioned']:.3f}, unconditioned "
+          f"{res['correlation_unconditioned']:.3f}")
     print(f"MS-SSIM among one volume's samples {res['ms_ssim_among_samples_mean']:.3f}, samples to their real "
           f"volume {res['ms_ssim_to_the_real_volume_mean']:.3f}; among real volumes {res['ms_ssim_among_real_volumes']:.3f}")
 
