@@ -42,7 +42,7 @@ def token_nll_grid(pipe: TokenPipeline, volume: np.ndarray) -> torch.Tensor:
     grid = encode_indices(pipe.vqvae, x, pipe.rt)
     order = torch.tensor(pipe.ckpt["ordering"]["order"], dtype=torch.long, device=pipe.rt.device)
     with pipe.rt.autocast():
-        nll = token_nll(pipe.model, to_sequence(grid, order), pipe.num_codes)
+        nll = token_nll(pipe.model, to_sequence(grid, order), pipe.null_start)
     return to_grid(nll.float(), order, pipe.grid)[0].cpu()
 
 
