@@ -230,3 +230,19 @@ def test_refusals_are_one_line(cov_run, tmp_path, capsys):
     cfg["prior"]["covariates"] = ["thickness"]
     rc, _, err = cli(capsys, "train-prior", "--config", write_config(tmp_path / "d.yaml", cfg))
     assert_clean_error(rc, err, "prior.covariates: 'thickness' is not a numeric column")
+
+
+def test_score_reads_the_null_prefix_unless_given_another(cov_run):
+    from vqldm.commands.score import token_nll_grid
+    from vqldm.config import load_config
+    from vqldm.data.io import list_volumes, read_volume
+    from vqldm.priors.transformer.pipeline import load_token_pipeline
+
+    pipe = load_token_pipeline(load_config(cov_run["config_path"], announce=False))
+    vol = read_volume(list_volumes(cov_run["root"] / "data" / "val")[0]).array
+    null = token_nll_grid(pipe, vol)
+    assert pipe.null_start.tolist() == [[16, 16 + 1 + 3 + 8]]  # the null class, the covariate's null
+    assert torch.equal(null, token_nll_grid(pipe, vol, pipe.null_start))
+    pipe.set_covariates({"n_filaments": 30.0})
+    asked = token_nll_grid(pipe, vol, pipe.start)
+    assert asked.shape == null.shape == (8, 8, 8) and not torch.equal(asked, null)
