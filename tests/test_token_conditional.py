@@ -17,7 +17,7 @@ from vqldm.checkpoint import load_checkpoint
 from vqldm.config import config_from_dict
 from vqldm.data.labels import read_labels
 from vqldm.errors import VqldmError
-from vqldm.priors.transformer.model import build_transformer, start_tokens, transformer_net_config, with_bos
+from vqldm.priors.transformer.model import Vocabulary, build_transformer, start_tokens, transformer_net_config, with_bos
 from vqldm.priors.transformer.sampler import gumbel_noise, guided_logits, sample_tokens
 from vqldm.priors.transformer.task import TransformerTask
 
@@ -99,7 +99,8 @@ def test_start_tokens_are_never_drawn_as_codes():
 
 def test_condition_drop_replaces_classes_by_the_null_start_token_at_the_configured_rate():
     def task(p):
-        return SimpleNamespace(classes=["a", "b", "c"], bos=CODES, rt=SimpleNamespace(to_device=lambda x: x),
+        return SimpleNamespace(classes=["a", "b", "c"], bos=CODES, vocab=Vocabulary(CODES, 3),
+                               rt=SimpleNamespace(to_device=lambda x: x),
                                cfg=SimpleNamespace(prior=SimpleNamespace(condition_drop_prob=p)))
 
     labels = torch.randint(0, 3, (20000,))
@@ -110,7 +111,7 @@ def test_condition_drop_replaces_classes_by_the_null_start_token_at_the_configur
     assert torch.equal(out[~dropped], labels[~dropped] + CODES + 1)
     assert torch.equal(TransformerTask.start_of(task(0.2), {"label": labels}, drop=False), labels + CODES + 1)
     assert torch.equal(TransformerTask.start_of(task(0.0), {"label": labels}, drop=True), labels + CODES + 1)
-    uncond = SimpleNamespace(classes=None, bos=CODES)
+    uncond = SimpleNamespace(classes=None, bos=CODES, vocab=Vocabulary(CODES))
     assert TransformerTask.start_of(uncond, {}, drop=True) == CODES
 
 
@@ -170,6 +171,10 @@ def test_class_refusals_are_one_line(token_run, trained_stage1, data_dir, tmp_pa
     assert_clean_error(rc, err, "--class level9: unknown class; this model knows level0, level1, level2")
     rc, _, err = cli(capsys, *base, "--guidance", 2, "--out", tmp_path / "b")
     assert_clean_error(rc, err, "--guidance needs --class")
+    # the class-only model has no covariate tokens: --cond is one line, before any sample
+    rc, _, err = cli(capsys, *base, "--cond", "n_filaments=12", "--out", tmp_path / "d")
+    assert_clean_error(rc, err, "--cond n_filaments", "was trained without prior.covariates")
+    assert not list((tmp_path / "d").glob("sample_*"))
     uncond = tiny_config_dict(tmp_path / "u", data_dir)
     uncond["prior"]["checkpoints"]["vqvae_path"] = str(trained_stage1["best"])
     uncond["prior"]["training"]["n_epochs"] = 1
@@ -193,8 +198,10 @@ def test_api_guidance_zero_samples_exactly_the_null_class(token_run):
     assert np.array_equal(w0, null) and w1.shape == null.shape and np.isfinite(w1).all()
     with pytest.raises(VqldmError, match="unknown class"):
         model.sample(1, class_name="nope")
-    with pytest.raises(VqldmError, match="autoguidance, guide_checkpoint, cond_volume and cond are the diffusion prior's"):
+    with pytest.raises(VqldmError, match="autoguidance, guide_checkpoint and cond_volume are the diffusion prior's"):
         model.sample(1, autoguidance=2.0)
+    with pytest.raises(VqldmError, match="--cond n_filaments: .* was trained without prior.covariates"):
+        model.sample(1, cond={"n_filaments": 12.0})
 
 
 def test_a_resume_with_other_classes_is_refused(token_run, tmp_path, capsys):

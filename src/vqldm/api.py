@@ -140,10 +140,9 @@ class Model:
                cond_volume: str | Path | None = None, cond: dict[str, float] | None = None) -> Samples:
         """``n`` volumes; sample ``i`` is seeded by ``(seed, i)``. Diffusion: ``sampler`` (ddim, ddpm, dpmpp_2m, rflow),
         ``steps``, ``snap``, ``shape``, ``autoguidance`` and ``guide_checkpoint`` (as ``--autoguidance`` and
-        ``--guide-checkpoint``), for a coarse-to-fine model ``cond_volume`` (``--cond-volume``), for a model with
-        covariates ``cond`` ({name: value}, as ``--cond KEY=VALUE``); token prior: ``temperature``, ``top_k``,
-        ``top_p``; for a class-conditional model of either prior ``class_name`` and ``guidance`` (as ``--class``
-        and ``--guidance``). None: as ``vqldm sample`` (the config's, then the model's defaults)."""
+        ``--guide-checkpoint``), for a coarse-to-fine model ``cond_volume`` (``--cond-volume``); token prior:
+        ``temperature``, ``top_k``, ``top_p``; for a conditional model of either prior ``class_name``, ``cond``
+        (covariates, {name: value}, as ``--cond KEY=VALUE``) and ``guidance`` (as ``--class`` and ``--guidance``). None: as ``vqldm sample`` (the config's, then the model's defaults)."""
         from vqldm.commands.sample import SampleOptions, sampling_settings, token_settings
 
         if n < 1 or batch_size < 1:
@@ -153,9 +152,10 @@ class Model:
                              temperature=temperature, top_k=top_k, top_p=top_p)
         indices = list(range(n))
         if self.prior == "transformer":
-            if any(v is not None for v in (autoguidance, guide_checkpoint, cond_volume, cond)):
-                raise VqldmError("sample: autoguidance, guide_checkpoint, cond_volume and cond are the diffusion "
-                                 "prior's; the token prior takes temperature, top_k, top_p, class_name and guidance")
+            if any(v is not None for v in (autoguidance, guide_checkpoint, cond_volume)):
+                raise VqldmError("sample: autoguidance, guide_checkpoint and cond_volume are the diffusion prior's; "
+                                 "the token prior takes temperature, top_k, top_p, class_name, guidance and cond")
+            self.pipeline.set_covariates(cond)
             self.pipeline.set_class(class_name, guidance)
             vols = self.pipeline.generate(indices, seed, batch_size, progress=progress, **token_settings(self.config, opts))
         else:

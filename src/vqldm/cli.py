@@ -491,8 +491,8 @@ def _add_sample_conditions(s) -> None:
                         "data.class_folders): sample this class (default: the null class, unconditional); an "
                         "unconditional model refuses it")
     s.add_argument("--cond", action="append", default=None, metavar="KEY=VALUE",
-                   help="diffusion model trained with diffusion.covariates: sample at this covariate value, in the "
-                        "labels file's units (repeat for several; a covariate left out is unconstrained); a value "
+                   help="prior trained with diffusion.covariates or prior.covariates: sample at this covariate "
+                        "value, in the labels file's units (repeat for several; a covariate left out is unconstrained); a value "
                         "outside the training range is warned about")
     s.add_argument("--cond-volume", default=None, metavar="FILE",
                    help="coarse-to-fine model (trained with diffusion.coarse_condition): every sample matches this "

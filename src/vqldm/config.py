@@ -259,7 +259,10 @@ class PriorConfig:
     temperature: float = 1.0  # sampling: logits are divided by this (lower: more conservative samples)
     top_k: int | None = None  # sampling: keep the k likeliest codes (null: all)
     top_p: float | None = None  # sampling: keep the smallest set of codes holding this probability (null: all)
-    condition_drop_prob: float = 0.15  # data.labels_file: share of training sequences started by the null class
+    # data.labels_file: the share of each training condition (class, covariate) dropped to its null token
+    condition_drop_prob: float = 0.15
+    covariates: list[str] = field(default_factory=list)  # numeric columns of data.labels_file: prepended tokens
+    covariate_bins: int = 16  # with covariates: each one's normalised value is quantised to one of this many tokens
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(ema=True, n_epochs=100))
     checkpoints: CheckpointConfig = field(
         default_factory=lambda: CheckpointConfig(
@@ -529,6 +532,8 @@ def validate(cfg: Config) -> None:
     _require(not cfg.diffusion.covariates or bool(cfg.data.labels_file),
              "diffusion.covariates names columns of data.labels_file; set data.labels_file")
     _validate_prior(cfg.prior)
+    _require(not cfg.prior.covariates or bool(cfg.data.labels_file),
+             "prior.covariates names columns of data.labels_file; set data.labels_file")
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -742,6 +747,10 @@ def _validate_prior(p: PriorConfig) -> None:
         _require(0.0 < p.top_p <= 1.0, "prior.top_p must lie in (0, 1] or null")
     _require(0.0 <= p.condition_drop_prob < 1.0,
              f"prior.condition_drop_prob must lie in [0, 1), got {p.condition_drop_prob}")
+    _require(len(set(p.covariates)) == len(p.covariates) and all(str(c).strip() for c in p.covariates),
+             f"prior.covariates must be distinct column names, got {p.covariates}")
+    _require(isinstance(p.covariate_bins, int) and not isinstance(p.covariate_bins, bool) and p.covariate_bins >= 2,
+             f"prior.covariate_bins must be an integer >= 2, got {p.covariate_bins!r}")
 
 
 def vqvae_from_network(net: dict) -> VQVAEConfig:

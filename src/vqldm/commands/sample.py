@@ -62,7 +62,7 @@ class SampleOptions:
     autoguidance: float | None = None  # diffusion: autoguidance weight (default: diffusion.autoguidance.weight)
     guide_checkpoint: str | None = None  # diffusion: the guide (default: the one the checkpoint's run kept)
     cond_volume: str | None = None  # diffusion, coarse-to-fine UNet: the volume whose coarse view samples match
-    cond: dict | None = None  # diffusion, UNet with covariates: {name: value} (--cond KEY=VALUE)
+    cond: dict | None = None  # a prior (either) with covariates: {name: value} (--cond KEY=VALUE)
 
 
 # --format -> file suffix; "points" writes NIfTI volumes and a localisation table (CSV, nm) beside each
@@ -200,13 +200,12 @@ def _token_run(cfg: Config, opts: SampleOptions):
                          "--temperature, --top-k and --top-p")
     if opts.cond_volume is not None:
         raise VqldmError("--cond-volume: coarse-to-fine is the diffusion prior's (diffusion.coarse_condition)")
-    if opts.cond:
-        raise VqldmError("--cond: covariates condition the diffusion prior (diffusion.covariates)")
     if opts.autoguidance is not None or opts.guide_checkpoint is not None:
         raise VqldmError("--autoguidance and --guide-checkpoint: autoguidance steers the diffusion prior; the token "
                          "prior takes --temperature, --top-k and --top-p")
     knobs = token_settings(cfg, opts)
     pipe = load_token_pipeline(cfg, opts.prior_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
+    pipe.set_covariates(opts.cond)
     pipe.set_class(opts.class_name, opts.guidance)
 
     def run(mine: list[int]) -> torch.Tensor:
@@ -215,7 +214,8 @@ def _token_run(cfg: Config, opts: SampleOptions):
     record = {"prior": "transformer", **knobs, "ordering": pipe.ckpt["ordering"]["type"],
               "intensity_calibration": bool(pipe.vq_ckpt.get("intensity_calibration")),
               "ema": opts.use_ema and bool(pipe.ckpt.get("ema")), "prior_checkpoint": str(pipe.path),
-              "prior_sha256": file_sha256(pipe.path), **_class_record(pipe, opts)}
+              "prior_sha256": file_sha256(pipe.path), **_class_record(pipe, opts),
+              **({"covariate_bins": pipe.vocab.bins} if pipe.covariates else {})}
     return pipe, run, record
 
 

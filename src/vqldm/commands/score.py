@@ -34,15 +34,16 @@ log = logging.getLogger("vqldm")
 
 
 @torch.no_grad()
-def token_nll_grid(pipe: TokenPipeline, volume: np.ndarray) -> torch.Tensor:
-    """Negative log-likelihood (nats) of each code of one raw volume, as its code grid (x, y, z)."""
+def token_nll_grid(pipe: TokenPipeline, volume: np.ndarray, start: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Negative log-likelihood (nats) of each code of one raw volume, as its code grid (x, y, z), after
+    ``start`` (the start token or prefix; default: the null class and covariates, the unconditional likelihood)."""
     norm = pipeline.Normalization.from_dict(pipe.vq_ckpt["normalization"])
     lo, hi = norm.intensity_range
     x = torch.from_numpy(norm.unit(volume) * (hi - lo) + lo)[None, None]
     grid = encode_indices(pipe.vqvae, x, pipe.rt)
     order = torch.tensor(pipe.ckpt["ordering"]["order"], dtype=torch.long, device=pipe.rt.device)
     with pipe.rt.autocast():
-        nll = token_nll(pipe.model, to_sequence(grid, order), pipe.num_codes)
+        nll = token_nll(pipe.model, to_sequence(grid, order), pipe.null_start if start is None else start)
     return to_grid(nll.float(), order, pipe.grid)[0].cpu()
 
 

@@ -130,6 +130,20 @@ class ClassLabels:
         """The class-embedding index of the learned null (no class)."""
         return len(self.classes)
 
+    def record(self) -> dict:
+        """What a prior's checkpoint records of these conditions: the class names, the covariates' ranges."""
+        out = {"classes": list(self.classes)} if self.classes else {}
+        return {**out, "covariates": {k: list(v) for k, v in self.covariates.items()}} if self.covariates else out
+
+    def val_columns(self, volumes: list[int]) -> dict:
+        """The classes and covariates of validation items cut from val volumes ``volumes``, as tensor columns."""
+        import torch
+
+        out = {"label": torch.tensor([self.val[v] for v in volumes], dtype=torch.long)} if self.classes else {}
+        if self.covariates:
+            out["covariates"] = torch.tensor([self.val_values[v] for v in volumes], dtype=torch.float32)
+        return out
+
 
 def _check_coverage(t: LabelsTable, files: list[Path], existing: list[Path]) -> None:
     missing = [Path(f).name for f in files if t.key_of(f) is None]
@@ -156,17 +170,17 @@ def _numbers(t: LabelsTable, files: list[Path], name: str) -> list[float]:
     return out
 
 
-def _covariates(t: LabelsTable, train: list[Path], val: list[Path], names: list[str]):
-    """Each covariate's training range and the files' values normalised by it."""
+def _covariates(t: LabelsTable, train: list[Path], val: list[Path], names: list[str], key: str):
+    """Each covariate's training range and the files' values normalised by it (``key``: the option naming them)."""
     ranges, tr, va = {}, [], []
     for name in names:
         if name not in t.columns or name == LABEL:
-            raise VqldmError(f"diffusion.covariates: {name!r} is not a numeric column of data.labels_file {t.path} "
+            raise VqldmError(f"{key}: {name!r} is not a numeric column of data.labels_file {t.path} "
                              f"(its columns: {', '.join(t.columns)})")
         a, b = _numbers(t, train, name), _numbers(t, val, name)
         lo, hi = min(a), max(a)
         if not hi > lo:
-            raise VqldmError(f"diffusion.covariates: {name} takes one value ({lo:g}) over the training files; "
+            raise VqldmError(f"{key}: {name} takes one value ({lo:g}) over the training files; "
                              f"a constant cannot condition anything")
         ranges[name] = [lo, hi]
         tr.append([(v - lo) / (hi - lo) for v in a])
@@ -192,7 +206,7 @@ def _class_names(t: LabelsTable | None, train: list[Path], val: list[Path], fold
 
 def class_labels(path: str | Path | None, train_files: list[Path], val_files: list[Path],
                  existing: list[Path] | None = None, covariates: list[str] = (),
-                 folders: bool = False) -> ClassLabels:
+                 folders: bool = False, key: str = "diffusion.covariates") -> ClassLabels:
     """Every train and val file's conditions, checked: a file without a label and a label for a file that
     is in neither folder (``existing``: every volume there, including any a volume limit leaves out;
     default the files given) are each refused in one line, as are covariates that are not numbers."""
@@ -201,7 +215,7 @@ def class_labels(path: str | Path | None, train_files: list[Path], val_files: li
         _check_coverage(t, list(train_files) + list(val_files), existing or [])
     names = _class_names(t, train_files, val_files, folders)
     if names is None and not covariates:
-        raise VqldmError(f"data.labels_file {path}: no label column, and diffusion.covariates names no column "
+        raise VqldmError(f"data.labels_file {path}: no label column, and {key} names no column "
                          f"to condition on")
     classes = sorted(set(names)) if names is not None else []
     if names is not None and len(classes) < 2:
@@ -209,22 +223,22 @@ def class_labels(path: str | Path | None, train_files: list[Path], val_files: li
                          f"data.class_folders: needs at least two class subfolders, got {classes}")
     index = {c: k for k, c in enumerate(classes)}
     k = [index[n] for n in names] if names is not None else []
-    ranges, tr, va = _covariates(t, train_files, val_files, list(covariates)) if covariates else ({}, [], [])
+    ranges, tr, va = _covariates(t, train_files, val_files, list(covariates), key) if covariates else ({}, [], [])
     return ClassLabels(classes, k[:len(train_files)], k[len(train_files):], ranges, tr, va)
 
 
-def dataset_labels(cfg, train_files: list[Path], val_files: list[Path], covariates: list[str] = ()
-                   ) -> ClassLabels | None:
+def dataset_labels(cfg, train_files: list[Path], val_files: list[Path], covariates: list[str] = (),
+                   key: str = "diffusion.covariates") -> ClassLabels | None:
     """Every train and val file's conditions under ``data.labels_file`` / ``data.class_folders`` (and the
-    ``covariates`` columns), checked before any compute against every volume in both folders; None where
-    the config names none (an unconditional prior)."""
+    ``covariates`` columns, named by option ``key``), checked before any compute against every volume in both
+    folders; None where the config names none (an unconditional prior)."""
     d = cfg.data
     if not d.labels_file and not d.class_folders:
         return None
     if covariates and not d.labels_file:
-        raise VqldmError("diffusion.covariates: the covariates are columns of data.labels_file; set it")
+        raise VqldmError(f"{key}: the covariates are columns of data.labels_file; set it")
     existing = list_volumes(d.train_data_dir, d.class_folders) + list_volumes(d.val_data_dir, d.class_folders)
-    return class_labels(d.labels_file, train_files, val_files, existing, covariates, d.class_folders)
+    return class_labels(d.labels_file, train_files, val_files, existing, covariates, d.class_folders, key)
 
 
 def class_index(classes: list[str] | None, name: str) -> int:

@@ -83,7 +83,7 @@ def guided(denoiser, slots: Slots, asked: Asked | None, w: float = 1.0):
     return call
 
 
-def _keeps(shapes: list[tuple], p: float, device) -> list[torch.Tensor]:
+def condition_keeps(shapes: list[tuple], p: float, device) -> list[torch.Tensor]:
     """Presence draws, one tensor of each shape ((B,) per class or coarse view, (B, K) for K covariates):
     each condition dropped with probability ``p``, and where there is more than one, all of them together
     with ``p`` too. ``p`` 0 draws nothing."""
@@ -105,7 +105,7 @@ def training_args(slots: Slots, labels: torch.Tensor | None, coarse: torch.Tenso
     given = {k: v for k, v in given.items() if v is not None}
     shapes = [tuple(v.shape[:2]) if k == "context" else (v.shape[0],) for k, v in given.items()]
     out = {}
-    for (k, v), keep in zip(given.items(), _keeps(shapes, p, next(iter(given.values())).device)):
+    for (k, v), keep in zip(given.items(), condition_keeps(shapes, p, next(iter(given.values())).device)):
         if k == "class_labels":
             out[k] = torch.where(keep, v, torch.full_like(v, slots.null_class))
         elif k == "concat":

@@ -80,13 +80,7 @@ def _latent_norm(cfg: Config, train_ds, train_loader, sampler, use_cache: bool, 
 
 def _val_labels(labels: ClassLabels | None, tiles) -> dict:
     """The validation tiles' classes and covariates (each tile's volume's), as TensorDictDataset columns."""
-    if labels is None:
-        return {}
-    vols = [tile[0] for tile in tiles.tiles]
-    out = {"label": torch.tensor([labels.val[v] for v in vols], dtype=torch.long)} if labels.classes else {}
-    if labels.covariates:
-        out["covariates"] = torch.tensor([labels.val_values[v] for v in vols], dtype=torch.float32)
-    return out
+    return {} if labels is None else labels.val_columns([tile[0] for tile in tiles.tiles])
 
 
 def _val_coarse(cfg: Config, tiles, norm, stride: int) -> dict:
@@ -111,11 +105,7 @@ def _conditions(cfg: Config, train_info, val_info) -> ClassLabels | None:
 
 def _condition_meta(cfg: Config, labels: ClassLabels | None, stride: int) -> dict:
     """What the checkpoint records of the conditions: class names, covariate ranges, the coarse view."""
-    meta = {}
-    if labels is not None and labels.classes:
-        meta["classes"] = list(labels.classes)
-    if labels is not None and labels.covariates:
-        meta["covariates"] = {k: list(v) for k, v in labels.covariates.items()}
+    meta = {} if labels is None else labels.record()
     if cfg.diffusion.coarse_condition:
         meta["coarse_condition"] = {"stride": stride, "view": cfg.diffusion.coarse_view}
         log.info("coarse-to-fine UNet: conditioned on the %s view of block means over %d^3 voxels, "

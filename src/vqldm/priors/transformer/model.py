@@ -8,9 +8,17 @@ one past the codebook (index ``num_embeddings``), and predicts each code from th
 A class-conditional prior (``data.labels_file``) reads the class as that first token: the
 begin-of-sequence token is the null class, and class ``k`` has a start token of its own,
 ``num_embeddings + 1 + k`` (:func:`start_tokens`).
+
+A prior with covariates (``prior.covariates``: numeric columns of the labels file) reads them as tokens
+after the start token: each value, normalised to [0, 1] by its training range, is quantised to one of
+``prior.covariate_bins`` bins, and covariate ``j`` has ``bins + 1`` tokens of its own after the class start
+tokens (the last one its null). The sequence is ``[start, cov_1, ..., cov_K, code_1, ..., code_N-1]`` and
+predicts ``code_1 ... code_N`` (:class:`Vocabulary`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,14 +28,19 @@ from monai.utils.ordering import Ordering
 from vqldm.config import Config
 
 
-def transformer_net_config(cfg: Config, num_embeddings: int, seq_len: int, num_classes: int = 0) -> dict:
+def transformer_net_config(cfg: Config, num_embeddings: int, seq_len: int, num_classes: int = 0,
+                           num_covariates: int = 0) -> dict:
     """Plain-value constructor arguments of the transformer; saved in every prior checkpoint. With
-    ``num_classes`` the vocabulary also holds one start token per class (after the null's)."""
+    ``num_classes`` the vocabulary also holds one start token per class (after the null's), with
+    ``num_covariates`` each covariate's ``prior.covariate_bins + 1`` tokens, and the sequence grows by one
+    token per covariate."""
     p = cfg.prior
+    vocab = Vocabulary(num_embeddings, num_classes, num_covariates, p.covariate_bins if num_covariates else 0)
     return {
-        # the codes, the begin-of-sequence token (a conditional model's null class) and the classes' start tokens
-        "num_tokens": num_embeddings + 1 + num_classes,
-        "max_seq_len": seq_len,
+        # the codes, the begin-of-sequence token (a conditional model's null class), the classes' start tokens
+        # and the covariates' tokens
+        "num_tokens": vocab.size,
+        "max_seq_len": seq_len + num_covariates,
         "attn_layers_dim": p.attn_layers_dim,
         "attn_layers_depth": p.attn_layers_depth,
         "attn_layers_heads": p.attn_layers_heads,
@@ -87,8 +100,63 @@ def start_tokens(labels: torch.Tensor, num_codes: int) -> torch.Tensor:
     return labels.long() + (num_codes + 1)
 
 
+def as_prefix(start: int | torch.Tensor, batch: int, device) -> torch.Tensor:
+    """(batch, P) the tokens before the codes: a start token (an int or one per row (B,)) or whole prefixes
+    ((B, P) or (1, P): the start token, then the covariate tokens)."""
+    first = torch.as_tensor(start, dtype=torch.long, device=device)
+    return (first.reshape(-1, 1) if first.ndim < 2 else first).expand(batch, -1)
+
+
 def with_bos(seq: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
-    """The model's input: the start token (the begin-of-sequence token, or one per row (B,): a class's),
-    then all but the last code."""
-    first = torch.as_tensor(start, dtype=seq.dtype, device=seq.device).expand(seq.shape[0])[:, None]
-    return torch.cat([first, seq[:, :-1]], dim=1)
+    """The model's input: the start token (the begin-of-sequence token, or one per row (B,): a class's) or
+    the prefix (B, P) of a prior with covariates (:func:`as_prefix`), then all but the last code."""
+    return torch.cat([as_prefix(start, seq.shape[0], seq.device).to(seq.dtype), seq[:, :-1]], dim=1)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The token prior's vocabulary: ``codes`` code indices, the begin-of-sequence token (= ``codes``, the
+    null class), ``classes`` class start tokens, and ``bins + 1`` tokens for each of ``covariates``
+    covariates (bin ``b`` of covariate ``j``: ``first_covariate + j (bins + 1) + b``; ``b = bins``: its null)."""
+
+    codes: int
+    classes: int = 0
+    covariates: int = 0
+    bins: int = 0
+
+    @classmethod
+    def of(cls, ckpt: dict) -> "Vocabulary":
+        """The vocabulary of a checkpoint (or task meta with its ``network``): its classes and covariates."""
+        c, k = len(ckpt.get("classes") or []), len(ckpt.get("covariates") or {})
+        bins = int(ckpt.get("covariate_bins") or 0)
+        return cls(int(ckpt["network"]["num_tokens"]) - 1 - c - k * (bins + 1), c, k, bins)
+
+    @property
+    def bos(self) -> int:
+        return self.codes
+
+    @property
+    def size(self) -> int:
+        return self.codes + 1 + self.classes + self.covariates * (self.bins + 1)
+
+    def covariate_tokens(self, values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(B, K) tokens of normalised covariate ``values`` (B, K) in [0, 1] (clamped) where ``keep`` (B, K),
+        else each covariate's null token."""
+        first = self.codes + 1 + self.classes + (self.bins + 1) * torch.arange(self.covariates, device=values.device)
+        bins = (values.float() * self.bins).floor().clamp(0, self.bins - 1).long()
+        return first + torch.where(keep.bool(), bins, torch.full_like(bins, self.bins))
+
+    def prefix(self, start: int | torch.Tensor, values: torch.Tensor | None = None,
+               keep: torch.Tensor | None = None) -> int | torch.Tensor:
+        """What precedes the codes: ``start`` (an int or (B,)) alone without covariates, else (B, 1 + K) (or
+        (1, 1 + K)): the start token, then the covariate tokens of ``values`` / ``keep`` ((B, K) or (K,); None:
+        every covariate's null)."""
+        if not self.covariates:
+            return start
+        device = values.device if values is not None else torch.as_tensor(start).device
+        if values is None:
+            values = keep = torch.zeros(self.covariates, device=device)
+        tokens = self.covariate_tokens(values.reshape(-1, self.covariates), keep.reshape(-1, self.covariates))
+        first = torch.as_tensor(start, dtype=torch.long, device=device).reshape(-1, 1)
+        return torch.cat([as_prefix(first, max(len(first), len(tokens)), device),
+                          tokens.expand(max(len(first), len(tokens)), -1)], dim=1)

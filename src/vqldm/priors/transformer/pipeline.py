@@ -1,6 +1,7 @@
 """A trained token prior and its stage 1, rebuilt from their checkpoints alone, turning seeded
-Gumbel noise into code grids and volumes (``vqldm sample --prior transformer``), for a class-conditional
-prior of the class and guidance weight :meth:`TokenPipeline.set_class` sets."""
+Gumbel noise into code grids and volumes (``vqldm sample --prior transformer``), for a conditional prior
+at the covariates :meth:`TokenPipeline.set_covariates` and the class and guidance weight
+:meth:`TokenPipeline.set_class` set."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from vqldm.config import Config
 from vqldm.data.labels import class_index
 from vqldm.errors import VqldmError
 from vqldm.latents import RecordedGrid, recorded_stage1
-from vqldm.priors.transformer.model import build_transformer, start_tokens, to_grid, without_masks
+from vqldm.priors.diffusion.covariates import asked_values
+from vqldm.priors.transformer.model import Vocabulary, build_transformer, start_tokens, to_grid, without_masks
 from vqldm.priors.transformer.sampler import gumbel_noise, sample_tokens
 from vqldm.runtime import Runtime, make_runtime
 from vqldm.sampling.decode import decode_codes
@@ -39,6 +41,8 @@ class TokenPipeline(RecordedGrid):
     vq_sha256: str | None = None
     sample_class: str | None = None  # set_class: the class to sample (None: the null class)
     guidance: float = 1.0  # set_class: the classifier-free guidance weight
+    asked_covariates: dict | None = None  # set_covariates: --cond KEY=VALUE, the raw values asked for
+    covariate_values: tuple | None = None  # ... normalised, with their presence: ((K,), (K,))
 
     @property
     def grid(self) -> list[int]:
@@ -50,25 +54,50 @@ class TokenPipeline(RecordedGrid):
         return self.ckpt.get("classes")
 
     @property
+    def covariates(self) -> dict[str, list[float]]:
+        """The covariates of a prior trained with ``prior.covariates``: name -> training [min, max]."""
+        return dict(self.ckpt.get("covariates") or {})
+
+    @property
+    def vocab(self) -> Vocabulary:
+        return Vocabulary.of(self.ckpt)
+
+    @property
     def num_codes(self) -> int:
         """The codebook size, which is also the begin-of-sequence (null class) token."""
-        return int(self.ckpt["network"]["num_tokens"]) - 1 - len(self.classes or [])
+        return self.vocab.codes
+
+    def set_covariates(self, asked: dict[str, float] | None) -> None:
+        """Sample at these covariate values (``--cond KEY=VALUE``; a covariate left out is its null); a prior
+        without covariates refuses any in one line."""
+        if asked and not self.covariates:
+            raise VqldmError(f"--cond {next(iter(asked))}: {self.path} was trained without prior.covariates")
+        self.covariate_values = asked_values(asked or {}, self.covariates) if self.covariates else None
+        self.asked_covariates = dict(asked or {}) or None
 
     def set_class(self, name: str | None, guidance: float = 1.0) -> None:
-        """Sample class ``name`` with guidance ``guidance`` (a conditional prior without a class samples
-        the null class, i.e. unconditionally); an unconditional prior refuses a class in one line."""
+        """Sample class ``name`` (with the covariates set before) with guidance ``guidance`` (a conditional prior
+        without a class samples the null class); an unconditional prior refuses a class in one line, and
+        guidance without any condition too."""
         if name is not None:
             class_index(self.classes, name)
-        elif guidance != 1.0:
-            raise VqldmError("--guidance needs --class: it mixes a class's logits with the unconditional ones")
+        elif guidance != 1.0 and not self.asked_covariates:
+            raise VqldmError("--guidance needs --class or --cond: it mixes a condition's logits with the "
+                             "unconditional ones")
         self.sample_class, self.guidance = name, float(guidance)
 
     @property
-    def start(self) -> int:
-        """The first token of every sequence: the set class's start token, else the begin-of-sequence token."""
-        if self.sample_class is None:
-            return self.num_codes
-        return int(start_tokens(torch.tensor(class_index(self.classes, self.sample_class)), self.num_codes))
+    def start(self) -> int | torch.Tensor:
+        """What precedes every sequence: the set class's start token, else the begin-of-sequence token; for a
+        prior with covariates (1, 1 + K), then the asked covariates' tokens (the others' nulls)."""
+        first = self.num_codes if self.sample_class is None else int(
+            start_tokens(torch.tensor(class_index(self.classes, self.sample_class)), self.num_codes))
+        return self.vocab.prefix(first, *(self.covariate_values or (None, None)))
+
+    @property
+    def null_start(self) -> int | torch.Tensor:
+        """What precedes the fully unconditional stream: the null class, every covariate's null."""
+        return self.vocab.prefix(self.num_codes)
 
     def data_records(self) -> tuple[dict, dict]:
         return self.ckpt.get("data", {}), self.vq_ckpt.get("data", {})
@@ -80,7 +109,7 @@ class TokenPipeline(RecordedGrid):
         noise = gumbel_noise(indices, seed, len(order), self.num_codes)
         seq = sample_tokens(self.model, noise, self.start, temperature, top_k, top_p, cached=cached,
                             autocast=self.rt.autocast, desc="token sampling" if progress else None,
-                            guidance=self.guidance)
+                            guidance=self.guidance, null_start=self.null_start)
         return to_grid(seq, order, self.grid)
 
     @torch.no_grad()
@@ -99,7 +128,7 @@ def _model_from(ckpt: dict, path: Path, what: str, use_ema: bool, rt: Runtime) -
     state = inference_weights(ckpt, path, use_ema, "--prior-checkpoint")
 
     def make():
-        if math.prod(ckpt["latent_grid"]) > int(ckpt["network"]["max_seq_len"]):
+        if math.prod(ckpt["latent_grid"]) + len(ckpt.get("covariates") or {}) > int(ckpt["network"]["max_seq_len"]):
             raise ValueError(f"its code grid {ckpt['latent_grid']} is longer than its "
                              f"{ckpt['network']['max_seq_len']} positions")
         return build_transformer(ckpt["network"])

@@ -14,7 +14,10 @@ Only the first K logits (the codes) are ever drawn from: the begin-of-sequence t
 class-conditional model's class start tokens (indices >= K) are never emitted as codes. A class is
 sampled by starting the sequence with its start token; with classifier-free guidance weight ``W`` the
 sampler also runs the null (begin-of-sequence) stream, with a key/value cache of its own, and draws from
-``null + W (cond - null)`` (:func:`guided_logits`) before temperature, top-k and top-p.
+``null + W (cond - null)`` (:func:`guided_logits`) before temperature, top-k and top-p. A prior with
+covariates starts each sequence with a prefix, the start token and one token per covariate; the sampler
+prefills the prefix (into the cache too) and the null stream's prefix is the null class and every
+covariate's null.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqldm.priors.diffusion.unet import guidance_mix
+from vqldm.priors.transformer.model import as_prefix
 from vqldm.runtime import sample_generator
 
 
@@ -101,36 +105,45 @@ def guided_logits(cond: torch.Tensor, null: torch.Tensor | None, w: float) -> to
 
 
 class _Stream:
-    """One sequence being generated, (B, N + 1) after its start tokens, with its key/value cache."""
+    """One sequence being generated, (B, P + N) after its prefix (B, P) (the start token, then any covariate
+    tokens), with its key/value cache."""
 
-    def __init__(self, model: nn.Module, start: torch.Tensor, n: int, cached: bool):
-        self.model, self.seq = model, torch.empty((start.shape[0], n + 1), dtype=torch.long, device=start.device)
-        self.seq[:, 0] = start
-        self.cache = _Cache(model, start.shape[0], n, start.device, torch.float32) if cached else None
+    def __init__(self, model: nn.Module, prefix: torch.Tensor, n: int, cached: bool):
+        (b, self.p), device = prefix.shape, prefix.device
+        self.model, self.seq = model, torch.empty((b, self.p + n), dtype=torch.long, device=device)
+        self.seq[:, :self.p] = prefix
+        self.cache = _Cache(model, b, self.p - 1 + n, device, torch.float32) if cached else None
 
-    def logits(self, pos: int, k: int) -> torch.Tensor:
-        """The code logits (B, k) of position ``pos``: never a start token's."""
-        if self.cache is not None:
-            return _cached_step(self.model, self.seq[:, pos], pos, self.cache)[:, :k]
-        return self.model(self.seq[:, :pos + 1])[:, -1, :k]
+    def logits(self, i: int, k: int) -> torch.Tensor:
+        """The code logits (B, k) of code ``i`` (after the prefix and codes < i): never a start token's. The
+        cached path runs the prefix into the cache first (at ``i = 0``)."""
+        pos = self.p - 1 + i
+        if self.cache is None:
+            return self.model(self.seq[:, :pos + 1])[:, -1, :k]
+        for q in range(self.p - 1 if i == 0 else 0):
+            _cached_step(self.model, self.seq[:, q], q, self.cache)
+        return _cached_step(self.model, self.seq[:, pos], pos, self.cache)[:, :k]
 
 
 @torch.inference_mode()
 def sample_tokens(model: nn.Module, noise: torch.Tensor, start: int | torch.Tensor, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, cached: bool = True,
-                  autocast=None, desc: str | None = None, guidance: float = 1.0) -> torch.Tensor:
+                  autocast=None, desc: str | None = None, guidance: float = 1.0,
+                  null_start: int | torch.Tensor | None = None) -> torch.Tensor:
     """(B, N) code sequences in prior order, from Gumbel ``noise`` (B, N, K). ``start``: the first token,
     one for all or one per sample (B,): the begin-of-sequence token (= K, the number of codes; a
-    conditional model's null class) or a class's start token. A ``guidance`` other than 1 mixes in the
-    null stream (:func:`guided_logits`). The model must be in eval mode."""
+    conditional model's null class) or a class's start token; or, for a prior with covariates, the whole
+    prefix ((1, P) or (B, P): start and covariate tokens). A ``guidance`` other than 1 mixes in the null
+    stream (:func:`guided_logits`), started by ``null_start`` (default: the begin-of-sequence token). The
+    model must be in eval mode."""
     import contextlib
 
     b, n, k = noise.shape
     device = next(model.parameters()).device
     noise = noise.to(device)
-    streams = [_Stream(model, torch.as_tensor(start, device=device).long().expand(b), n, cached)]
+    streams = [_Stream(model, as_prefix(start, b, device), n, cached)]
     if guidance != 1.0:
-        streams.append(_Stream(model, torch.full((b,), k, dtype=torch.long, device=device), n, cached))
+        streams.append(_Stream(model, as_prefix(k if null_start is None else null_start, b, device), n, cached))
     steps = range(n)
     if desc:
         from tqdm import tqdm
@@ -142,5 +155,5 @@ def sample_tokens(model: nn.Module, noise: torch.Tensor, start: int | torch.Tens
         token = choose(guided_logits(logits[0], logits[1] if len(logits) > 1 else None, guidance), noise[:, pos],
                        temperature, top_k, top_p)
         for s in streams:
-            s.seq[:, pos + 1] = token
-    return streams[0].seq[:, 1:]
+            s.seq[:, s.p + pos] = token
+    return streams[0].seq[:, streams[0].p:]
