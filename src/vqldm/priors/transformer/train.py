@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 
-
 from vqldm import distributed as dist
 from vqldm import latents as L
 from vqldm.autoencoder.model import total_stride
