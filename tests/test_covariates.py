@@ -17,7 +17,7 @@ from vqldm.latents import block_means
 from vqldm.priors.diffusion.coarse import as_view, coarse_concat, condition_volume
 from vqldm.priors.diffusion.conditions import Slots, guided, training_args, unet_args
 from vqldm.priors.diffusion.covariates import asked_values, covariate_context, parse_cond, token_dim
-from vqldm.priors.diffusion.unet import as_denoiser
+from vqldm.priors.diffusion.unet import as_denoiser, build_unet
 
 from conftest import labelled_prior, run_cli, tiny_config_dict, with_updates, write_config
 from test_reliability import assert_clean_error, cli
@@ -203,3 +203,22 @@ def test_edits_follow_the_covariates_and_coarse_view_asked_for_and_record_them(j
     assert rec["class"] == "level2" and rec["guidance"] == 2.0
     rc, _, err = cli(capsys, *common[1:], "--cond", "thickness=1", "--out", tmp_path / "f")
     assert_clean_error(rc, err, "--cond thickness: unknown covariate")
+
+
+def test_check_reports_the_conditions_and_refuses_bad_labels_before_training(joint_run, tmp_path, capsys):
+    assert run_cli("--quiet", "check", "--config", joint_run["config_path"], "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    gt = json.loads((joint_run["data"] / "ground_truth.json").read_text())
+    counts = [t["n_filaments"] for t in gt["train"].values()]
+    assert report["conditions"]["classes"] == {"level0": [1, 1], "level1": [1, 1], "level2": [1, 1]}
+    assert report["conditions"]["covariates"] == {"n_filaments": [float(min(counts)), float(max(counts))]}
+    ckpt = load_checkpoint(joint_run["best"], kind="diffusion", what="test")
+    unet = sum(p.numel() for p in build_unet(ckpt["network"]).parameters())
+    assert report["diffusion_parameters"] == unet  # the conditioned UNet that training builds
+    assert run_cli("--quiet", "check", "--config", joint_run["config_path"]) == 0
+    assert "conditions        3 classes (level0: 1 train / 1 val" in capsys.readouterr().out
+    bad = tmp_path / "labels.csv"
+    bad.write_text((joint_run["data"] / "labels.csv").read_text().replace("train/mt_0001.nii.gz", "train/gone.nii.gz"))
+    rc, _, err = cli(capsys, "check", "--config", write_config(tmp_path / "b.yaml", with_updates(
+        joint_run["config"], data__labels_file=str(bad))))
+    assert_clean_error(rc, err, "data.labels_file", "without a label")
