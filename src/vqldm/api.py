@@ -155,13 +155,10 @@ class Model:
             if any(v is not None for v in (autoguidance, guide_checkpoint, cond_volume)):
                 raise VqldmError("sample: autoguidance, guide_checkpoint and cond_volume are the diffusion prior's; "
                                  "the token prior takes temperature, top_k, top_p, class_name, guidance and cond")
-            self.pipeline.set_covariates(cond)
-            self.pipeline.set_class(class_name, guidance)
+            self.pipeline.set_conditions(class_name, guidance, cond)
             vols = self.pipeline.generate(indices, seed, batch_size, progress=progress, **token_settings(self.config, opts))
         else:
-            self.pipeline.set_coarse(None if cond_volume is None else str(cond_volume))
-            self.pipeline.set_covariates(cond)
-            self.pipeline.set_class(class_name, guidance)
+            self.pipeline.set_conditions(class_name, guidance, cond, cond_volume)
             ag = self.config.diffusion.autoguidance
             self.pipeline.set_autoguidance(ag.weight if autoguidance is None else autoguidance, ag.min_timestep,
                                            None if guide_checkpoint is None else str(guide_checkpoint))

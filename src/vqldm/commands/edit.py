@@ -137,9 +137,7 @@ def load_editor(cfg: Config, opts: EditOptions) -> Editor:
                          f"{pipe.schedule['type']} objective, not ddpm")
     if not 1 <= opts.steps <= pipe.schedule["num_train_timesteps"]:
         raise VqldmError(f"--steps {opts.steps}: must lie in [1, {pipe.schedule['num_train_timesteps']}]")
-    pipe.set_coarse(opts.cond_volume)
-    pipe.set_covariates(opts.cond)
-    pipe.set_class(opts.class_name, opts.guidance)  # one line for an unknown class or an unconditional model
+    pipe.set_conditions(opts.class_name, opts.guidance, opts.cond, opts.cond_volume)  # one line for bad ones
     pipe.set_autoguidance(opts.autoguidance, cfg.diffusion.autoguidance.min_timestep)
     return Editor(pipe, Stage1(pipe.vqvae, pipe.vq_ckpt, pipe.vq_path, pipe.rt), opts)
 

@@ -129,9 +129,7 @@ def _my_share(opts: SampleOptions) -> list[int]:
 def _diffusion_run(cfg: Config, opts: SampleOptions):
     """The diffusion prior: its pipeline, a function of the sample indices, and what samples.json records."""
     pipe = load_pipeline(cfg, opts.diffusion_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
-    pipe.set_coarse(opts.cond_volume)
-    pipe.set_covariates(opts.cond)
-    pipe.set_class(opts.class_name, opts.guidance)
+    pipe.set_conditions(opts.class_name, opts.guidance, opts.cond, opts.cond_volume)
     ag = cfg.diffusion.autoguidance
     pipe.set_autoguidance(ag.weight if opts.autoguidance is None else opts.autoguidance, ag.min_timestep,
                           opts.guide_checkpoint)
@@ -205,8 +203,7 @@ def _token_run(cfg: Config, opts: SampleOptions):
                          "prior takes --temperature, --top-k and --top-p")
     knobs = token_settings(cfg, opts)
     pipe = load_token_pipeline(cfg, opts.prior_checkpoint, opts.vqvae_checkpoint, opts.use_ema)
-    pipe.set_covariates(opts.cond)
-    pipe.set_class(opts.class_name, opts.guidance)
+    pipe.set_conditions(opts.class_name, opts.guidance, opts.cond)
 
     def run(mine: list[int]) -> torch.Tensor:
         return pipe.generate(mine, opts.seed, opts.batch_size, progress=opts.progress and dist.is_main(), **knobs)

@@ -128,6 +128,14 @@ class DiffusionPipeline(RecordedGrid):
                              "with the unconditional one")
         self.sample_class, self.guidance, self._denoise = name, float(guidance), None
 
+    def set_conditions(self, class_name: str | None = None, guidance: float = 1.0, cond: dict | None = None,
+                       cond_volume: str | None = None) -> None:
+        """Everything the samples are conditioned on, in the order the checks need (``--guidance`` needs a
+        condition): the coarse view of ``cond_volume``, the covariates ``cond``, the class and the weight."""
+        self.set_coarse(None if cond_volume is None else str(cond_volume))
+        self.set_covariates(cond)
+        self.set_class(class_name, guidance)
+
     def asked(self) -> Asked:
         """Everything this pipeline's samples are conditioned on."""
         label = None if self.sample_class is None else self.classes.index(self.sample_class)

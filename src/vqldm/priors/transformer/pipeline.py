@@ -75,6 +75,11 @@ class TokenPipeline(RecordedGrid):
         self.covariate_values = asked_values(asked or {}, self.covariates) if self.covariates else None
         self.asked_covariates = dict(asked or {}) or None
 
+    def set_conditions(self, class_name: str | None = None, guidance: float = 1.0, cond: dict | None = None) -> None:
+        """The covariates ``cond``, then the class and the weight (``--guidance`` needs a condition set first)."""
+        self.set_covariates(cond)
+        self.set_class(class_name, guidance)
+
     def set_class(self, name: str | None, guidance: float = 1.0) -> None:
         """Sample class ``name`` (with the covariates set before) with guidance ``guidance`` (a conditional prior
         without a class samples the null class); an unconditional prior refuses a class in one line, and
