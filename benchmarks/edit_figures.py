@@ -25,9 +25,10 @@ the foreground fraction inside the box against the 5-95 % range of real volumes'
 in the same box, and the voxels changed outside the feathered mask (must be 0).
 
 tiled: ``vqldm sample --shape`` of 4 x 4 training patches (tiled latent sampling, sliding-window
-decoding): peak resident memory over one training-size sample's, each in a fresh process (2 DDIM
-steps; the UNet on the whole latent for contrast), and the seam ratio at the tile borders of ``--n``
-samples.
+decoding): peak memory over one training-size sample's, each in a fresh process (2 DDIM steps; the
+UNet on the whole latent for contrast), as live tensor bytes (the profiler's memory timeline on a CPU,
+``max_memory_allocated`` on a GPU) and as resident set; and the seam ratio at the tile borders of
+``--n`` samples.
 
 usage: OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/edit_figures.py --config CONFIG \
            --part reconstruct|invert|interpolate|sdedit|inpaint|tiled [--n 8] [--steps 50] [--frames 8]
@@ -177,37 +178,59 @@ def inpaint_part(cfg, n: int, steps: int, autoguidance: float = 1.0, **_) -> dic
 
 
 PEAK = """
-import json, resource, sys, torch
+import json, os, resource, sys, tempfile, torch
 torch.set_num_threads(1)
 from vqldm.config import load_config
 from vqldm.priors.diffusion.pipeline import load_pipeline
 from vqldm.sampling.samplers import sample_latents
 import vqldm.sampling.window, monai.inferers, tqdm  # imported before measuring: code is not sampling memory
 pipe = load_pipeline(load_config(sys.argv[1]))
-shape, mode = [int(v) for v in sys.argv[2:5]], sys.argv[5]
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4  # resident, KiB
-before = rss()
-if mode == "whole":  # the UNet on the whole latent at once (what --shape did before tiling)
-    z = sample_latents("ddim", pipe.denoiser(), pipe.noise([0], 0, pipe.latent_shape(shape)), 2, pipe.schedule)
-else:
-    pipe.generate([0], 0, 2, "ddim", 1, True, shape)
-print(json.dumps({"peak_minus_before_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+shape, mode, measure = [int(v) for v in sys.argv[2:5]], sys.argv[5], sys.argv[6]
+def run():
+    if mode == "whole":  # the UNet on the whole latent at once (what --shape did before tiling)
+        z = sample_latents("ddim", pipe.denoiser(), pipe.noise([0], 0, pipe.latent_shape(shape)), 2, pipe.schedule)
+    else:
+        pipe.generate([0], 0, 2, "ddim", 1, True, shape)
+if measure == "rss":  # resident set above the process's before: what the OS lends, allocator caches included
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4  # KiB
+    before = rss()
+    run()
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+elif pipe.rt.is_cuda:  # live tensors: what a GPU's max_memory_allocated counts
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+else:  # the same on the CPU: the profiler's timeline of live tensor bytes, new allocations only
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        run()
+    path = os.path.join(tempfile.mkdtemp(), "timeline.json")
+    p.export_memory_timeline(path, device="cpu")
+    peak = max(sum(s) for s in json.load(open(path))[1]) / 2**20
+print(json.dumps({"peak_mib": peak}))
 """
 
 
-def tiled_part(cfg, n: int, steps: int, config_path: str = "", **_) -> dict:
-    """Peak resident memory of sampling one training-size volume and a 4 x 4-patch one (2 DDIM steps,
-    fresh processes), and the seam ratio of ``n`` 4 x 4-patch samples at the tile borders."""
+def _peak_mib(config_path: str, shape: list[int], mode: str, measure: str) -> float:
     import subprocess
     import sys
 
+    out = subprocess.run([sys.executable, "-c", PEAK, config_path, *map(str, shape), mode, measure],
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    return json.loads(out)["peak_mib"]
+
+
+def tiled_part(cfg, n: int, steps: int, config_path: str = "", **_) -> dict:
+    """Peak memory of sampling one training-size volume and a 4 x 4-patch one (2 DDIM steps, each in a
+    fresh process), twice: live tensor bytes (the profiler's memory timeline on the CPU,
+    ``max_memory_allocated`` on a GPU), and the resident set. Then the seam ratio of ``n`` 4 x 4-patch
+    samples at the tile borders."""
     patch = list(cfg.data.patch_size)
     big = [patch[0] * 4, patch[1] * 4, patch[2]]
-    mem = {}
-    for name, shape, mode in [("one_tile", patch, "tiled"), ("4x4_tiled", big, "tiled"), ("4x4_whole_unet", big, "whole")]:
-        out = subprocess.run([sys.executable, "-c", PEAK, config_path, *map(str, shape), mode], capture_output=True,
-                             text=True, check=True).stdout.strip().splitlines()[-1]
-        mem[name] = json.loads(out)["peak_minus_before_mib"]
+    runs = [("one_tile", patch, "tiled"), ("4x4_tiled", big, "tiled"), ("4x4_whole_unet", big, "whole")]
+    mem = {measure: {name: _peak_mib(config_path, shape, mode, measure) for name, shape, mode in runs}
+           for measure in ("tensors", "rss")}
     from vqldm.priors.diffusion.pipeline import load_pipeline
 
     pipe = load_pipeline(cfg)
@@ -216,7 +239,8 @@ def tiled_part(cfg, n: int, steps: int, config_path: str = "", **_) -> dict:
     borders = [[b * stride for b in axis] for axis in lat_b]
     vols = pipe.generate(list(range(n)), 0, steps, "ddim", 1, True, big) if n else []
     seams = [seam_ratio(v[0], borders) for v in vols]
-    return {"shape": big, "peak_memory_mib": mem, "ratio_4x4_to_one_tile": mem["4x4_tiled"] / mem["one_tile"],
+    return {"shape": big, "peak_memory_mib": mem,
+            "ratio_4x4_to_one_tile": {k: m["4x4_tiled"] / m["one_tile"] for k, m in mem.items()},
             "seam_ratio_samples": seams, "seam_ratio_mean": float(np.mean(seams)) if seams else None, "steps": steps}
 
 

@@ -34,13 +34,25 @@ def fit_calibration(decoded: np.ndarray, real: np.ndarray, n: int = 1000) -> dic
             "method": "quantile mapping of training reconstructions onto the training volumes"}
 
 
+CHUNK = 1 << 18  # voxels mapped at a time: the map's temporaries (about 40 bytes a voxel) stay near 10 MiB
+
+
 def apply_calibration(u: torch.Tensor, table: dict | None) -> torch.Tensor:
     """Piecewise-linear interpolation of ``u`` ([0, 1] units) through ``table`` (values beyond the
-    table are held at its ends); no table: ``u`` unchanged."""
+    table are held at its ends); no table: ``u`` unchanged. Mapped ``CHUNK`` voxels at a time into one
+    new tensor, so a field of many patches needs no more than twice its own size."""
     if not table:
         return u
     x = torch.tensor(table["x"], dtype=u.dtype, device=u.device)
     y = torch.tensor(table["y"], dtype=u.dtype, device=u.device)
+    flat = u.reshape(-1)
+    out = torch.empty_like(flat)
+    for s in range(0, flat.numel(), CHUNK):
+        out[s:s + CHUNK] = _interpolate(flat[s:s + CHUNK], x, y)
+    return out.view(u.shape)
+
+
+def _interpolate(u: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     v = u.clamp(x[0], x[-1])
     i = torch.searchsorted(x, v.contiguous()).clamp(1, len(x) - 1)
     x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]

@@ -19,7 +19,6 @@ from monai.inferers import sliding_window_inference
 
 from vqldm.autoencoder.calibration import apply_calibration
 from vqldm.autoencoder.model import snap_to_codebook
-from vqldm.data.pipeline import to_unit
 
 # the Gaussian blending weight's sigma as a share of the window: MONAI's default 0.125 leaves both
 # windows' edges (where the encoder sees its zero padding) in charge mid-overlap; 0.25 measured smaller
@@ -63,10 +62,13 @@ def pad_to_multiple(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, list[in
     return F.pad(x, pads, mode=mode), size
 
 
-def _blend(predictor, x: torch.Tensor, roi: list[int], overlap: list[float], progress: bool) -> torch.Tensor:
+def _blend(predictor, x: torch.Tensor, roi: list[int], overlap: list[float], progress: bool,
+           device: torch.device | None = None) -> torch.Tensor:
+    """``predictor`` on overlapping ``roi`` windows of ``x``, Gaussian-blended; the blend (and its weight
+    map) is held on ``device`` (default: ``x``'s)."""
     return sliding_window_inference(x, roi_size=roi, sw_batch_size=1, predictor=predictor, overlap=overlap,
                                     mode="gaussian", sigma_scale=SIGMA_SCALE, padding_mode="replicate",
-                                    progress=progress)
+                                    progress=progress, device=device)
 
 
 @torch.no_grad()
@@ -92,7 +94,9 @@ def decode_windowed(vqvae: torch.nn.Module, z: torch.Tensor, latent_roi: list[in
                     progress: bool = False) -> torch.Tensor:
     """Quantised latent (B, D, x, y, z) -> volumes in [0, 1], (B, 1, x*s, y*s, z*s) float32 on the
     CPU: the decoder on ``latent_roi``-sized windows, Gaussian-blended in voxel space, then the same
-    intensity map as :func:`vqldm.sampling.decode.decode_latents`."""
+    intensity map as :func:`vqldm.sampling.decode.decode_latents`. The blended volume is stitched on the
+    CPU and mapped in place, so accelerator memory is bounded by one window and host memory by about
+    twice the volume."""
     ctx = autocast or contextlib.nullcontext
 
     def dec(w):
@@ -100,8 +104,10 @@ def decode_windowed(vqvae: torch.nn.Module, z: torch.Tensor, latent_roi: list[in
             return vqvae.decode(w).float()
 
     roi = [min(r, n) for r, n in zip(latent_roi, z.shape[2:])]
-    img = _blend(dec, z.float(), roi, aligned_overlap(roi, 1, overlap), progress)
-    return apply_calibration(to_unit(img, intensity_range), calibration).clamp(0, 1).cpu()
+    img = _blend(dec, z.float(), roi, aligned_overlap(roi, 1, overlap), progress, torch.device("cpu"))
+    lo, hi = intensity_range
+    img = img.sub_(lo).div_(hi - lo)  # to_unit, in place
+    return apply_calibration(img, calibration).clamp_(0, 1)
 
 
 def tiled_denoiser(denoiser, latent_roi: list[int], overlap: float = 0.25):
