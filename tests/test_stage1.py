@@ -489,6 +489,54 @@ def test_calibration_maps_the_decoded_distribution_onto_the_real_one():
     assert torch.equal(apply_calibration(torch.ones(3), None), torch.ones(3))  # no table: unchanged
 
 
+def test_calibration_in_chunks_equals_the_whole_map(monkeypatch):
+    from vqldm.autoencoder import calibration as C
+
+    rng = np.random.default_rng(1)
+    table = C.fit_calibration(0.8 * rng.beta(0.3, 3.0, 50_000) ** 1.3, rng.beta(0.3, 3.0, 50_000))
+    u = torch.from_numpy(rng.random((2, 1, 9, 7, 5)).astype(np.float32))
+    whole = C.apply_calibration(u, table)
+    monkeypatch.setattr(C, "CHUNK", 64)  # 630 voxels: ten chunks, the last one short
+    chunked = C.apply_calibration(u, table)
+    assert chunked.shape == u.shape and torch.equal(chunked, whole)
+    assert torch.equal(C._interpolate(u.reshape(-1), torch.tensor(table["x"]), torch.tensor(table["y"])),
+                       whole.reshape(-1))
+
+
+@pytest.mark.parametrize("asked,native,expected", [(True, True, torch.bfloat16), (True, False, None),
+                                                     (False, True, None)])
+def test_cpu_bf16_only_where_asked_and_native(monkeypatch, asked, native, expected):
+    from vqldm import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: native)
+    cfg = config_from_dict({"device": {"use_cuda": False, "cpu_bf16": asked}})
+    rt = runtime.make_runtime(cfg)
+    assert rt.device.type == "cpu" and rt.amp_dtype == expected and not rt.needs_grad_scaler
+    assert ("bf16 autocast" in rt.describe()) == (expected is not None)
+
+
+def test_quantiser_runs_in_fp32_under_cpu_bf16_autocast():
+    """MONAI's quantiser turns off CUDA autocast only: vqldm's calls must pick the same codes and make the
+    same EMA codebook update under CPU bf16 autocast as in fp32."""
+    import copy
+
+    from vqldm.autoencoder.model import nearest_codes, quantize
+
+    torch.manual_seed(0)
+    model = build_vqvae(vqvae_net_config(config_from_dict({"vqvae": {"num_embeddings": 32}})))
+    twin = copy.deepcopy(model)
+    z = torch.randn(2, model.quantizer.quantizer.embedding_dim, 4, 4, 4) * 3.0
+    model.train(), twin.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q_bf, loss_bf, idx_bf = quantize(model, z.bfloat16())
+        codes_bf = nearest_codes(model, z.bfloat16())
+    q, loss, idx = quantize(twin, z.bfloat16().float())
+    assert q_bf.dtype == torch.float32 and torch.equal(idx_bf, idx) and torch.equal(q_bf, q)
+    assert torch.equal(loss_bf, loss) and torch.equal(codes_bf, nearest_codes(twin, z.bfloat16().float()))
+    w, w_twin = model.quantizer.quantizer.embedding.weight, twin.quantizer.quantizer.embedding.weight
+    assert w.dtype == torch.float32 and torch.equal(w, w_twin)  # the EMA update, bit for bit
+
+
 def test_train_vqvae_stores_the_calibration_and_decoding_applies_it(tmp_path, data_dir):
     from vqldm.autoencoder.calibration import apply_calibration
 

@@ -37,6 +37,7 @@ class DeviceConfig:
     use_cuda: bool = True  # use the GPU when one is present
     gpu_id: int = 0  # CUDA device index (ignored under torchrun: LOCAL_RANK decides)
     mixed_precision: bool = True  # AMP on CUDA: bf16 where supported, else fp16 + GradScaler
+    cpu_bf16: bool = False  # bf16 autocast on a CPU with native bf16 (AVX-512 BF16 or AMX); fp32 on other CPUs
     channels_last: bool = True  # channels_last_3d memory format on CUDA (faster 3D convolutions)
     compile: bool = False  # torch.compile the networks on CUDA (never on CPU) for fused kernels; slow first minute
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels for fixed shapes

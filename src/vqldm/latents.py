@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from vqldm import distributed as dist
-from vqldm.autoencoder.model import build_vqvae, codebook_range, quantized_latent, vqvae_net_config
+from vqldm.autoencoder.model import build_vqvae, codebook_range, nearest_codes, quantized_latent, vqvae_net_config
 from vqldm.checkpoint import file_sha256, load_checkpoint, rebuild
 from vqldm.config import Config, latent_spatial, vqvae_from_network
 from vqldm.data import pipeline
@@ -81,7 +81,7 @@ def encode_indices(vqvae: torch.nn.Module, x: torch.Tensor, rt: Runtime) -> torc
     """The code index of every latent voxel, (B, 1, x, y, z) int64: what a token prior learns."""
     with rt.autocast():
         z = vqvae.encode(rt.to_device(x))
-    return vqvae.quantizer.quantizer.quantize(z.float())[2][:, None].long()
+    return nearest_codes(vqvae, z)[:, None].long()
 
 
 def check_same_stage1(ckpt: dict, meta: dict, path, key: str, section: str) -> None:

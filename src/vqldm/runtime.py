@@ -82,9 +82,25 @@ def make_runtime(cfg: Config) -> Runtime:
         if d.mixed_precision:
             amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
-        device, amp = torch.device("cpu"), None  # AMP on CPU is slower than fp32 for 3D convs
+        device, amp = torch.device("cpu"), _cpu_amp(d.cpu_bf16)
     return Runtime(device=device, amp_dtype=amp, channels_last=use_cuda and d.channels_last,
                    compile=use_cuda and d.compile, cuda_graphs=use_cuda and d.cuda_graphs)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN: AVX-512 BF16 or AMX)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _cpu_amp(asked: bool) -> torch.dtype | None:
+    """``device.cpu_bf16``: bf16 autocast where the CPU has native bf16 (there 3D convolutions train about
+    1.7x faster than in fp32, docs/performance.md); elsewhere emulated bf16 is slower than fp32, so fp32."""
+    if not asked:
+        return None
+    if cpu_has_bf16():
+        return torch.bfloat16
+    log.info("device.cpu_bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX); running in fp32")
+    return None
 
 
 def seed_everything(seed: int) -> None:

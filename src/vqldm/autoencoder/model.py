@@ -55,15 +55,33 @@ def reconstruct(model: VQVAE, x: torch.Tensor):
     statistics need. In train mode this updates the codebook (EMA).
     """
     z = model.encode(x)
-    quantized, q_loss, indices = model.quantizer.quantizer(z)
+    quantized, q_loss, indices = quantize(model, z)
     return model.decode(quantized), q_loss, indices, z
+
+
+def _fp32(z: torch.Tensor):
+    """Autocast off on ``z``'s device: MONAI's quantiser turns off CUDA autocast only, and under CPU bf16
+    autocast its distances and EMA sums would run in bf16 and pick or average codes wrongly."""
+    return torch.autocast(z.device.type, enabled=False)
+
+
+def quantize(model: VQVAE, z: torch.Tensor):
+    """MONAI's EMA quantiser on ``z`` in fp32: (quantised, commitment loss, indices (B, x, y, z))."""
+    with _fp32(z):
+        return model.quantizer.quantizer(z.float())
+
+
+def nearest_codes(model: VQVAE, z: torch.Tensor) -> torch.Tensor:
+    """The index of the nearest codebook vector of every latent voxel, (B, x, y, z), in fp32."""
+    with _fp32(z):
+        return model.quantizer.quantizer.quantize(z.float())[2]
 
 
 def quantized_latent(model: VQVAE, x: torch.Tensor) -> torch.Tensor:
     """The stage-2 latent: quantised embeddings (B, embedding_dim, x, y, z). Model must be in eval mode."""
     if model.training:
         raise RuntimeError("quantized_latent needs the VQ-VAE in eval mode (train mode updates the codebook)")
-    return model.quantizer.quantizer(model.encode(x))[0]
+    return quantize(model, model.encode(x))[0]
 
 
 def codebook_range(model: VQVAE, scale: float = 1.0) -> tuple[float, float]:
@@ -74,6 +92,4 @@ def codebook_range(model: VQVAE, scale: float = 1.0) -> tuple[float, float]:
 
 def snap_to_codebook(model: VQVAE, z: torch.Tensor) -> torch.Tensor:
     """Nearest codebook vectors of a continuous latent (the quantised decode of VQ-LDM)."""
-    q = model.quantizer.quantizer
-    _, _, idx = q.quantize(z)
-    return q.embed(idx).to(z.dtype)
+    return model.quantizer.quantizer.embed(nearest_codes(model, z)).to(z.dtype)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqldm.autoencoder.model import nearest_codes
 from vqldm.checkpoint import file_sha256
 from vqldm.commands.reconstruct import Stage1, prepare_out, read_input, write_record
 from vqldm.config import Config, check_latent_for_unet, decoded_spatial, latent_spatial, vqvae_from_network
@@ -93,7 +94,7 @@ class Editor:
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> the nearest code of every latent voxel, (B, x, y, z)."""
-        return self.pipe.vqvae.quantizer.quantizer.quantize(self.pipe.norm.denormalize(z))[2]
+        return nearest_codes(self.pipe.vqvae, self.pipe.norm.denormalize(z))
 
     def desc(self, what: str) -> str | None:
         return what if self.opts.progress else None
