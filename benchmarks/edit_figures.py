@@ -27,8 +27,8 @@ in the same box, and the voxels changed outside the feathered mask (must be 0).
 tiled: ``vqldm sample --shape`` of 4 x 4 training patches (tiled latent sampling, sliding-window
 decoding): peak memory over one training-size sample's, each in a fresh process (2 DDIM steps; the
 UNet on the whole latent for contrast), as live tensor bytes (the profiler's memory timeline on a CPU,
-``max_memory_allocated`` on a GPU) and as resident set; and the seam ratio at the tile borders of
-``--n`` samples.
+``max_memory_allocated`` on a GPU) with and beyond the loaded networks, and as resident set beyond
+them; and the seam ratio at the tile borders of ``--n`` samples.
 
 usage: OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/edit_figures.py --config CONFIG \
            --part reconstruct|invert|interpolate|sdedit|inpaint|tiled [--n 8] [--steps 50] [--frames 8]
@@ -195,42 +195,48 @@ if measure == "rss":  # resident set above the process's before: what the OS len
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4  # KiB
     before = rss()
     run()
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    peak = {"beyond_networks": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
 elif pipe.rt.is_cuda:  # live tensors: what a GPU's max_memory_allocated counts
-    before = torch.cuda.memory_allocated()
+    before = torch.cuda.memory_allocated()  # the loaded networks
     torch.cuda.reset_peak_memory_stats()
     run()
-    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-else:  # the same on the CPU: the profiler's timeline of live tensor bytes, new allocations only
+    top = torch.cuda.max_memory_allocated()
+    peak = {"beyond_networks": (top - before) / 2**20, "with_networks": top / 2**20}
+else:  # the same on the CPU: the profiler's timeline of live tensor bytes (the networks' weights at its start)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
         run()
     path = os.path.join(tempfile.mkdtemp(), "timeline.json")
     p.export_memory_timeline(path, device="cpu")
-    peak = max(sum(s) for s in json.load(open(path))[1]) / 2**20
-print(json.dumps({"peak_mib": peak}))
+    sizes = json.load(open(path))[1]
+    top = max(sum(s) for s in sizes)
+    peak = {"beyond_networks": (top - sum(sizes[0])) / 2**20, "with_networks": top / 2**20}
+print(json.dumps(peak))
 """
 
 
-def _peak_mib(config_path: str, shape: list[int], mode: str, measure: str) -> float:
+def _peak_mib(config_path: str, shape: list[int], mode: str, measure: str) -> dict:
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-c", PEAK, config_path, *map(str, shape), mode, measure],
                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    return json.loads(out)["peak_mib"]
+    return json.loads(out)
 
 
 def tiled_part(cfg, n: int, steps: int, config_path: str = "", **_) -> dict:
     """Peak memory of sampling one training-size volume and a 4 x 4-patch one (2 DDIM steps, each in a
-    fresh process), twice: live tensor bytes (the profiler's memory timeline on the CPU,
-    ``max_memory_allocated`` on a GPU), and the resident set. Then the seam ratio of ``n`` 4 x 4-patch
-    samples at the tile borders."""
+    fresh process): live tensor bytes (the profiler's memory timeline on the CPU, ``max_memory_allocated``
+    on a GPU) with and beyond the loaded networks, and the resident set beyond them. Then the seam ratio
+    of ``n`` 4 x 4-patch samples at the tile borders."""
     patch = list(cfg.data.patch_size)
     big = [patch[0] * 4, patch[1] * 4, patch[2]]
     runs = [("one_tile", patch, "tiled"), ("4x4_tiled", big, "tiled"), ("4x4_whole_unet", big, "whole")]
-    mem = {measure: {name: _peak_mib(config_path, shape, mode, measure) for name, shape, mode in runs}
-           for measure in ("tensors", "rss")}
+    mem: dict = {}
+    for measure in ("tensors", "rss"):
+        for name, shape, mode in runs:
+            for what, mib in _peak_mib(config_path, shape, mode, measure).items():
+                mem.setdefault(f"{measure}_{what}", {})[name] = mib
     from vqldm.priors.diffusion.pipeline import load_pipeline
 
     pipe = load_pipeline(cfg)

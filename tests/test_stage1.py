@@ -537,6 +537,21 @@ def test_quantiser_runs_in_fp32_under_cpu_bf16_autocast():
     assert w.dtype == torch.float32 and torch.equal(w, w_twin)  # the EMA update, bit for bit
 
 
+def test_nearest_codes_in_slabs_equal_monai_quantize_on_the_whole(monkeypatch):
+    from vqldm.autoencoder import model as M
+
+    torch.manual_seed(1)
+    vq = build_vqvae(vqvae_net_config(config_from_dict({"vqvae": {"num_embeddings": 32}}))).eval()
+    z = torch.randn(2, vq.quantizer.quantizer.embedding_dim, 7, 5, 3) * 3.0
+    whole = vq.quantizer.quantizer.quantize(z)[2]
+    monkeypatch.setattr(M, "CODE_CHUNK", 40)  # 30 voxels per x-slice: slabs of one slice, 7 calls
+    assert torch.equal(M.nearest_codes(vq, z), whole) and whole.shape == (2, 7, 5, 3)
+    monkeypatch.setattr(M, "CODE_CHUNK", 100)  # slabs of 3 slices, the last one short
+    assert torch.equal(M.nearest_codes(vq, z), whole)
+    snapped = M.snap_to_codebook(vq, z)
+    assert torch.equal(snapped, vq.quantizer.quantizer.embed(whole))
+
+
 def test_train_vqvae_stores_the_calibration_and_decoding_applies_it(tmp_path, data_dir):
     from vqldm.autoencoder.calibration import apply_calibration
 

@@ -71,10 +71,18 @@ def quantize(model: VQVAE, z: torch.Tensor):
         return model.quantizer.quantizer(z.float())
 
 
+CODE_CHUNK = 1 << 12  # latent voxels quantised at once: MONAI holds their distances and int64 one-hot codes, 16 bytes x codes each
+
+
 def nearest_codes(model: VQVAE, z: torch.Tensor) -> torch.Tensor:
-    """The index of the nearest codebook vector of every latent voxel, (B, x, y, z), in fp32."""
+    """The index of the nearest codebook vector of every latent voxel, (B, x, y, z), in fp32. MONAI's
+    ``quantize`` on slabs of about ``CODE_CHUNK`` voxels along x: whole, its distance matrix and int64
+    one-hot codes dwarf the latent (about 450 MiB for a 96 x 96 x 12 latent over 256 codes)."""
+    q = model.quantizer.quantizer
+    per_x = z.shape[0] * math.prod(z.shape[3:])
+    step = max(1, CODE_CHUNK // max(per_x, 1))
     with _fp32(z):
-        return model.quantizer.quantizer.quantize(z.float())[2]
+        return torch.cat([q.quantize(z[:, :, i:i + step].float())[2] for i in range(0, z.shape[2], step)], dim=1)
 
 
 def quantized_latent(model: VQVAE, x: torch.Tensor) -> torch.Tensor:
