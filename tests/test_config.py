@@ -296,6 +296,11 @@ MISTAKES = {
                              "diffusion__attention_levels": [False] * 5,
                              "diffusion__num_head_channels": [0] * 5},
                             ["diffusion.num_channels", "data.patch_size"]),
+    "timestep_bias_negative": ({"diffusion__scheduler__timestep_bias": -0.5}, ["diffusion.scheduler.timestep_bias"]),
+    "timestep_bias_rflow": ({"diffusion__scheduler__timestep_bias": 1.0, "diffusion__scheduler__type": "rflow"},
+                            ["diffusion.scheduler.timestep_bias", "rflow"]),
+    "timestep_bias_epochs_alone": ({"diffusion__scheduler__timestep_bias_epochs": 10},
+                                   ["diffusion.scheduler.timestep_bias_epochs", "timestep_bias"]),
     # 30 -> 15 -> 7 -> 14 -> 28: does not decode back to 30
     "patch_round_trip": ({"data__patch_size": [30, 30, 30]}, ["data.patch_size"]),
 }

@@ -253,6 +253,10 @@ def test_demo_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
     assert (out / "evaluation" / "metrics.json").exists()
     assert (out / "config.yaml").exists()
     assert set(res["timings"]) >= {"stage1_s", "stage2_s", "sample_s", "evaluate_s", "total_s"}
+    saved = json.loads((out / "timings.json").read_text())
+    assert saved["preset"] == "test" and saved["threads"] >= 1 and saved["device"]
+    assert saved["total_s"] == pytest.approx(res["timings"]["total_s"])
+    assert f"stage 2 {res['timings']['stage2_s']:.0f} s" in printed
 
 
 def test_demo_preset_configs_are_valid_and_point_into_out(tmp_path):

@@ -324,6 +324,60 @@ def test_other_training_objectives_train(tmp_path, data_dir, trained_stage1, key
     assert math.isfinite(ckpt["val_loss"])
 
 
+def test_timestep_bias_draws_the_noisy_end_more_often_and_is_recorded(tmp_path, data_dir, trained_stage1):
+    """``timestep_bias`` b draws t with density ~ t^b: for b = 1 the share below T/2 is 1/4 (uniform: 1/2), the
+    mean is 2T/3; b = 0 stays uniform. A run records the bias it trained with."""
+    from vqldm.priors.diffusion.objective import Objective
+
+    sc = {"type": "ddpm", "num_train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 1e-4,
+          "beta_end": 0.02, "prediction_type": "v_prediction"}
+    z = torch.zeros(200_000, 1)
+    torch.manual_seed(0)
+    uniform, biased = Objective(sc).sample_timesteps(z).float(), Objective(sc, 1.0).sample_timesteps(z).float()
+    assert uniform.min() == 0 and uniform.max() == 999 and abs(float((uniform < 500).float().mean()) - 0.5) < 0.01
+    assert biased.min() >= 0 and biased.max() <= 999
+    assert abs(float((biased < 500).float().mean()) - 0.25) < 0.01 and abs(float(biased.mean()) - 666.7) < 3
+    switched = Objective(sc, 1.0)
+    switched.set_biased(False)  # after timestep_bias_epochs: uniform again
+    after = switched.sample_timesteps(z).float()
+    assert abs(float((after < 500).float().mean()) - 0.5) < 0.01 and not switched.biased
+
+
+def test_timestep_bias_epochs_switch_to_uniform_and_resume_in_the_same_phase(tmp_path, data_dir, trained_stage1):
+    """With ``timestep_bias_epochs: 1`` epoch 1 draws with the bias and epoch 2 uniformly; the checkpoints record
+    the bias, its epochs and the phase, and a resumed run continues in the phase it stopped in."""
+    from vqldm.priors.diffusion import task as task_mod
+
+    cfg = stage2_config(tmp_path, data_dir, trained_stage1)
+    cfg["diffusion"]["scheduler"].update(timestep_bias=1.0, timestep_bias_epochs=1)
+    cfg["diffusion"]["training"]["n_epochs"] = 2
+    draws = []
+    orig = task_mod.Objective.sample_timesteps
+
+    def spy(self, z0):
+        t = orig(self, z0)
+        draws.append((self.biased, t))
+        return t
+
+    task_mod.Objective.sample_timesteps = spy
+    try:
+        assert run_cli("--quiet", "train-diffusion", "--config", write_config(tmp_path / "c.yaml", cfg)) == 0
+    finally:
+        task_mod.Objective.sample_timesteps = orig
+    phases = [b for b, _ in draws]
+    assert phases[0] is True and phases[-1] is False and phases == sorted(phases, reverse=True)
+    ckpt = load(tmp_path / "diffusion_checkpoints" / "latest_checkpoint.pt")
+    assert ckpt["timestep_bias"] == 1.0 and ckpt["timestep_bias_epochs"] == 1 and "timestep_bias" not in ckpt["scheduler"]
+    from vqldm.priors.diffusion.objective import Objective
+    from vqldm.priors.diffusion.task import DiffusionTask
+
+    fresh = DiffusionTask.__new__(DiffusionTask)
+    fresh.objective = Objective(ckpt["scheduler"], 1.0)
+    assert fresh.objective.biased
+    fresh.load_extra_state(ckpt["training_state"]["task"])
+    assert fresh.objective.biased is False
+
+
 def test_subprocess_train_diffusion_end_to_end(tmp_path, data_dir, trained_stage1):
     before = sha256(trained_stage1["best"])
     cfg = stage2_config(tmp_path, data_dir, trained_stage1)

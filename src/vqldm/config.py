@@ -198,6 +198,8 @@ class SchedulerConfig:
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     prediction_type: str = "epsilon"  # epsilon | v_prediction (ddpm only)
+    timestep_bias: float = 0.0  # training: timesteps drawn with density ~ t^bias (0: uniform; > 0: more noisy, layout steps)
+    timestep_bias_epochs: int | None = None  # training: only the first N epochs draw with the bias, later ones uniformly (null: all)
 
 
 @dataclass(frozen=True)
@@ -697,6 +699,13 @@ def _validate_scheduler(u: DiffusionConfig) -> None:
     _require(0 < s.beta_start < s.beta_end < 1,
              f"diffusion.scheduler.beta_start ({s.beta_start}) must be below beta_end ({s.beta_end}), both in (0, 1)")
     _require(s.num_train_timesteps >= 2, "diffusion.scheduler.num_train_timesteps must be >= 2")
+    _require(math.isfinite(s.timestep_bias) and 0.0 <= s.timestep_bias <= 4.0,
+             f"diffusion.scheduler.timestep_bias must lie in [0, 4] (0: uniform timesteps), got {s.timestep_bias}")
+    _require(s.timestep_bias_epochs is None or (s.timestep_bias_epochs >= 1 and s.timestep_bias > 0.0),
+             f"diffusion.scheduler.timestep_bias_epochs ({s.timestep_bias_epochs}) must be >= 1 and needs "
+             f"diffusion.scheduler.timestep_bias > 0; null draws every epoch with the bias")
+    _require(s.timestep_bias == 0.0 or s.type == "ddpm",
+             "diffusion.scheduler.timestep_bias applies to ddpm training; rflow draws its own (logit-normal) timesteps")
     # the original README carries the value twice; the scheduler's is the one used
     _require(u.num_train_timesteps == s.num_train_timesteps,
              f"diffusion.num_train_timesteps ({u.num_train_timesteps}) and diffusion.scheduler.num_train_timesteps "

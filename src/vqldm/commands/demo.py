@@ -6,11 +6,13 @@ the resolved config written there so every step can be rerun by hand.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from importlib import resources
 from pathlib import Path
 
+import torch
 import yaml
 
 from vqldm.autoencoder.train import train_vqvae
@@ -19,7 +21,7 @@ from vqldm.commands.sample import SampleOptions, sample_to_files
 from vqldm.config import config_from_dict
 from vqldm.data.io import check_data_dirs, list_volumes
 from vqldm.errors import VqldmError
-from vqldm.files import atomic_write_bytes
+from vqldm.files import archive_previous, atomic_write_bytes
 from vqldm.priors.diffusion.train import train_diffusion
 from vqldm.synth import write_dataset
 
@@ -31,6 +33,11 @@ PRESETS = {
     "microtubules": {"config": "microtubules.yaml", "shape": (96, 96, 48), "num_train": 256, "num_val": 32,
                      "samples": 64},
 }
+
+
+TIMINGS = "timings.json"  # seconds per phase of the last run, beside config.yaml
+PHASES = (("synth_s", "synthesis"), ("stage1_s", "stage 1"), ("stage2_s", "stage 2"), ("sample_s", "sampling"),
+          ("evaluate_s", "evaluation"))
 
 
 def preset_config_dict(name: str) -> dict:
@@ -54,12 +61,25 @@ def _under(out: Path, d: dict) -> dict:
 
 def _check_device(d: dict, device: str) -> None:
     if device == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             raise VqldmError("--device cuda: no CUDA GPU is visible (use --device cpu or auto)")
     if device != "auto":
         d.setdefault("device", {})["use_cuda"] = device == "cuda"
+
+
+def _device_name(cfg) -> str:
+    """What the demo ran on, for timings.json: the GPU's name, else the CPU's."""
+    if cfg.device.use_cuda and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:  # Linux names the CPU model here; platform.processor() gives only the architecture
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def _timed(timings: dict, key: str, fn):
@@ -72,7 +92,8 @@ def _timed(timings: dict, key: str, fn):
 def _print_summary(out: Path, preset: str, timings: dict, r1, r2, ev: dict, samples: Path) -> None:
     s1 = ev["metrics"]["stage1"]
     gen = ev["metrics"]["generation"]["summary"]
-    print(f"\nvqldm demo finished in {timings['total_s']:.0f} s ({preset} preset)")
+    print(f"\nvqldm demo finished in {timings['total_s']:.0f} s ({preset} preset): "
+          + ", ".join(f"{label} {timings[k]:.0f} s" for k, label in PHASES if k in timings))
     rows = {
         "config": out / "config.yaml",
         "data": out / "data",
@@ -82,6 +103,7 @@ def _print_summary(out: Path, preset: str, timings: dict, r1, r2, ev: dict, samp
         "sample preview": samples / "preview.png",
         "metrics": ev["metrics_path"],
         "report": ev["report_path"],
+        "timings": out / TIMINGS,
         "TensorBoard": f"tensorboard --logdir {out}",
     }
     for k, v in rows.items():
@@ -131,5 +153,8 @@ def run_demo(out: Path, progress: bool = True, overwrite: bool = False, device: 
     log.info("[5/5] evaluating")
     ev = _timed(timings, "evaluate_s", lambda: evaluate(cfg, out / "evaluation", samples=samples, progress=progress))
     timings["total_s"] = time.perf_counter() - t0
+    archive_previous(out, (TIMINGS,))  # an --overwrite run keeps the earlier run's times
+    atomic_write_bytes(out / TIMINGS, json.dumps({"preset": preset, "device": _device_name(cfg), "threads":
+                                                  torch.get_num_threads(), **timings}, indent=2).encode("utf-8"))
     _print_summary(out, preset, timings, r1, r2, ev, samples)
     return {"timings": timings, "evaluation": ev["metrics"], "out": str(out)}

@@ -41,15 +41,30 @@ class Objective:
     Draws its random numbers on the latent's device, so a CUDA graph replay draws fresh ones.
     """
 
-    def __init__(self, sc: dict):
+    def __init__(self, sc: dict, timestep_bias: float = 0.0, device="cpu"):
         self.sc = dict(sc)
         self.scheduler = build_train_scheduler(sc)
         self.num_train_timesteps = sc["num_train_timesteps"]
+        self.timestep_bias = float(timestep_bias)
+        # the inverse-CDF exponent lives on the device: a CUDA-graph replay reads a later switch to uniform
+        self._exponent = torch.full((), 1.0 / (1.0 + self.timestep_bias), device=device)
+        self.biased = self.timestep_bias > 0.0
+
+    def set_biased(self, on: bool) -> None:
+        """Draw with the bias (``on``) or uniformly from the next step on (``timestep_bias_epochs``)."""
+        self.biased = bool(on) and self.timestep_bias > 0.0
+        self._exponent.fill_(1.0 / (1.0 + self.timestep_bias) if self.biased else 1.0)
 
     def sample_timesteps(self, z0: torch.Tensor) -> torch.Tensor:
+        """One training timestep per latent: uniform, or with ``timestep_bias`` b > 0 drawn with density
+        proportional to t^b (b = 1: twice as many at the noisy end as uniform, none at t = 0)."""
         if self.sc["type"] == "rflow":
             return self.scheduler.sample_timesteps(z0).long()
-        return torch.randint(0, self.num_train_timesteps, (z0.shape[0],), device=z0.device)
+        n, T = z0.shape[0], self.num_train_timesteps
+        if self.timestep_bias == 0.0:
+            return torch.randint(0, T, (n,), device=z0.device)
+        u = torch.rand(n, device=z0.device)  # inverse CDF of t^b on [0, T); exponent 1 once uniform
+        return (T * u.pow(self._exponent)).long().clamp_(0, T - 1)
 
     def loss(self, denoiser, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, condition=None) -> torch.Tensor:
         """Mean squared error of ``denoiser(x_t, t, condition)`` to the training target."""

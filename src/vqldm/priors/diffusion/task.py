@@ -36,7 +36,9 @@ class DiffusionTask(Task):
         self.slots = Slots.of(net_config)
         self.extra_channels = self.slots.extra_channels  # coarse-to-fine: 2
         self.train_forward = self.model
-        self.objective = Objective(scheduler_cfg)
+        sched = cfg.diffusion.scheduler
+        self.objective = Objective(scheduler_cfg, sched.timestep_bias, rt.device)
+        self.bias_epochs = sched.timestep_bias_epochs  # None: every epoch draws with the bias
 
     def optimizers(self) -> list[OptimizerSpec]:
         params = list(self.model.parameters())
@@ -130,7 +132,21 @@ class DiffusionTask(Task):
                    png_path=png_dir / f"generated_epoch{epoch:04d}.png")
 
     def checkpoint_meta(self) -> dict:
-        return {"network": self.net_config, "scheduler": dict(self.sc), **self.norm.to_meta(), **self.meta}
+        return {"network": self.net_config, "scheduler": dict(self.sc), **self.norm.to_meta(), **self.meta,
+                "timestep_bias": self.objective.timestep_bias, "timestep_bias_epochs": self.bias_epochs}
+
+    def on_train_epoch_end(self, epoch: int) -> dict[str, float]:
+        """After epoch ``timestep_bias_epochs``, timesteps are drawn uniformly (the fine steps catch up)."""
+        if self.bias_epochs is not None:
+            self.objective.set_biased(epoch < self.bias_epochs)
+        return {"timestep_biased": float(self.objective.biased)} if self.objective.timestep_bias else {}
+
+    def extra_state(self) -> dict:
+        return {"timestep_biased": self.objective.biased}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "timestep_biased" in state:
+            self.objective.set_biased(state["timestep_biased"])
 
     def snapshot_epochs(self) -> dict[int, str]:
         """The autoguidance guide: the EMA weights at ``diffusion.autoguidance.guide_epoch``."""
