@@ -257,6 +257,10 @@ def test_demo_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
     assert saved["preset"] == "test" and saved["threads"] >= 1 and saved["device"]
     assert saved["total_s"] == pytest.approx(res["timings"]["total_s"])
     assert f"stage 2 {res['timings']['stage2_s']:.0f} s" in printed
+    demo.run_demo(out, progress=False, preset="test", overwrite=True)  # a rerun keeps the first run's times
+    kept = [json.loads(p.read_text()) for p in out.glob("previous_*/timings.json")]
+    assert [k["total_s"] for k in kept] == [saved["total_s"]]
+    assert json.loads((out / "timings.json").read_text())["total_s"] != saved["total_s"]
 
 
 def test_demo_preset_configs_are_valid_and_point_into_out(tmp_path):
