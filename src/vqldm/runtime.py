@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import platform
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,7 +60,7 @@ class Runtime:
         return m
 
     def describe(self) -> str:
-        name = torch.cuda.get_device_name(self.device) if self.is_cuda else "CPU"
+        name = torch.cuda.get_device_name(self.device) if self.is_cuda else cpu_name()
         amp = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}[self.amp_dtype]
         extras = [x for x, on in (("channels_last_3d", self.channels_last), ("torch.compile", self.compile),
                                   ("CUDA graphs", self.cuda_graphs)) if on]
@@ -85,6 +88,18 @@ def make_runtime(cfg: Config) -> Runtime:
         device, amp = torch.device("cpu"), _cpu_amp(d.cpu_bf16)
     return Runtime(device=device, amp_dtype=amp, channels_last=use_cuda and d.channels_last,
                    compile=use_cuda and d.compile, cuda_graphs=use_cuda and d.cuda_graphs)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else the architecture platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
 
 
 def cpu_has_bf16() -> bool:

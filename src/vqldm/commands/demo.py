@@ -23,6 +23,7 @@ from vqldm.data.io import check_data_dirs, list_volumes
 from vqldm.errors import VqldmError
 from vqldm.files import archive_previous, atomic_write_bytes
 from vqldm.priors.diffusion.train import train_diffusion
+from vqldm.runtime import make_runtime
 from vqldm.synth import write_dataset
 
 log = logging.getLogger("vqldm")
@@ -65,21 +66,6 @@ def _check_device(d: dict, device: str) -> None:
             raise VqldmError("--device cuda: no CUDA GPU is visible (use --device cpu or auto)")
     if device != "auto":
         d.setdefault("device", {})["use_cuda"] = device == "cuda"
-
-
-def _device_name(cfg) -> str:
-    """What the demo ran on, for timings.json: the GPU's name, else the CPU's."""
-    if cfg.device.use_cuda and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    try:  # Linux names the CPU model here; platform.processor() gives only the architecture
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def _timed(timings: dict, key: str, fn):
@@ -154,7 +140,7 @@ def run_demo(out: Path, progress: bool = True, overwrite: bool = False, device: 
     ev = _timed(timings, "evaluate_s", lambda: evaluate(cfg, out / "evaluation", samples=samples, progress=progress))
     timings["total_s"] = time.perf_counter() - t0
     archive_previous(out, (TIMINGS,))  # an --overwrite run keeps the earlier run's times
-    atomic_write_bytes(out / TIMINGS, json.dumps({"preset": preset, "device": _device_name(cfg), "threads":
-                                                  torch.get_num_threads(), **timings}, indent=2).encode("utf-8"))
+    record = {"preset": preset, "device": make_runtime(cfg).describe(), "threads": torch.get_num_threads(), **timings}
+    atomic_write_bytes(out / TIMINGS, json.dumps(record, indent=2).encode("utf-8"))
     _print_summary(out, preset, timings, r1, r2, ev, samples)
     return {"timings": timings, "evaluation": ev["metrics"], "out": str(out)}
