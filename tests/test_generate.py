@@ -255,6 +255,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
     assert set(res["timings"]) >= {"stage1_s", "stage2_s", "sample_s", "evaluate_s", "total_s"}
     saved = json.loads((out / "timings.json").read_text())
     assert saved["preset"] == "test" and saved["threads"] >= 1 and saved["device"]
+    assert saved["device"] == json.loads((out / "samples" / "samples.json").read_text())["device"]
     assert saved["total_s"] == pytest.approx(res["timings"]["total_s"])
     assert f"stage 2 {res['timings']['stage2_s']:.0f} s" in printed
     demo.run_demo(out, progress=False, preset="test", overwrite=True)  # a rerun keeps the first run's times

@@ -23,7 +23,6 @@ from vqldm.data.io import check_data_dirs, list_volumes
 from vqldm.errors import VqldmError
 from vqldm.files import archive_previous, atomic_write_bytes
 from vqldm.priors.diffusion.train import train_diffusion
-from vqldm.runtime import make_runtime
 from vqldm.synth import write_dataset
 
 log = logging.getLogger("vqldm")
@@ -135,12 +134,12 @@ def run_demo(out: Path, progress: bool = True, overwrite: bool = False, device: 
     samples = out / "samples"
     opts = SampleOptions(num_samples=p["samples"], out_dir=samples, seed=0, batch_size=16, progress=progress,
                          overwrite=overwrite)
-    _timed(timings, "sample_s", lambda: sample_to_files(cfg, opts))
+    sampled = _timed(timings, "sample_s", lambda: sample_to_files(cfg, opts))
     log.info("[5/5] evaluating")
     ev = _timed(timings, "evaluate_s", lambda: evaluate(cfg, out / "evaluation", samples=samples, progress=progress))
     timings["total_s"] = time.perf_counter() - t0
     archive_previous(out, (TIMINGS,))  # an --overwrite run keeps the earlier run's times
-    record = {"preset": preset, "device": make_runtime(cfg).describe(), "threads": torch.get_num_threads(), **timings}
+    record = {"preset": preset, "device": sampled["device"], "threads": torch.get_num_threads(), **timings}
     atomic_write_bytes(out / TIMINGS, json.dumps(record, indent=2).encode("utf-8"))
     _print_summary(out, preset, timings, r1, r2, ev, samples)
     return {"timings": timings, "evaluation": ev["metrics"], "out": str(out)}

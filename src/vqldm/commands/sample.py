@@ -260,7 +260,7 @@ def sample_to_files(cfg: Config, opts: SampleOptions) -> dict:
         save_png(mip_grid([shown[i:i + 4] for i in range(0, len(shown), 4)]), preview)
         atomic_write_bytes(record_path, json.dumps(record, indent=2).encode("utf-8"))
     return {"num_samples": opts.num_samples, "suffix": suffix, "preview": preview, "record": record_path,
-            "seconds": elapsed}
+            "seconds": elapsed, "device": record["device"]}
 
 
 def _write_points(out: Path, mine: list[int], vols: torch.Tensor, vq_ckpt: dict, seed: int) -> dict:
