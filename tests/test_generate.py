@@ -201,8 +201,12 @@ def test_evaluate_writes_metrics_and_report(trained_stage2, tmp_path):
     rows = m["stages"]["ratios"]
     assert set(rows) == set(stats) | {"mmd"}
     for name, r in rows.items():
-        assert set(r) == {"real_train", "reconstruction", "samples", "limited_by"}
-        assert r["samples"] == (stats[name]["ratio"] if name != "mmd" else m["generation"]["mmd"]["ratio"])
+        entry = stats[name] if name != "mmd" else m["generation"]["mmd"]
+        assert set(r) - {"samples_interval"} == {"real_train", "reconstruction", "samples", "limited_by"}
+        assert r["samples"] == entry["ratio"]
+        # the samples' bracket over bootstrap redraws, where the ratio is defined
+        assert r.get("samples_interval") == entry.get("ratio_interval")
+        assert ("samples_interval" in r) == (r["samples"] is not None)
         assert r["limited_by"] in ("none (passes)", "the data (train and val differ)", "stage 1 (autoencoder)",
                                    "stage 2 (prior)")
     report = (tmp_path / "E" / "report.md").read_text()
@@ -258,6 +262,8 @@ def test_demo_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
     assert saved["device"] == json.loads((out / "samples" / "samples.json").read_text())["device"]
     assert saved["total_s"] == pytest.approx(res["timings"]["total_s"])
     assert f"stage 2 {res['timings']['stage2_s']:.0f} s" in printed
+    rate = json.loads((out / "evaluation" / "metrics.json").read_text())["generation"]["summary"]["redraw_pass_rate"]
+    assert f"within 2x in {rate:.0%} of 100 bootstrap redraws of the samples" in printed
     demo.run_demo(out, progress=False, preset="test", overwrite=True)  # a rerun keeps the first run's times
     kept = [json.loads(p.read_text()) for p in out.glob("previous_*/timings.json")]
     assert [k["total_s"] for k in kept] == [saved["total_s"]]

@@ -254,6 +254,11 @@ def test_write_report(tmp_path, real_set, good_metrics):
         assert row in text, row
     table_rows = [ln for ln in text.splitlines() if ln.startswith("| ") and ("PASS" in ln or "FAIL" in ln)]
     assert len(table_rows) == 9  # 8 statistics and MMD
+    lo, hi = good_metrics["statistics"]["segment_straightness"]["ratio_interval"]
+    straight = next(ln for ln in table_rows if ln.startswith("| segment straightness |"))
+    assert f"({lo:.3g}-{hi:.3g})" in straight  # the ratio's bracket over the redraws
+    rate = good_metrics["summary"]["redraw_pass_rate"]
+    assert f"- redraws: {rate:.0%} of 100 bootstrap redraws" in text
     assert "](real_vs_generated.png)" in text and "](histograms.png)" in text
     assert "Diversity" in text and "MS-SSIM" in text
     for name in ("real_vs_generated.png", "histograms.png"):
@@ -332,3 +337,41 @@ def test_straightness_separates_stiff_from_curly_filaments():
     other = compare(stiff, curly, seed=0)["statistics"]["segment_straightness"]
     assert same["ratio"] < 2.0 < other["ratio"], (same["ratio"], other["ratio"])
     assert other["generated_mean"] < same["generated_mean"]
+
+
+# ---------------------------------------------------------------- redraws (bootstrap over the generated set)
+
+
+def test_redraws_bracket_the_verdict_without_moving_the_ratios(real_set, good_metrics):
+    plain = compare(real_set, make_set(2), seed=0, redraws=0)
+    assert "redraw_pass_rate" not in plain["summary"]
+    assert "ratio_interval" not in plain["statistics"]["intensity"]
+    m = good_metrics  # the default: 100 redraws
+    for name in SCALAR_STATS + POOLED_STATS:  # the redraws draw from their own stream
+        assert m["statistics"][name]["ratio"] == plain["statistics"][name]["ratio"], name
+    for entry in [*m["statistics"].values(), m["mmd"]]:
+        lo, hi = entry["ratio_interval"]
+        assert 0.0 <= lo <= hi
+    assert m["summary"]["redraws"]["n"] == 100
+    assert 0.0 <= m["summary"]["redraw_pass_rate"] <= 1.0
+    again = compare(real_set, make_set(2), seed=0)
+    assert again["summary"]["redraw_pass_rate"] == m["summary"]["redraw_pass_rate"]
+    assert again["statistics"]["segment_straightness"]["ratio_interval"] == \
+        m["statistics"]["segment_straightness"]["ratio_interval"]
+
+
+def test_redraw_pass_rate_separates_good_from_bad_samples(real_set):
+    same = compare(real_set, real_set, redraws=40)["summary"]["redraw_pass_rate"]
+    rng = np.random.default_rng(5)
+    noise = compare(real_set, [rng.random(SHAPE).astype(np.float32) for _ in range(6)], redraws=40)
+    assert same >= 0.9
+    assert noise["summary"]["redraw_pass_rate"] == 0.0
+    assert noise["statistics"]["foreground_fraction"]["ratio_interval"][0] > 20
+
+
+def test_redraws_of_an_empty_set_all_miss(real_set):
+    m = compare(real_set, [np.zeros(SHAPE, np.float32) for _ in range(4)], redraws=20)
+    assert m["summary"]["redraw_pass_rate"] == 0.0
+    assert "ratio_interval" not in m["statistics"]["intensity"]  # no ratio, no interval
+    assert "ratio_interval" in m["statistics"]["foreground_fraction"]
+    json.dumps(m, allow_nan=False)

@@ -98,14 +98,19 @@ def _print_summary(out: Path, preset: str, timings: dict, r1, r2, ev: dict, samp
     print(f"  generation: max distance ratio to the real-vs-real floor {gen['max_ratio']:.2f} "
           f"({'within' if gen['within_2x_floor'] else 'not within'} 2x)" if gen.get("max_ratio") is not None
           else "  generation: see the report")
+    if gen.get("redraw_pass_rate") is not None:
+        print(f"    within 2x in {gen['redraw_pass_rate']:.0%} of {gen['redraws']['n']} bootstrap redraws of the "
+              f"samples: how much the verdict owes to which volumes were drawn")
     for name, r in ev["metrics"].get("stages", {}).get("ratios", {}).items():
         if r["limited_by"] != "none (passes)":
-            print(f"    {name}: samples {_ratio(r['samples'])}, reconstructions {_ratio(r['reconstruction'])} "
-                  f"x floor; limited by {r['limited_by']}")
+            print(f"    {name}: samples {_ratio(r['samples'], r.get('samples_interval'))}, reconstructions "
+                  f"{_ratio(r['reconstruction'])} x floor; limited by {r['limited_by']}")
 
 
-def _ratio(r: float | None) -> str:
-    return "undefined" if r is None else f"{r:.2f}"
+def _ratio(r: float | None, interval: list | None = None) -> str:
+    if r is None:
+        return "undefined"
+    return f"{r:.2f}" + (" (redraws {:.2f}-{:.2f})".format(*interval) if interval else "")
 
 
 def run_demo(out: Path, progress: bool = True, overwrite: bool = False, device: str = "auto",

@@ -136,8 +136,8 @@ def stage_rows(real: list[np.ndarray], train: list[np.ndarray], recon: list[np.n
                threshold: float, seed: int) -> dict:
     """Each statistic's ratio for real train volumes, their reconstructions and the samples, all
     against the same held-out volumes and floor, and the stage that limits it."""
-    rows = {"real_train": compare(real, train, threshold=threshold, seed=seed),
-            "reconstruction": compare(real, recon, threshold=threshold, seed=seed), "samples": gen_metrics}
+    rows = {"real_train": compare(real, train, threshold=threshold, seed=seed, redraws=0),
+            "reconstruction": compare(real, recon, threshold=threshold, seed=seed, redraws=0), "samples": gen_metrics}
     names = list(gen_metrics["statistics"]) + ["mmd"]
 
     def ratio(m: dict, name: str):
@@ -146,6 +146,9 @@ def stage_rows(real: list[np.ndarray], train: list[np.ndarray], recon: list[np.n
     table = {name: {row: ratio(m, name) for row, m in rows.items()} for name in names}
     for name, r in table.items():
         r["limited_by"] = limiting_stage(r["real_train"], r["reconstruction"], r["samples"])
+        entry = gen_metrics["mmd"] if name == "mmd" else gen_metrics["statistics"][name]
+        if entry.get("ratio_interval"):  # the samples' 5th-95th percentile over redraws of the samples
+            r["samples_interval"] = entry["ratio_interval"]
     return {"n_train": len(train), "ratios": table}
 
 
@@ -153,11 +156,14 @@ def _stages_markdown(stages: dict) -> str:
     lines = ["## Which stage limits each statistic", "",
              f"Ratios to the real-vs-real floor of the held-out volumes, for {stages['n_train']} real training "
              f"volumes, their stage-1 reconstructions, and the samples (<= {PASS_RATIO:g} passes). A statistic "
-             "the reconstructions already miss is stage 1's to fix; one only the samples miss is the prior's.", "",
+             "the reconstructions already miss is stage 1's to fix; one only the samples miss is the prior's. "
+             "Brackets: the samples' ratio over bootstrap redraws of the samples (5th-95th percentile).", "",
              "| statistic | real train vs val | reconstructions vs val | samples vs val | limited by |",
              "|---|---|---|---|---|"]
     for name, r in stages["ratios"].items():
         cells = [f"{r[k]:.2f}" if r[k] is not None else "undefined" for k in ("real_train", "reconstruction", "samples")]
+        if r.get("samples_interval"):
+            cells[2] += " ({:.2f}-{:.2f})".format(*r["samples_interval"])
         lines.append(f"| {name} | {' | '.join(cells)} | {r['limited_by']} |")
     lines += ["", "Real training volumes (top), their reconstructions (middle) and samples (bottom), as "
               "maximum-intensity projections:", "", "![real, reconstruction, sample](stages.png)"]
@@ -321,8 +327,8 @@ def _compare_priors(cfg: Config, folders: list[Path], records: list[dict], vqvae
     gens, shape = _load_sets(folders)
     real, train, recon = _reference_rows(cfg, shape, max(len(g) for g in gens), vqvae, vq_ckpt, norm, rt)
     thr, seed = cfg.data.foreground_threshold, cfg.seed
-    base = {"real_train": compare(real, train, threshold=thr, seed=seed),
-            "reconstruction": compare(real, recon, threshold=thr, seed=seed)}
+    base = {"real_train": compare(real, train, threshold=thr, seed=seed, redraws=0),
+            "reconstruction": compare(real, recon, threshold=thr, seed=seed, redraws=0)}
     priors, entries = {}, []
     for i, (folder, rec, gen, label) in enumerate(zip(folders, records, gens, _labels(folders, records))):
         log.info("comparing %s: %d generated with %d real volumes", label, len(gen), len(real))

@@ -229,6 +229,8 @@ def _stat_row(name: str, s: dict) -> str:
     ok = ratio is not None and ratio <= PASS_RATIO
     mark = "PASS" if ok else "**FAIL**"
     ratio_txt = _fmt(ratio, 3) if ratio is not None else "undefined"
+    if s.get("ratio_interval"):  # the 5th-95th percentile over bootstrap redraws of the generated set
+        ratio_txt += f" ({_fmt(s['ratio_interval'][0], 3)}-{_fmt(s['ratio_interval'][1], 3)})"
     return (
         f"| {_PRETTY.get(name, name)} | {s.get('units', UNITS.get(name, ''))} | {_fmt(s.get('generated_vs_real'))} "
         f"| {_fmt(s.get('real_vs_real'))} | {ratio_txt} | {mark} | {_fmt(s.get('real_mean'))} "
@@ -264,8 +266,14 @@ def _verdict_lines(metrics: dict, stats: dict, mmd: dict, summary: dict, n_real:
             f"- real-vs-real floor: mean over {metrics.get('n_splits', 'several')} random splits of the real set "
             f"into two disjoint halves (seed {metrics.get('seed', 0)})"
         ),
-        "",
     ]
+    if summary.get("redraw_pass_rate") is not None:
+        lines.append(
+            f"- redraws: {summary['redraw_pass_rate']:.0%} of {summary['redraws']['n']} bootstrap redraws of the "
+            f"generated set pass every distance; each ratio's bracket is its 5th-95th percentile over them "
+            f"(how much the verdict owes to which volumes were drawn)"
+        )
+    lines.append("")
     warnings = metrics.get("warnings") or []
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
@@ -283,7 +291,7 @@ def _statistics_lines(stats: dict, mmd: dict) -> list[str]:
         ),
         "",
         (
-            "| statistic | units | generated vs real | real vs real (floor) | ratio | "
+            "| statistic | units | generated vs real | real vs real (floor) | ratio (redraws 5-95 %) | "
             f"<= {PASS_RATIO:g}x floor | real mean | generated mean |"
         ),
         "|---|---|---|---|---|---|---|---|",
