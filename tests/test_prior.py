@@ -221,8 +221,15 @@ def test_evaluate_compares_two_priors_on_one_stage1_against_one_floor(trained_pr
         assert r["samples"][labels[0]] == alone[name]["samples"], name
         defined = {k: v for k, v in r["samples"].items() if v is not None}
         assert r["closest"] == (min(defined, key=defined.get) if defined else None)
+        # each prior's bracket over redraws of its samples, as evaluating its folder alone gives it
+        assert r["samples_interval"][labels[0]] == alone[name].get("samples_interval"), name
+        for k, v in r["samples"].items():
+            assert (r["samples_interval"][k] is None) == (v is None), (name, k)
     report = (tmp_path / "E" / "report.md").read_text()
     assert "Priors side by side" in report and all(f"| {lab} |" in report for lab in labels)
+    for p in comp["priors"]:
+        rate = p["generation"]["summary"]["redraw_pass_rate"]
+        assert f"| {p['label']} | 2 | `{p['samples']}` |" in report and f"| {rate:.0%} |" in report
     assert "priors.png" in report and (tmp_path / "E" / "priors.png").is_file()
     for i in (1, 2):
         assert (tmp_path / "E" / f"prior_{i}" / "report.md").is_file()

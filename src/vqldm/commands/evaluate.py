@@ -264,8 +264,8 @@ def _labels(folders: list[Path], records: list[dict]) -> list[str]:
     return [f"{lab} [{f.name}]" if labels.count(lab) > 1 else lab for lab, f in zip(labels, folders)]
 
 
-def _ratio_of(m: dict, name: str):
-    return m["mmd"]["ratio"] if name == "mmd" else m["statistics"][name]["ratio"]
+def _ratio_of(m: dict, name: str, key: str = "ratio"):
+    return (m["mmd"] if name == "mmd" else m["statistics"][name]).get(key)
 
 
 def comparison_table(base: dict, priors: dict) -> dict:
@@ -278,13 +278,16 @@ def comparison_table(base: dict, priors: dict) -> dict:
         ratios = {label: _ratio_of(m, name) for label, m in priors.items()}
         defined = {k: v for k, v in ratios.items() if v is not None}
         table[name] = {"real_train": train, "reconstruction": recon, "samples": ratios,
+                       "samples_interval": {label: _ratio_of(m, name, "ratio_interval") for label, m in priors.items()},
                        "closest": min(defined, key=defined.get) if defined else None,
                        "limited_by": {k: limiting_stage(train, recon, v) for k, v in ratios.items()}}
     return table
 
 
-def _cell(r) -> str:
-    return "undefined" if r is None else f"{r:.2f}"
+def _cell(r, interval: list | None = None) -> str:
+    if r is None:
+        return "undefined"
+    return f"{r:.2f}" + (" ({:.2f}-{:.2f})".format(*interval) if interval else "")
 
 
 def _comparison_markdown(comp: dict) -> str:
@@ -293,19 +296,25 @@ def _comparison_markdown(comp: dict) -> str:
              f"Every column is judged against the same {comp['n_real']} held-out volumes and the same "
              f"real-vs-real floor (ratio to the floor; <= {PASS_RATIO:g} passes). `real train` and "
              f"`reconstructions` use {comp['n_train']} real training volumes and their stage-1 reconstructions, "
-             "about the best any prior decoded by this stage 1 can do.", "",
+             "about the best any prior decoded by this stage 1 can do. Brackets: each prior's ratio over "
+             "bootstrap redraws of its samples (5th-95th percentile); brackets that overlap do not rank the "
+             "priors.", "",
              "| statistic | real train | reconstructions | " + " | ".join(labels) + " | closest |",
              "|---|---|---|" + "---|" * len(labels) + "---|"]
     for name, r in comp["ratios"].items():
-        cells = [_cell(r["real_train"]), _cell(r["reconstruction"])] + [_cell(r["samples"][k]) for k in labels]
+        cells = [_cell(r["real_train"]), _cell(r["reconstruction"])] + \
+            [_cell(r["samples"][k], r["samples_interval"][k]) for k in labels]
         lines.append(f"| {name} | {' | '.join(cells)} | {r['closest'] or '-'} |")
-    lines += ["", "| prior | samples | folder | within 2x floor | max ratio | report |", "|---|---|---|---|---|---|"]
+    lines += ["", "| prior | samples | folder | within 2x floor | redraws within 2x | max ratio | report |",
+              "|---|---|---|---|---|---|---|"]
     for p in comp["priors"]:
         s = p["generation"]["summary"]
         passed = sum(1 for r in comp["ratios"].values() if r["samples"][p["label"]] is not None
                      and r["samples"][p["label"]] <= PASS_RATIO)
+        rate = s.get("redraw_pass_rate")
         lines.append(f"| {p['label']} | {p['generation']['n_generated']} | `{p['samples']}` | {passed} of "
-                     f"{len(comp['ratios'])} | {_cell(s.get('max_ratio'))} | [{p['report']}]({p['report']}) |")
+                     f"{len(comp['ratios'])} | {'-' if rate is None else f'{rate:.0%}'} | "
+                     f"{_cell(s.get('max_ratio'))} | [{p['report']}]({p['report']}) |")
     lines += ["", "Rows, as maximum-intensity projections: real training volumes, their reconstructions, then "
               "each prior's first samples (" + ", ".join(labels) + "):", "", "![priors](priors.png)"]
     return "\n".join(lines)
