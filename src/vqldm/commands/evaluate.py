@@ -139,16 +139,12 @@ def stage_rows(real: list[np.ndarray], train: list[np.ndarray], recon: list[np.n
     rows = {"real_train": compare(real, train, threshold=threshold, seed=seed, redraws=0),
             "reconstruction": compare(real, recon, threshold=threshold, seed=seed, redraws=0), "samples": gen_metrics}
     names = list(gen_metrics["statistics"]) + ["mmd"]
-
-    def ratio(m: dict, name: str):
-        return m["mmd"]["ratio"] if name == "mmd" else m["statistics"][name]["ratio"]
-
-    table = {name: {row: ratio(m, name) for row, m in rows.items()} for name in names}
+    table = {name: {row: _ratio_of(m, name) for row, m in rows.items()} for name in names}
     for name, r in table.items():
         r["limited_by"] = limiting_stage(r["real_train"], r["reconstruction"], r["samples"])
-        entry = gen_metrics["mmd"] if name == "mmd" else gen_metrics["statistics"][name]
-        if entry.get("ratio_interval"):  # the samples' 5th-95th percentile over redraws of the samples
-            r["samples_interval"] = entry["ratio_interval"]
+        interval = _ratio_of(gen_metrics, name, "ratio_interval")  # the samples' over redraws of the samples
+        if interval:
+            r["samples_interval"] = interval
     return {"n_train": len(train), "ratios": table}
 
 
@@ -161,9 +157,7 @@ def _stages_markdown(stages: dict) -> str:
              "| statistic | real train vs val | reconstructions vs val | samples vs val | limited by |",
              "|---|---|---|---|---|"]
     for name, r in stages["ratios"].items():
-        cells = [f"{r[k]:.2f}" if r[k] is not None else "undefined" for k in ("real_train", "reconstruction", "samples")]
-        if r.get("samples_interval"):
-            cells[2] += " ({:.2f}-{:.2f})".format(*r["samples_interval"])
+        cells = [_cell(r["real_train"]), _cell(r["reconstruction"]), _cell(r["samples"], r.get("samples_interval"))]
         lines.append(f"| {name} | {' | '.join(cells)} | {r['limited_by']} |")
     lines += ["", "Real training volumes (top), their reconstructions (middle) and samples (bottom), as "
               "maximum-intensity projections:", "", "![real, reconstruction, sample](stages.png)"]
