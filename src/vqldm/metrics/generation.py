@@ -447,8 +447,9 @@ def compare(
     gs = [volume_statistics(v, threshold, min_component_size) for v in generated]
     splits = _splits(len(real), n_splits, rng)
     statistics, histograms = _distances(rs, gs, splits, rng, max_pooled, threshold)
-    mmd = _mmd_block(rs, gs, splits, threshold, intensity_bins)
-    redraw = _redraws(rs, gs, statistics, mmd, redraws, seed, threshold, intensity_bins)
+    features = _mmd_features(rs, gs, threshold, intensity_bins)
+    mmd = _mmd_block(features, splits, intensity_bins)
+    redraw = _redraws(rs, gs, features, statistics, mmd, redraws, seed)
     per_volume = {k: {"real": [s[k] for s in rs], "generated": [s[k] for s in gs]} for k in SCALAR_STATS}
     return {
         "n_real": len(real),
@@ -562,9 +563,9 @@ def _mmd_features(rs, gs, threshold: float, intensity_bins: int) -> tuple[np.nda
     return fr, fg, (med if med > 0 else 1.0)
 
 
-def _mmd_block(rs, gs, splits, threshold: float, intensity_bins: int) -> dict:
-    """MMD on per-volume feature vectors, standardised with the real set's statistics."""
-    fr, fg, bandwidth = _mmd_features(rs, gs, threshold, intensity_bins)
+def _mmd_block(features: tuple, splits, intensity_bins: int) -> dict:
+    """MMD on per-volume feature vectors (``_mmd_features``), standardised with the real set's statistics."""
+    fr, fg, bandwidth = features
     mmd_d = _mmd(fg, fr, bandwidth)
     mmd_floor = float(np.mean([_mmd(fr[a], fr[b], bandwidth) for a, b in splits]))
     mmd_ratio, mmd_note = _ratio(mmd_d, mmd_floor)
@@ -586,7 +587,7 @@ def _mmd_block(rs, gs, splits, threshold: float, intensity_bins: int) -> dict:
 REDRAW_POOLED = 20_000  # pooled values per redraw: enough for a percentile, fast enough for 100 redraws
 
 
-def _redraws(rs, gs, statistics: dict, mmd: dict, n: int, seed: int, threshold: float, intensity_bins: int) -> dict:
+def _redraws(rs, gs, features: tuple, statistics: dict, mmd: dict, n: int, seed: int) -> dict:
     """Bootstrap the generated set ``n`` times (volumes drawn with replacement) against the fixed real
     set and floors. Each defined ratio gets the 5th-95th percentile of its redrawn values
     (``ratio_interval``); returned are the fraction of redraws within 2x on every statistic and MMD (an
@@ -597,7 +598,7 @@ def _redraws(rs, gs, statistics: dict, mmd: dict, n: int, seed: int, threshold: 
     entries = {**statistics, "mmd": mmd}
     defined = [k for k, e in entries.items() if e["ratio"] is not None]
     real = {k: _subsample(_values(rs, k), REDRAW_POOLED, rng) for k in defined if k != "mmd"}
-    fr, fg, bandwidth = _mmd_features(rs, gs, threshold, intensity_bins)
+    fr, fg, bandwidth = features  # the MMD block's per-volume features
     ratios = np.full((n, len(defined)), np.nan)
     for b in range(n):
         idx = rng.integers(0, len(gs), len(gs))
