@@ -41,6 +41,25 @@ def test_weight_one_is_the_model_exactly_and_never_calls_the_guide():
     assert torch.equal(den(x, torch.full((1,), 999)), x * 2.0) and guide_calls == []
 
 
+def test_rescale_pulls_each_guided_sample_back_to_the_models_spread():
+    from vqldm.priors.diffusion.unet import guidance_rescale
+
+    model = _counting(2.0, [])
+    x = torch.randn(2, 4, 3, 3, 3)
+    x[1] *= 5.0  # the two samples differ in spread: the rescale is per sample
+    high, low = torch.full((2,), 700), torch.full((2,), 599)
+    guided = autoguided(model, _counting(1.0, []), weight=3.0, min_timestep=600)(x, high)
+    full = autoguided(model, _counting(1.0, []), weight=3.0, min_timestep=600, rescale=1.0)
+    out = full(x, high)
+    assert torch.allclose(out.flatten(1).std(dim=1), (2.0 * x).flatten(1).std(dim=1), rtol=1e-5)
+    assert torch.allclose(out / out.flatten(1).std(dim=1).view(-1, 1, 1, 1, 1),
+                          guided / guided.flatten(1).std(dim=1).view(-1, 1, 1, 1, 1), rtol=1e-5)  # same direction
+    half = autoguided(model, _counting(1.0, []), weight=3.0, min_timestep=600, rescale=0.5)(x, high)
+    assert torch.allclose(half, 0.5 * guided + 0.5 * out, rtol=1e-5, atol=1e-6)
+    assert torch.equal(full(x, low), 2.0 * x)  # below min_timestep: the model alone, untouched
+    assert guidance_rescale(guided, 2.0 * x, 0.0) is guided  # rescale 0: the guided output itself
+
+
 # ---------------------------------------------------------------------------------- training keeps the guide
 @pytest.fixture(scope="module")
 def guided_run(tmp_path_factory, data_dir, trained_stage1):
@@ -110,7 +129,7 @@ def test_sample_records_the_guide_and_guiding_with_the_model_itself_is_plain_sam
     common = ["--quiet", "sample", "--config", guided_run["config_path"], "-n", 2, "--steps", 3, "--seed", 5]
     assert run_cli(*common, "--out", tmp_path / "guided") == 0
     rec = json.loads((tmp_path / "guided" / "samples.json").read_text())["autoguidance"]
-    assert rec["weight"] == 3.0 and rec["min_timestep"] == 500 and rec["guide_epoch"] == 1
+    assert rec["weight"] == 3.0 and rec["min_timestep"] == 500 and rec["guide_epoch"] == 1 and rec["rescale"] == 0.0
     assert rec["guide_sha256"] == file_sha256(guided_run["guide"])
     assert run_cli(*common, "--autoguidance", 1, "--out", tmp_path / "plain") == 0
     assert json.loads((tmp_path / "plain" / "samples.json").read_text())["autoguidance"] is None
@@ -150,7 +169,7 @@ def test_a_missing_or_foreign_guide_is_refused_in_one_line(guided_run, trained_s
     assert not any((tmp_path / d).exists() for d in "abcde")
 
 
-@pytest.mark.parametrize("key,value", [("guide_epoch", 2), ("weight", 0.5), ("min_timestep", 1000)])
+@pytest.mark.parametrize("key,value", [("guide_epoch", 2), ("weight", 0.5), ("min_timestep", 1000), ("rescale", 1.5)])
 def test_bad_autoguidance_settings_name_their_key(guided_run, tmp_path, capsys, key, value):
     cfg = with_updates(guided_run["config"], **{f"diffusion__autoguidance__{key}": value})
     rc, _, err = cli(capsys, "check", "--config", write_config(tmp_path / "c.yaml", cfg))

@@ -301,6 +301,10 @@ MISTAKES = {
                             ["diffusion.scheduler.timestep_bias", "rflow"]),
     "timestep_bias_epochs_alone": ({"diffusion__scheduler__timestep_bias_epochs": 10},
                                    ["diffusion.scheduler.timestep_bias_epochs", "timestep_bias"]),
+    "self_condition_rflow": ({"diffusion__self_condition": True, "diffusion__scheduler__type": "rflow"},
+                             ["diffusion.self_condition", "rflow"]),
+    "self_condition_min_timestep": ({"diffusion__self_condition_min_timestep": 1000},
+                                    ["diffusion.self_condition_min_timestep", "[0, 1000)"]),
     # 30 -> 15 -> 7 -> 14 -> 28: does not decode back to 30
     "patch_round_trip": ({"data__patch_size": [30, 30, 30]}, ["data.patch_size"]),
 }

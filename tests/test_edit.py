@@ -352,8 +352,8 @@ def test_sample_beyond_the_patch_is_tiled_and_seamless_in_shape(trained_stage2, 
     sizes = []
     real = pipeline.as_denoiser
 
-    def spy(net, extra_channels=0):
-        call = real(net, extra_channels)
+    def spy(net, *channels):
+        call = real(net, *channels)
 
         def wrapped(x, t, condition=None):
             sizes.append(tuple(x.shape[2:]))

@@ -161,7 +161,7 @@ class Model:
             self.pipeline.set_conditions(class_name, guidance, cond, cond_volume)
             ag = self.config.diffusion.autoguidance
             self.pipeline.set_autoguidance(ag.weight if autoguidance is None else autoguidance, ag.min_timestep,
-                                           None if guide_checkpoint is None else str(guide_checkpoint))
+                                           None if guide_checkpoint is None else str(guide_checkpoint), ag.rescale)
             name, k, on = sampling_settings(self.config, opts, self.pipeline)
             vols = self.pipeline.generate(indices, seed, k, name, batch_size, on, shape, progress,
                                           self.config.diffusion.clip_to_codebook_range)

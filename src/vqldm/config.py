@@ -209,6 +209,7 @@ class AutoguidanceConfig:
     guide_epoch: int = 0  # training: save the EMA weights at this epoch as guide_model.pt (0: no guide)
     weight: float = 1.0  # sampling: guide + weight (model - guide); 1 is plain sampling
     min_timestep: int = 0  # sampling: guide only at timesteps t >= this (the noisiest part of the chain)
+    rescale: float = 0.0  # sampling: pull the guided output's per-sample std back towards the model's (0: off; 1: fully)
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,8 @@ class DiffusionConfig:
     coarse_condition: bool = False  # coarse-to-fine: condition on the volume's block means over the latent grid
     coarse_view: str = "volume"  # with coarse_condition: volume (3D block means) | projection (their mean along z)
     covariates: list[str] = field(default_factory=list)  # numeric columns of data.labels_file: cross-attention context
+    self_condition: bool = False  # the UNet also sees its own clean-latent estimate (Chen et al., 2022)
+    self_condition_min_timestep: int = 0  # with self_condition: feed the estimate only at t >= this (zeros below)
     autoguidance: AutoguidanceConfig = field(default_factory=AutoguidanceConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(ema=True, n_epochs=300))
@@ -706,6 +709,11 @@ def _validate_scheduler(u: DiffusionConfig) -> None:
              f"diffusion.scheduler.timestep_bias > 0; null draws every epoch with the bias")
     _require(s.timestep_bias == 0.0 or s.type == "ddpm",
              "diffusion.scheduler.timestep_bias applies to ddpm training; rflow draws its own (logit-normal) timesteps")
+    _require(not u.self_condition or s.type == "ddpm",
+             "diffusion.self_condition applies to ddpm models (epsilon or v_prediction), not rflow")
+    _require(0 <= u.self_condition_min_timestep < s.num_train_timesteps,
+             f"diffusion.self_condition_min_timestep must lie in [0, {s.num_train_timesteps}), "
+             f"got {u.self_condition_min_timestep}")
     # the original README carries the value twice; the scheduler's is the one used
     _require(u.num_train_timesteps == s.num_train_timesteps,
              f"diffusion.num_train_timesteps ({u.num_train_timesteps}) and diffusion.scheduler.num_train_timesteps "
@@ -738,6 +746,8 @@ def _validate_autoguidance(u: DiffusionConfig) -> None:
     _require(0 <= a.min_timestep < u.scheduler.num_train_timesteps,
              f"diffusion.autoguidance.min_timestep must lie in [0, {u.scheduler.num_train_timesteps}) "
              f"(diffusion.scheduler.num_train_timesteps), got {a.min_timestep}")
+    _require(math.isfinite(a.rescale) and 0.0 <= a.rescale <= 1.0,
+             f"diffusion.autoguidance.rescale must lie in [0, 1] (0: off), got {a.rescale}")
 
 
 ORDERINGS = ("raster_scan", "s_curve", "random")

@@ -14,8 +14,8 @@ What vqldm's sampler adds to MONAI's loop is expressed in the bundle or refused:
 * the clip of each predicted clean latent to the codebook's range: the DDIM scheduler's
   ``clip_sample_min`` / ``clip_sample_max`` (off where ``clip_to_codebook_range`` is off);
 * network range -> [0, 1] and the clamp: a post-processing expression;
-* per-channel latent normalisation, intensity calibration and rectified-flow models have no MONAI
-  counterpart here: refused in one line.
+* per-channel latent normalisation, intensity calibration, self-conditioning and rectified-flow models
+  have no MONAI counterpart here: refused in one line.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ def _refuse_what_monai_lacks(cfg: Config, pipe: DiffusionPipeline) -> None:
     if pipe.classes:
         raise VqldmError(f"export-bundle: {path} is class-conditional (classes {', '.join(pipe.classes)}); MONAI's "
                          f"LatentDiffusionInferer drops class labels, so only unconditional models export")
+    if pipe.self_condition:
+        raise VqldmError(f"export-bundle: {path} is self-conditioned (diffusion.self_condition); MONAI's "
+                         f"LatentDiffusionInferer feeds the UNet no estimate of its own, so only plain models export")
     if pipe.covariates:
         raise VqldmError(f"export-bundle: {path} is conditioned on covariates ({', '.join(pipe.covariates)}); the "
                          f"bundle's sampler passes no cross-attention context, so only unconditional models export")

@@ -139,7 +139,8 @@ def load_editor(cfg: Config, opts: EditOptions) -> Editor:
     if not 1 <= opts.steps <= pipe.schedule["num_train_timesteps"]:
         raise VqldmError(f"--steps {opts.steps}: must lie in [1, {pipe.schedule['num_train_timesteps']}]")
     pipe.set_conditions(opts.class_name, opts.guidance, opts.cond, opts.cond_volume)  # one line for bad ones
-    pipe.set_autoguidance(opts.autoguidance, cfg.diffusion.autoguidance.min_timestep)
+    ag = cfg.diffusion.autoguidance
+    pipe.set_autoguidance(opts.autoguidance, ag.min_timestep, rescale=ag.rescale)
     return Editor(pipe, Stage1(pipe.vqvae, pipe.vq_ckpt, pipe.vq_path, pipe.rt), opts)
 
 

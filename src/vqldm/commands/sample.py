@@ -132,7 +132,7 @@ def _diffusion_run(cfg: Config, opts: SampleOptions):
     pipe.set_conditions(opts.class_name, opts.guidance, opts.cond, opts.cond_volume)
     ag = cfg.diffusion.autoguidance
     pipe.set_autoguidance(ag.weight if opts.autoguidance is None else opts.autoguidance, ag.min_timestep,
-                          opts.guide_checkpoint)
+                          opts.guide_checkpoint, ag.rescale)
     sampler, steps, snap = sampling_settings(cfg, opts, pipe)
     clip = cfg.diffusion.clip_to_codebook_range
 
@@ -145,7 +145,9 @@ def _diffusion_run(cfg: Config, opts: SampleOptions):
               "diffusion_checkpoint": str(pipe.diff_path), "diffusion_sha256": file_sha256(pipe.diff_path),
               "scale_factor": pipe.scale_factor, "latent_norm": "global" if pipe.norm.shift is None else "channel",
               "intensity_calibration": bool(pipe.vq_ckpt.get("intensity_calibration")),
-              "autoguidance": pipe.autoguidance_record(), **_class_record(pipe, opts), **_coarse_record(pipe, opts)}
+              "autoguidance": pipe.autoguidance_record(),
+              "self_condition": None if pipe.self_condition is None else pipe.self_condition.to_meta(),
+              **_class_record(pipe, opts), **_coarse_record(pipe, opts)}
     return pipe, run, record
 
 

@@ -2,7 +2,8 @@
 
 A sampler takes everything it uses as an argument (the denoiser, the starting noise, the number of
 steps, the noise schedule the model was trained with, a ``torch.Generator`` for any noise it
-draws, a condition) and returns clean latents; it builds its own MONAI scheduler per call, so no
+draws, a condition, and for a self-conditioned UNet its :class:`~vqldm.sampling.self_condition.SelfCondition`)
+and returns clean latents; it builds its own MONAI scheduler per call, so no
 state leaks between calls, and it never touches the global RNG. The denoiser is any callable
 ``f(x, t, condition) -> model output`` with ``t`` a (B,) tensor: a UNet, its EMA copy, a CUDA-graph
 replay or a DDP module.
@@ -21,6 +22,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 
 from vqldm.errors import VqldmError
 from vqldm.sampling.dpm_solver import DPMSolverPP, logsnr_grid
+from vqldm.sampling.self_condition import Feedback, SelfCondition
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -61,11 +63,11 @@ def _clip(clip_range: tuple[float, float] | None) -> dict:
 
 
 def _loop(timesteps: list[int], step, denoiser: Denoiser, noise: torch.Tensor, condition, autocast,
-          desc: str | None) -> torch.Tensor:
+          desc: str | None, feedback: Feedback | None = None) -> torch.Tensor:
     """The denoising loop every sampler shares: ``x = step(model_output, i, t, x)`` for each timestep.
 
     Model outputs are cast to float32 before the scheduler step, so the chain stays in fp32 under
-    bf16/fp16 autocast.
+    bf16/fp16 autocast. A self-conditioned UNet's ``feedback`` hands each step the last step's estimate.
     """
     x = noise.float()
     ctx = autocast or contextlib.nullcontext
@@ -78,61 +80,78 @@ def _loop(timesteps: list[int], step, denoiser: Denoiser, noise: torch.Tensor, c
     for i, t in enumerate(it):
         tt = torch.full((b,), t, device=x.device, dtype=torch.long)
         with ctx():
-            out = denoiser(x, tt, condition)
+            out = denoiser(x, tt, condition if feedback is None else feedback.condition(condition, x, t))
+        if feedback is not None:
+            feedback.update(out, x, tt)
         x = step(out.float(), i, t, x)
     return x
 
 
-def _ddim_like(sch, eta: float, generator, denoiser, noise, steps, condition, autocast, desc) -> torch.Tensor:
+def _feedback(schedule: dict, self_condition: SelfCondition | None) -> Feedback | None:
+    """The estimate carrier of a self-conditioned UNet (None for a plain one); DDPM-objective models only."""
+    if self_condition is None:
+        return None
+    if schedule["type"] != "ddpm":
+        raise VqldmError(f"self-conditioning needs a ddpm-objective model, not {schedule['type']}")
+    abar = DDPMScheduler(**schedule_kwargs(schedule)).alphas_cumprod
+    return Feedback(self_condition, abar, schedule["prediction_type"])
+
+
+def _ddim_like(sch, eta: float, generator, denoiser, noise, steps, condition, autocast, desc,
+               feedback: Feedback | None) -> torch.Tensor:
     sch.set_timesteps(num_inference_steps=steps)  # timesteps stay on the CPU: no device sync per step
     timesteps = [int(t) for t in sch.timesteps]
     kw = {"eta": eta, "generator": generator} if eta > 0 else {}
     return _loop(timesteps, lambda out, i, t, x: sch.step(out, t, x, **kw)[0], denoiser, noise, condition,
-                 autocast, desc)
+                 autocast, desc, feedback)
 
 
 @register("ddim", objective="ddpm")
 def ddim(denoiser: Denoiser, noise: torch.Tensor, steps: int, schedule: dict, *, generator=None, condition=None,
-         clip_range=None, autocast=None, desc: str | None = None) -> torch.Tensor:
+         clip_range=None, autocast=None, desc: str | None = None, self_condition=None) -> torch.Tensor:
     """Deterministic DDIM (Song et al., 2021): draws no noise after the start."""
     sch = DDIMScheduler(**schedule_kwargs(schedule), **_clip(clip_range))
-    return _ddim_like(sch, 0.0, generator, denoiser, noise, steps, condition, autocast, desc)
+    return _ddim_like(sch, 0.0, generator, denoiser, noise, steps, condition, autocast, desc,
+                      _feedback(schedule, self_condition))
 
 
 @register("ddpm", objective="ddpm")
 def ddpm(denoiser: Denoiser, noise: torch.Tensor, steps: int, schedule: dict, *, generator=None, condition=None,
-         clip_range=None, autocast=None, desc: str | None = None) -> torch.Tensor:
+         clip_range=None, autocast=None, desc: str | None = None, self_condition=None) -> torch.Tensor:
     """Ancestral DDPM sampling (Ho et al., 2020); each step's noise comes from ``generator``.
 
     MONAI's DDPM step always goes from t to t-1; with fewer steps than training timesteps the
     strided ancestral sampler is DDIM with eta = 1 (Song et al., 2021, eq. 16).
     """
+    feedback = _feedback(schedule, self_condition)
     if steps < schedule["num_train_timesteps"]:
         sch = DDIMScheduler(**schedule_kwargs(schedule), **_clip(clip_range))
-        return _ddim_like(sch, 1.0, generator, denoiser, noise, steps, condition, autocast, desc)
+        return _ddim_like(sch, 1.0, generator, denoiser, noise, steps, condition, autocast, desc, feedback)
     sch = DDPMScheduler(**schedule_kwargs(schedule), **_clip(clip_range))
     sch.set_timesteps(num_inference_steps=steps)
     timesteps = [int(t) for t in sch.timesteps]
     return _loop(timesteps, lambda out, i, t, x: sch.step(out, t, x, generator=generator)[0], denoiser, noise,
-                 condition, autocast, desc)
+                 condition, autocast, desc, feedback)
 
 
 @register("dpmpp_2m", objective="ddpm")
 def dpmpp_2m(denoiser: Denoiser, noise: torch.Tensor, steps: int, schedule: dict, *, generator=None, condition=None,
-             clip_range=None, autocast=None, desc: str | None = None) -> torch.Tensor:
+             clip_range=None, autocast=None, desc: str | None = None, self_condition=None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al., 2022; ``sampling/dpm_solver.py``): a deterministic second-order multistep
     solver for few steps (5 to 10), on timesteps evenly spaced in log-SNR from the pure-noise end to timestep 0.
     Draws no noise after the start; ``clip_range`` bounds each step's predicted clean latent."""
     abar = DDPMScheduler(**schedule_kwargs(schedule)).alphas_cumprod  # MONAI's schedule, as the model was trained
     grid = logsnr_grid(abar, steps)
     solver = DPMSolverPP(abar, schedule["prediction_type"], grid, order=2, clip_range=clip_range)
-    return _loop(grid[:-1], lambda out, i, t, x: solver.step(out, i, x), denoiser, noise, condition, autocast, desc)
+    return _loop(grid[:-1], lambda out, i, t, x: solver.step(out, i, x), denoiser, noise, condition, autocast, desc,
+                 _feedback(schedule, self_condition))
 
 
 @register("rflow", objective="rflow")
 def rflow(denoiser: Denoiser, noise: torch.Tensor, steps: int, schedule: dict, *, generator=None, condition=None,
-          clip_range=None, autocast=None, desc: str | None = None) -> torch.Tensor:
+          clip_range=None, autocast=None, desc: str | None = None, self_condition=None) -> torch.Tensor:
     """Euler integration of a rectified-flow velocity (Liu et al., 2023); ``clip_range`` does not apply."""
+    _feedback(schedule, self_condition)  # refuses self-conditioning: rflow models are never trained with it
     sch = RFlowScheduler(num_train_timesteps=schedule["num_train_timesteps"], use_discrete_timesteps=False,
                          use_timestep_transform=False)
     sch.set_timesteps(num_inference_steps=steps)

@@ -22,32 +22,35 @@ import torch
 
 from vqldm.checkpoint import file_sha256
 from vqldm.errors import VqldmError
-from vqldm.priors.diffusion.unet import guidance_mix
+from vqldm.priors.diffusion.unet import guidance_mix, guidance_rescale
 
 GUIDE = "guide_model.pt"
 
 
 @dataclass(frozen=True)
 class Autoguidance:
-    """How sampling is guided: ``weight`` (1: not at all) from ``min_timestep`` up."""
+    """How sampling is guided: ``weight`` (1: not at all) from ``min_timestep`` up, with the guided output's
+    spread pulled back to the model's by ``rescale`` (:func:`~vqldm.priors.diffusion.unet.guidance_rescale`)."""
 
     weight: float = 1.0
     min_timestep: int = 0
+    rescale: float = 0.0
 
     @property
     def active(self) -> bool:
         return self.weight != 1.0
 
 
-def autoguided(model, guide, weight: float, min_timestep: int):
+def autoguided(model, guide, weight: float, min_timestep: int, rescale: float = 0.0):
     """The denoiser ``guide + weight (model - guide)`` at timesteps ``t >= min_timestep`` and ``model``
-    alone below; both are ``f(x, t, condition)``. Below ``min_timestep`` the guide is not called. Reads
+    alone below; both are ``f(x, t, condition)``. Below ``min_timestep`` the guide is not called. With
+    ``rescale`` > 0 each sample's guided output keeps (that share of) the model's own spread. Reads
     the step's timestep on the host (one value per call: every sampler gives one t to the whole batch)."""
     def call(x: torch.Tensor, t: torch.Tensor, condition=None) -> torch.Tensor:
         out = model(x, t, condition)
         if weight == 1.0 or float(t.reshape(-1)[0]) < min_timestep:
             return out
-        return guidance_mix(guide(x, t, condition), out, weight)
+        return guidance_rescale(guidance_mix(guide(x, t, condition), out, weight), out, rescale)
     return call
 
 
@@ -74,7 +77,7 @@ def check_guide(guide: dict, model: dict, guide_path: Path, model_path: Path) ->
     normalisation, noise schedule, classes, covariates and coarse condition. One line naming both files and
     the first difference otherwise."""
     keys = ("vqvae_sha256", "latent_shape", "scale_factor", "latent_shift", "latent_scale", "scheduler", "classes",
-            "covariates", "coarse_condition")
+            "covariates", "coarse_condition", "self_condition")
     for k in keys:
         a, b = _plain(guide.get(k)), _plain(model.get(k))
         if a != b:

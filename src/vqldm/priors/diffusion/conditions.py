@@ -17,7 +17,8 @@ import torch
 
 from vqldm.priors.diffusion.coarse import coarse_concat
 from vqldm.priors.diffusion.covariates import count_of, covariate_context
-from vqldm.priors.diffusion.unet import guidance_mix
+from vqldm.priors.diffusion.unet import guidance_mix, self_condition_channels
+from vqldm.sampling.self_condition import KEY as SELF_COND
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class Slots:
     @classmethod
     def of(cls, net: dict) -> "Slots":
         classes = net.get("num_class_embeds")
-        return cls(None if not classes else int(classes) - 1, net["in_channels"] - net["out_channels"], count_of(net))
+        extra = net["in_channels"] - net["out_channels"] - self_condition_channels(net)
+        return cls(None if not classes else int(classes) - 1, extra, count_of(net))
 
     @property
     def count(self) -> int:
@@ -76,10 +78,12 @@ def guided(denoiser, slots: Slots, asked: Asked | None, w: float = 1.0):
     """The samplers' call under ``asked`` with guidance ``w``: ``null + w (cond - null)``, exactly the null
     prediction at 0 and exactly the conditional one at 1 (then the only UNet call)."""
     def call(x, t, condition=None):
-        cond = denoiser(x, t, unet_args(slots, x, asked))
+        # a self-conditioned UNet's estimate rides along unchanged, to both calls
+        own = {SELF_COND: condition[SELF_COND]} if condition and SELF_COND in condition else {}
+        cond = denoiser(x, t, {**unet_args(slots, x, asked), **own})
         if w == 1.0 or asked is None or not asked.given:
             return cond
-        return guidance_mix(denoiser(x, t, unet_args(slots, x, None)), cond, w)
+        return guidance_mix(denoiser(x, t, {**unet_args(slots, x, None), **own}), cond, w)
     return call
 
 

@@ -9,6 +9,7 @@ from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
 from vqldm.config import Config
 from vqldm.sampling.samplers import schedule_kwargs
+from vqldm.sampling.self_condition import SelfCondition, training_input, with_estimate
 
 
 def scheduler_config(cfg: Config) -> dict:
@@ -41,8 +42,9 @@ class Objective:
     Draws its random numbers on the latent's device, so a CUDA graph replay draws fresh ones.
     """
 
-    def __init__(self, sc: dict, timestep_bias: float = 0.0, device="cpu"):
+    def __init__(self, sc: dict, timestep_bias: float = 0.0, device="cpu", self_condition: SelfCondition | None = None):
         self.sc = dict(sc)
+        self.self_condition = self_condition  # a self-conditioned UNet's feed (:mod:`vqldm.sampling.self_condition`)
         self.scheduler = build_train_scheduler(sc)
         self.num_train_timesteps = sc["num_train_timesteps"]
         self.timestep_bias = float(timestep_bias)
@@ -67,7 +69,12 @@ class Objective:
         return (T * u.pow(self._exponent)).long().clamp_(0, T - 1)
 
     def loss(self, denoiser, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, condition=None) -> torch.Tensor:
-        """Mean squared error of ``denoiser(x_t, t, condition)`` to the training target."""
+        """Mean squared error of ``denoiser(x_t, t, condition)`` to the training target. A self-conditioned
+        UNet gets its own estimate for half the batch while training; in validation (no gradients) zeros."""
         x_t = self.scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
+        if self.self_condition is not None and torch.is_grad_enabled():
+            est = training_input(denoiser, x_t, t, condition, self.scheduler.alphas_cumprod, self.sc["prediction_type"],
+                                 self.self_condition)
+            condition = with_estimate(condition, est)
         pred = denoiser(x_t, t, condition)
         return F.mse_loss(pred.float(), training_target(self.scheduler, self.sc, z0, noise, t).float())

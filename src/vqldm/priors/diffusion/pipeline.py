@@ -25,10 +25,11 @@ from vqldm.priors.diffusion.autoguidance import Autoguidance, autoguided, check_
 from vqldm.priors.diffusion.coarse import condition_volume
 from vqldm.priors.diffusion.conditions import Asked, Slots, guided
 from vqldm.priors.diffusion.covariates import asked_values
-from vqldm.priors.diffusion.unet import as_denoiser, build_unet
+from vqldm.priors.diffusion.unet import as_denoiser, build_unet, self_condition_channels
 from vqldm.runtime import Runtime, make_runtime, sample_generator
 from vqldm.sampling.decode import decode_latents
 from vqldm.sampling.samplers import Denoiser, sample_latents
+from vqldm.sampling.self_condition import SelfCondition
 
 log = logging.getLogger("vqldm")
 
@@ -85,6 +86,13 @@ class DiffusionPipeline(RecordedGrid):
     @property
     def extra_channels(self) -> int:
         return self.slots.extra_channels
+
+    @property
+    def self_condition(self) -> SelfCondition | None:
+        """How a self-conditioned UNet is fed its own estimate (recorded in its checkpoint), else None."""
+        if not self_condition_channels(self.diff_ckpt["network"]):
+            return None
+        return SelfCondition.from_meta(self.diff_ckpt.get("self_condition") or {})
 
     def set_coarse(self, path: str | None) -> None:
         """Coarse-to-fine: every sample is to match the coarse view of the volume in ``path`` (None: the
@@ -188,12 +196,15 @@ class DiffusionPipeline(RecordedGrid):
         return decode_latents(self.vqvae, z, self.norm, self.vq_ckpt["normalization"]["intensity_range"],
                               snap, self.rt.autocast, self.vq_ckpt.get("intensity_calibration"))
 
-    def set_autoguidance(self, weight: float, min_timestep: int = 0, guide_checkpoint: str | None = None) -> None:
+    def set_autoguidance(self, weight: float, min_timestep: int = 0, guide_checkpoint: str | None = None,
+                         rescale: float = 0.0) -> None:
         """Sample with autoguidance ``weight`` at timesteps ``>= min_timestep``, guided by ``guide_checkpoint``
-        (default: the guide this checkpoint's own run kept, ``guide_model.pt``). Weight 1 samples plainly."""
+        (default: the guide this checkpoint's own run kept, ``guide_model.pt``), the guided output's spread
+        rescaled by ``rescale``. Weight 1 samples plainly."""
         if not (math.isfinite(weight) and weight >= 1.0):
             raise VqldmError(f"--autoguidance must be >= 1 (1: no autoguidance), got {weight}")
-        self.autoguidance, self._denoise = Autoguidance(float(weight), int(min_timestep)), None
+        self.autoguidance = Autoguidance(float(weight), int(min_timestep), float(rescale))
+        self._denoise = None
         self.guide = self.guide_path = self.guide_ckpt = None
         if not self.autoguidance.active:
             if guide_checkpoint:
@@ -211,17 +222,18 @@ class DiffusionPipeline(RecordedGrid):
         if self.guide is None:
             return None
         a = self.autoguidance
-        return {"weight": a.weight, "min_timestep": a.min_timestep, "guide": str(self.guide_path),
+        return {"weight": a.weight, "min_timestep": a.min_timestep, "rescale": a.rescale, "guide": str(self.guide_path),
                 "guide_sha256": file_sha256(self.guide_path), "guide_epoch": self.guide_ckpt.get("epoch")}
 
     def _call(self, net: torch.nn.Module) -> Denoiser:
         """One UNet as the samplers' call: compiled where ``device.compile`` is on, with the class and CFG."""
         net = torch.compile(net, dynamic=False) if self.rt.compile else net
-        return self._conditioned(as_denoiser(net, self.extra_channels))
+        sc_channels = self_condition_channels(self.diff_ckpt["network"])
+        return self._conditioned(as_denoiser(net, self.extra_channels, sc_channels))
 
     def _guided(self, model: Denoiser, guide: Denoiser | None) -> Denoiser:
         a = self.autoguidance
-        return model if guide is None else autoguided(model, guide, a.weight, a.min_timestep)
+        return model if guide is None else autoguided(model, guide, a.weight, a.min_timestep, a.rescale)
 
     def plain_denoiser(self) -> Denoiser:
         """The UNet call without CUDA graphs (tiles vary in batch position; compiled where asked)."""
@@ -237,7 +249,7 @@ class DiffusionPipeline(RecordedGrid):
         return self._denoise
 
     def _graphed(self, call: Denoiser, name: str) -> Denoiser:
-        if not self.rt.cuda_graphs or self.slots.count:  # a replay would drop the condition
+        if not self.rt.cuda_graphs or self.slots.count or self.self_condition:  # a replay would drop the condition
             return call
         from vqldm.graphs import CudaGraphed
 
@@ -288,7 +300,8 @@ class DiffusionPipeline(RecordedGrid):
             g = torch.Generator(device=noise.device).manual_seed(int(seed) * 7919 + idx[0])
             z = sample_latents(sampler, denoiser, noise, steps, self.schedule, generator=g,
                                clip_range=clip_range, autocast=self.rt.autocast,
-                               desc=f"{sampler} sampling" if progress else None)
+                               desc=f"{sampler} sampling" if progress else None,
+                               self_condition=None if tiled else self.self_condition)
             outs.append(self.decode_any(z, snap, tiled))
         return torch.cat(outs) if outs else torch.zeros([0, 1] + (shape or []))
 

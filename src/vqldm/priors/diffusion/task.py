@@ -17,10 +17,11 @@ from vqldm.priors.diffusion.autoguidance import GUIDE
 from vqldm.priors.diffusion.coarse import as_view
 from vqldm.priors.diffusion.conditions import Slots, training_args, unet_args
 from vqldm.priors.diffusion.objective import Objective
-from vqldm.priors.diffusion.unet import as_denoiser, build_unet
+from vqldm.priors.diffusion.unet import as_denoiser, build_unet, self_condition_channels
 from vqldm.runtime import Runtime
 from vqldm.sampling.decode import decode_latents
 from vqldm.sampling.samplers import default_sampler, sample_latents
+from vqldm.sampling.self_condition import KEY as SELF_COND, SelfCondition
 
 
 class DiffusionTask(Task):
@@ -35,9 +36,12 @@ class DiffusionTask(Task):
         self.model = rt.prepare_module(build_unet(net_config, flash_attention=rt.is_cuda))
         self.slots = Slots.of(net_config)
         self.extra_channels = self.slots.extra_channels  # coarse-to-fine: 2
+        self.sc_channels = self_condition_channels(net_config)
+        self.self_condition = (SelfCondition(cfg.diffusion.self_condition_min_timestep) if self.sc_channels
+                               else None)
         self.train_forward = self.model
         sched = cfg.diffusion.scheduler
-        self.objective = Objective(scheduler_cfg, sched.timestep_bias, rt.device)
+        self.objective = Objective(scheduler_cfg, sched.timestep_bias, rt.device, self.self_condition)
         self.bias_epochs = sched.timestep_bias_epochs  # None: every epoch draws with the bias
 
     def optimizers(self) -> list[OptimizerSpec]:
@@ -85,25 +89,29 @@ class DiffusionTask(Task):
         noise = torch.randn_like(z0)
         t = self.objective.sample_timesteps(z0)
         cond = self.condition_of(batch, drop=True)
-        return {"loss": self.objective.loss(as_denoiser(self.train_forward, self.extra_channels), z0, noise, t, cond)}
+        return {"loss": self.objective.loss(self._denoiser(self.train_forward), z0, noise, t, cond)}
 
     def validation_step(self, batch: dict, model: nn.Module) -> dict[str, torch.Tensor]:
         # fixed noise and timesteps per validation item: losses compare across epochs and runs
         z0 = self.latent_of(batch)
         noise = self.rt.to_device(batch["noise"]).float()
         t = self.rt.to_device(batch["t"]).long()
-        return {"loss": self.objective.loss(as_denoiser(model, self.extra_channels), z0, noise, t,
-                                            self.condition_of(batch, drop=False))}
+        return {"loss": self.objective.loss(self._denoiser(model), z0, noise, t, self.condition_of(batch, drop=False))}
+
+    def _denoiser(self, model: nn.Module):
+        return as_denoiser(model, self.extra_channels, self.sc_channels)
 
     def _sampling_denoiser(self, model: nn.Module):
         """The previews' UNet call: unconditional (every condition its null), except that a class-conditional
         model draws the classes in turn (sample i: class i mod C)."""
-        den, slots = as_denoiser(model, self.extra_channels), self.slots
+        den, slots = self._denoiser(model), self.slots
         if not slots.count:
             return den
 
         def call(x, t, condition=None):
             args = unet_args(slots, x, None)
+            if condition and SELF_COND in condition:
+                args[SELF_COND] = condition[SELF_COND]
             if self.classes:
                 args["class_labels"] = torch.arange(x.shape[0], device=x.device) % len(self.classes)
             return den(x, t, args)
@@ -116,7 +124,8 @@ class DiffusionTask(Task):
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.rt.device)
         clip = self.norm.codebook_range(self.vqvae) if self.cfg.diffusion.clip_to_codebook_range else None
         z = sample_latents(sampler, self._sampling_denoiser(model), noise, steps, self.sc, autocast=self.rt.autocast,
-                           clip_range=clip, generator=torch.Generator(device=noise.device).manual_seed(seed))
+                           clip_range=clip, generator=torch.Generator(device=noise.device).manual_seed(seed),
+                           self_condition=self.self_condition)
         return decode_latents(self.vqvae, z, self.norm, self.meta["normalization"]["intensity_range"],
                               self.cfg.diffusion.snap_to_codebook, self.rt.autocast,
                               self.meta.get("intensity_calibration"))
@@ -133,7 +142,8 @@ class DiffusionTask(Task):
 
     def checkpoint_meta(self) -> dict:
         return {"network": self.net_config, "scheduler": dict(self.sc), **self.norm.to_meta(), **self.meta,
-                "timestep_bias": self.objective.timestep_bias, "timestep_bias_epochs": self.bias_epochs}
+                "timestep_bias": self.objective.timestep_bias, "timestep_bias_epochs": self.bias_epochs,
+                "self_condition": None if self.self_condition is None else self.self_condition.to_meta()}
 
     def on_train_epoch_end(self, epoch: int) -> dict[str, float]:
         """After epoch ``timestep_bias_epochs``, timesteps are drawn uniformly (the fine steps catch up)."""
