@@ -5,8 +5,9 @@ previous steps committed to instead of guessing it again from ``x_t`` alone.
 Training: for half of each batch (its first half: batches are shuffled), a first forward pass without
 gradients gives the estimate, which the second, trained pass receives; the other half receives zeros, so
 the UNet also denoises without one. Sampling: every step receives the previous step's estimate (zeros at
-the first step). Both feed the estimate only at timesteps ``t >= min_timestep`` and zeros below, so the
-fine steps that set the intensities are trained and sampled exactly as without self-conditioning.
+the first step). Both feed the estimate only at timesteps ``t >= min_timestep`` and zeros below (0, the
+default: at every step), so that the fine steps can be kept free of it (measured in docs/quality.md, round 9:
+on the demo this does not undo the brighter foreground that self-conditioning with the timestep bias gives).
 
 The estimate travels to the UNet call as the condition key :data:`KEY`; the denoiser of
 :func:`vqldm.priors.diffusion.unet.as_denoiser` appends it to the input (zeros where none is given, so
