@@ -149,3 +149,15 @@ def test_self_conditioned_run_records_itself_samples_and_refuses_the_bundle(tmp_
         tmp_path / "b.yaml", with_updates(cfg, diffusion__snap_to_codebook=True)), "--out", tmp_path / "b")
     assert_clean_error(rc, err, "self-conditioned", "diffusion.self_condition")
     assert not (tmp_path / "b").exists()
+
+
+def test_classifier_free_guidance_hands_the_estimate_to_both_calls():
+    from vqldm.priors.diffusion.conditions import Asked, Slots, guided
+
+    den = Recorder()
+    slots = Slots(null_class=2, extra_channels=0, covariates=0)
+    x, est = torch.randn(2, 2, 3, 3, 2), torch.randn(2, 2, 3, 3, 2)
+    guided(den, slots, Asked(label=0), 2.0)(x, torch.full((2,), 500), {KEY: est})
+    asked, null = den.calls
+    assert asked["cond"]["class_labels"].eq(0).all() and null["cond"]["class_labels"].eq(2).all()
+    assert torch.equal(asked["cond"][KEY], est) and torch.equal(null["cond"][KEY], est)

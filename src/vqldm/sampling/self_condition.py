@@ -75,6 +75,11 @@ def with_estimate(condition, estimate: torch.Tensor) -> dict:
     return {**(condition or {}), KEY: estimate}
 
 
+def carried(condition) -> dict:
+    """The estimate in a sampler's ``condition``, as a dict to merge into arguments built afresh ({} if none)."""
+    return {KEY: condition[KEY]} if condition and KEY in condition else {}
+
+
 class Feedback:
     """A sampling loop's estimate, carried from one step to the next (one per sampling call)."""
 

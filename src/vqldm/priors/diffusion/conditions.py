@@ -18,7 +18,7 @@ import torch
 from vqldm.priors.diffusion.coarse import coarse_concat
 from vqldm.priors.diffusion.covariates import count_of, covariate_context
 from vqldm.priors.diffusion.unet import guidance_mix, self_condition_channels
-from vqldm.sampling.self_condition import KEY as SELF_COND
+from vqldm.sampling.self_condition import carried
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,7 @@ def guided(denoiser, slots: Slots, asked: Asked | None, w: float = 1.0):
     """The samplers' call under ``asked`` with guidance ``w``: ``null + w (cond - null)``, exactly the null
     prediction at 0 and exactly the conditional one at 1 (then the only UNet call)."""
     def call(x, t, condition=None):
-        # a self-conditioned UNet's estimate rides along unchanged, to both calls
-        own = {SELF_COND: condition[SELF_COND]} if condition and SELF_COND in condition else {}
+        own = carried(condition)  # a self-conditioned UNet's estimate rides along unchanged, to both calls
         cond = denoiser(x, t, {**unet_args(slots, x, asked), **own})
         if w == 1.0 or asked is None or not asked.given:
             return cond

@@ -21,7 +21,7 @@ from vqldm.priors.diffusion.unet import as_denoiser, build_unet, self_condition_
 from vqldm.runtime import Runtime
 from vqldm.sampling.decode import decode_latents
 from vqldm.sampling.samplers import default_sampler, sample_latents
-from vqldm.sampling.self_condition import KEY as SELF_COND, SelfCondition
+from vqldm.sampling.self_condition import SelfCondition, carried
 
 
 class DiffusionTask(Task):
@@ -109,9 +109,7 @@ class DiffusionTask(Task):
             return den
 
         def call(x, t, condition=None):
-            args = unet_args(slots, x, None)
-            if condition and SELF_COND in condition:
-                args[SELF_COND] = condition[SELF_COND]
+            args = {**unet_args(slots, x, None), **carried(condition)}
             if self.classes:
                 args["class_labels"] = torch.arange(x.shape[0], device=x.device) % len(self.classes)
             return den(x, t, args)
