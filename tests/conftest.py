@@ -149,6 +149,24 @@ def with_updates(cfg: dict, **dotted) -> dict:
     return cfg
 
 
+def spy_unet_sizes(monkeypatch) -> list:
+    """The spatial size of every latent the sampling pipeline's UNet is called on, appended as it runs."""
+    from vqldm.priors.diffusion import pipeline
+
+    sizes, real = [], pipeline.as_denoiser
+
+    def spy(net, *channels):
+        call = real(net, *channels)
+
+        def wrapped(x, t, condition=None):
+            sizes.append(tuple(x.shape[2:]))
+            return call(x, t, condition)
+        return wrapped
+
+    monkeypatch.setattr(pipeline, "as_denoiser", spy)
+    return sizes
+
+
 # ----------------------------------------------------------------------------------- CLI
 def run_cli(*args) -> int:
     """``vqldm ARGS`` in this process; returns the exit code (use capsys to read stdout/stderr)."""

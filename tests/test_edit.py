@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, spy_unet_sizes
 from vqldm.commands.edit import INTERPOLATE_DEPTH
 from vqldm.data.io import list_volumes, read_volume, write_volume
 from vqldm.metrics.reconstruction import psnr, seam_ratio
@@ -347,20 +347,7 @@ def test_tiled_denoiser_runs_tiles_and_blends_them_exactly():
 
 def test_sample_beyond_the_patch_is_tiled_and_seamless_in_shape(trained_stage2, tmp_path, monkeypatch):
     """--shape beyond the training patch: the UNet sees training-size tiles only."""
-    from vqldm.priors.diffusion import pipeline
-
-    sizes = []
-    real = pipeline.as_denoiser
-
-    def spy(net, *channels):
-        call = real(net, *channels)
-
-        def wrapped(x, t, condition=None):
-            sizes.append(tuple(x.shape[2:]))
-            return call(x, t, condition)
-        return wrapped
-
-    monkeypatch.setattr(pipeline, "as_denoiser", spy)
+    sizes = spy_unet_sizes(monkeypatch)
     assert run_cli("--quiet", "sample", "--config", trained_stage2["config_path"], "-n", "1", "--steps", "3",
                    "--scheduler", "ddim", "--shape", "64", "32", "32", "--out", tmp_path / "S") == 0
     v = read_volume(tmp_path / "S" / "sample_0000.nii.gz")

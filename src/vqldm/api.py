@@ -164,7 +164,8 @@ class Model:
                                            None if guide_checkpoint is None else str(guide_checkpoint), ag.rescale)
             name, k, on = sampling_settings(self.config, opts, self.pipeline)
             vols = self.pipeline.generate(indices, seed, k, name, batch_size, on, shape, progress,
-                                          self.config.diffusion.clip_to_codebook_range)
+                                          self.config.diffusion.clip_to_codebook_range,
+                                          self.config.diffusion.sampling_margin)
         grid = self.pipeline.voxel_grid
         return Samples(vols[:, 0].numpy(), tuple(grid.spacing), grid.unit, grid.affine, seed, indices)
 

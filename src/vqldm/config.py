@@ -231,6 +231,9 @@ class DiffusionConfig:
     sampler: str | None = None  # sampling: ddim | ddpm | dpmpp_2m | rflow (null: ddim for a DDPM-trained model, rflow for rflow)
     snap_to_codebook: bool = True  # sampling: quantise the denoised latent before decoding
     clip_to_codebook_range: bool = True  # sampling: bound each predicted clean latent by the codebook's range
+    # sampling: latent cells (x, y, z) denoised beyond each face and cropped off, so the kept edge cells see
+    # the field go on as real volumes' edges do (docs/quality.md, round 12)
+    sampling_margin: list[int] = field(default_factory=lambda: [0, 0, 0])
     # with classes, covariates or coarse_condition: the share of each training condition dropped to its null
     condition_drop_prob: float = 0.15
     coarse_condition: bool = False  # coarse-to-fine: condition on the volume's block means over the latent grid
@@ -534,6 +537,7 @@ def validate(cfg: Config) -> None:
     for name in ("vqvae", "diffusion", "prior"):
         _validate_stage(name, getattr(cfg, name), cfg.learning_rate(name))
     _validate_unet(cfg.diffusion, cfg.vqvae, latent_spatial(cfg.vqvae, cfg.data.patch_size))
+    _validate_margin(cfg.diffusion, latent_spatial(cfg.vqvae, cfg.data.patch_size))
     _validate_scheduler(cfg.diffusion)
     _require(not cfg.diffusion.covariates or bool(cfg.data.labels_file),
              "diffusion.covariates names columns of data.labels_file; set data.labels_file")
@@ -689,6 +693,13 @@ def _validate_unet(u: DiffusionConfig, v: VQVAEConfig, lat: list[int]) -> None:
     _require(heads[-1] > 0 and u.num_channels[-1] % heads[-1] == 0,
              f"diffusion.num_head_channels[-1] ({heads[-1]}) must be > 0 and divide diffusion.num_channels[-1] "
              f"({u.num_channels[-1]}): the UNet's middle block always uses attention")
+
+
+def _validate_margin(u: DiffusionConfig, lat: list[int]) -> None:
+    m = u.sampling_margin
+    _require(len(m) == 3 and all(isinstance(n, int) and n >= 0 for n in m),
+             f"diffusion.sampling_margin must be three latent cell counts >= 0 (x, y, z), got {m}")
+    check_latent_for_unet(len(u.num_channels), [n + 2 * k for n, k in zip(lat, m)], "diffusion.sampling_margin")
 
 
 def _validate_scheduler(u: DiffusionConfig) -> None:

@@ -68,6 +68,10 @@ def _refuse_what_monai_lacks(cfg: Config, pipe: DiffusionPipeline) -> None:
         raise VqldmError(f"export-bundle: diffusion.autoguidance.weight is {cfg.diffusion.autoguidance.weight:g}, but "
                          f"MONAI's LatentDiffusionInferer calls one UNet, so the bundle would sample without the "
                          f"guide; export with --set diffusion.autoguidance.weight=1")
+    if any(cfg.diffusion.sampling_margin):
+        raise VqldmError(f"export-bundle: diffusion.sampling_margin is {cfg.diffusion.sampling_margin}, but MONAI's "
+                         f"LatentDiffusionInferer samples the patch's latent, so the bundle would sample without the "
+                         f"margin; export with --set diffusion.sampling_margin=[0,0,0]")
     if not cfg.diffusion.snap_to_codebook:
         raise VqldmError("export-bundle: diffusion.snap_to_codebook is false, but MONAI's VQVAE.decode_stage_2_outputs "
                          "always quantises; export with diffusion.snap_to_codebook: true")

@@ -138,7 +138,7 @@ def _diffusion_run(cfg: Config, opts: SampleOptions):
 
     def run(mine: list[int]) -> torch.Tensor:
         return pipe.generate(mine, opts.seed, steps, sampler, opts.batch_size, snap, opts.shape,
-                             opts.progress and dist.is_main(), clip)
+                             opts.progress and dist.is_main(), clip, cfg.diffusion.sampling_margin)
 
     record = {"prior": "diffusion", "scheduler": sampler, "steps": steps, "snap_to_codebook": snap,
               "clip_to_codebook_range": clip and sampler != "rflow", "ema": opts.use_ema and bool(pipe.diff_ckpt.get("ema")),
@@ -147,6 +147,7 @@ def _diffusion_run(cfg: Config, opts: SampleOptions):
               "intensity_calibration": bool(pipe.vq_ckpt.get("intensity_calibration")),
               "autoguidance": pipe.autoguidance_record(),
               "self_condition": None if pipe.self_condition is None else pipe.self_condition.to_meta(),
+              "sampling_margin": pipe.margin(cfg.diffusion.sampling_margin),
               **_class_record(pipe, opts), **_coarse_record(pipe, opts)}
     return pipe, run, record
 

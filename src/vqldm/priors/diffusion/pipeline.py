@@ -28,6 +28,7 @@ from vqldm.priors.diffusion.covariates import asked_values
 from vqldm.priors.diffusion.unet import as_denoiser, build_unet, self_condition_channels
 from vqldm.runtime import Runtime, make_runtime, sample_generator
 from vqldm.sampling.decode import decode_latents
+from vqldm.sampling.margin import cropped, padded
 from vqldm.sampling.samplers import Denoiser, sample_latents
 from vqldm.sampling.self_condition import SelfCondition
 
@@ -275,14 +276,25 @@ class DiffusionPipeline(RecordedGrid):
                                self.vq_ckpt["normalization"]["intensity_range"], autocast=self.rt.autocast,
                                calibration=self.vq_ckpt.get("intensity_calibration"))
 
+    def margin(self, asked: list[int] | None) -> list[int]:
+        """The sampling margin (latent cells per axis) ``generate`` applies: ``asked``, except for a
+        coarse-to-fine model, whose condition is the latent grid itself (no margin)."""
+        return [0, 0, 0] if not asked or self.coarse is not None else [int(m) for m in asked]
+
     @torch.no_grad()
     def generate(self, indices: list[int], seed: int, steps: int, sampler: str, batch_size: int, snap: bool,
-                 shape: list[int] | None = None, progress: bool = False, clip: bool = True) -> torch.Tensor:
+                 shape: list[int] | None = None, progress: bool = False, clip: bool = True,
+                 margin: list[int] | None = None) -> torch.Tensor:
         """Volumes (N, 1, X, Y, Z) in [0, 1] for sample ``indices``; batches the UNet. A ``shape`` beyond
         the training patch is sampled on overlapping latent tiles (MultiDiffusion) and decoded by
-        sliding window, so the networks hold one tile at a time."""
+        sliding window, so the networks hold one tile at a time. ``margin``: latent cells per axis
+        denoised beyond each face and cropped off before decoding (:mod:`vqldm.sampling.margin`)."""
         lat = self.latent_shape(shape)
         tiled, train = self.tiled(lat)
+        margin = self.margin(margin)
+        if any(margin):
+            check_latent_for_unet(len(self.diff_ckpt["network"]["channels"]), padded(lat, margin)[1:],
+                                  f"diffusion.sampling_margin {margin}")
         if tiled and self.coarse is not None:
             raise VqldmError("--cond-volume with --shape beyond the training patch: coarse-to-fine samples the "
                              "training patch; omit --shape")
@@ -295,14 +307,14 @@ class DiffusionPipeline(RecordedGrid):
         outs = []
         for start in range(0, len(indices), batch_size):
             idx = indices[start:start + batch_size]
-            noise = self.noise(idx, seed, lat)
+            noise = self.noise(idx, seed, padded(lat, margin))
             # noise drawn during sampling (DDPM) is seeded per batch, for repeatable files
             g = torch.Generator(device=noise.device).manual_seed(int(seed) * 7919 + idx[0])
             z = sample_latents(sampler, denoiser, noise, steps, self.schedule, generator=g,
                                clip_range=clip_range, autocast=self.rt.autocast,
                                desc=f"{sampler} sampling" if progress else None,
                                self_condition=None if tiled else self.self_condition)
-            outs.append(self.decode_any(z, snap, tiled))
+            outs.append(self.decode_any(cropped(z, margin), snap, tiled))
         return torch.cat(outs) if outs else torch.zeros([0, 1] + (shape or []))
 
 
