@@ -277,8 +277,8 @@ class DiffusionPipeline(RecordedGrid):
                                calibration=self.vq_ckpt.get("intensity_calibration"))
 
     def margin(self, asked: list[int] | None) -> list[int]:
-        """The sampling margin (latent cells per axis) ``generate`` applies: ``asked``, except for a
-        coarse-to-fine model, whose condition is the latent grid itself (no margin)."""
+        """The sampling margin (latent cells per axis) ``generate`` applies: ``asked``, except with a coarse
+        view to match (``--cond-volume``), which lies on the asked latent grid itself (no margin)."""
         return [0, 0, 0] if not asked or self.coarse is not None else [int(m) for m in asked]
 
     @torch.no_grad()
